@@ -1,0 +1,71 @@
+"""Benchmark: the training step of each method script, eager vs captured as a CUDA graph, on generated inputs.
+
+    python -m common.bench                     # every script, its paper protocol's shapes (GPU)
+    python -m common.bench --scripts lucir --steps 20 --batch-size 16   # small sizes (CPU, tests)
+
+Each script exposes `bench_step(args, device) -> (step, optimizer, inputs)`: the real step of an incremental
+phase (old model and all losses on) built from the script's own defaults. The same step function is timed
+eagerly and through common.graph.CapturedStep (which is eager on CPU), after warm-up, with a device sync
+around the timed region. Prints images/s for both and their ratio.
+"""
+import argparse
+import importlib
+import time
+
+import torch
+
+from common.graph import CapturedStep
+
+SCRIPTS = ("lucir", "tbbn", "bsce")
+
+
+def time_steps(step, inputs, steps, device) -> float:
+    """Seconds per step over `steps` calls, after the caller's warm-up."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = step(*inputs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    else:
+        out.sum().item()
+    return (time.perf_counter() - start) / steps
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scripts", nargs="+", default=None, help=f"which scripts (default: those present of "
+                   f"{', '.join(SCRIPTS)})")
+    p.add_argument("--steps", type=int, default=200, help="timed steps per mode")
+    p.add_argument("--warmup", type=int, default=20, help="untimed steps per mode before timing")
+    p.add_argument("--batch-size", type=int, default=None, help="override each script's batch size")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    names = args.scripts or [s for s in SCRIPTS if importlib.util.find_spec(s) is not None]
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch "
+          f"{torch.__version__}, {args.steps} timed steps after {args.warmup} warm-up steps")
+    print(f"{'script':<8} {'batch':>5} {'eager img/s':>12} {'graph img/s':>12} {'ratio':>6}")
+    rows = []
+    for name in names:
+        module = importlib.import_module(name)
+        flags = ["--device", args.device] + (["--batch-size", str(args.batch_size)] if args.batch_size else [])
+        rates = []
+        for graph in (False, True):
+            torch.manual_seed(0)
+            script_args = module.parse_args(flags + ([] if graph else ["--no-graph"]))
+            step, optimizer, inputs = module.bench_step(script_args, device)
+            runner = CapturedStep(step, device, enabled=graph, optimizer=optimizer)
+            time_steps(runner, inputs, args.warmup, device)
+            batch = inputs[0].shape[0]
+            rates.append(batch / time_steps(runner, inputs, args.steps, device))
+        rows.append((name, batch, rates[0], rates[1]))
+        print(f"{name:<8} {batch:>5} {rates[0]:>12.0f} {rates[1]:>12.0f} {rates[1] / rates[0]:>5.1f}x", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,354 @@
+"""Datasets, class order, phase splits and the batch iterators.
+
+Small-image datasets (cifar100, tinyimagenet, synthetic) live on the training device as uint8 NHWC tensors;
+padded random crop and horizontal flip run there in batch, and a phase's training set or the exemplar memory is
+a tensor of indices into them. Large-image datasets (imagenet100, imagenet, food101, cub200) keep file paths and
+go through a DataLoader with torchvision transforms and workers. Labels are re-indexed by the class order, so
+label k is the k-th class of the order and the classes seen after a phase are simply 0 .. total-1.
+"""
+import os
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from common.run import UserError
+
+SMALL_IMAGE_DATASETS = ("cifar100", "tinyimagenet", "synthetic")
+LARGE_IMAGE_DATASETS = ("imagenet100", "imagenet", "food101", "cub200")
+DATASETS = SMALL_IMAGE_DATASETS + LARGE_IMAGE_DATASETS
+
+# (classes, image size) of each dataset, for generated inputs of the real shapes (common/bench.py)
+SHAPES = {"cifar100": (100, 32), "tinyimagenet": (200, 64), "synthetic": (20, 32), "imagenet100": (100, 224),
+          "imagenet": (1000, 224), "food101": (101, 224), "cub200": (200, 224)}
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+LUCIR_CIFAR_MEAN, LUCIR_CIFAR_STD = (0.5071, 0.4866, 0.4409), (0.2009, 0.1984, 0.2023)  # LUCIR official code
+
+LAYOUTS = {
+    "cifar100": "<data-dir>/cifar-100-python/{train,test,meta} (torchvision's CIFAR-100 pickles)",
+    "tinyimagenet": "<data-dir>/tiny-imagenet-200/{wnids.txt,train/<wnid>/images/*.JPEG,val/images/*.JPEG,"
+                    "val/val_annotations.txt}",
+    "imagenet100": "<data-dir>/{train,val}/<wnid>/*.JPEG (ImageNet train and val sorted into class folders)",
+    "imagenet": "<data-dir>/{train,val}/<wnid>/*.JPEG (ImageNet train and val sorted into class folders)",
+    "food101": "<data-dir>/food-101/{images/<class>/<id>.jpg,meta/train.txt,meta/test.txt,meta/classes.txt}",
+    "cub200": "<data-dir>/CUB_200_2011/{images.txt,image_class_labels.txt,train_test_split.txt,images/}",
+}
+
+
+@dataclass
+class Data:
+    name: str
+    num_classes: int
+    train_y: torch.Tensor                 # int64, CPU, labels in class-order rank after apply_class_order
+    test_y: torch.Tensor
+    mean: tuple
+    std: tuple
+    image_size: int
+    train_x: torch.Tensor = None          # small images: uint8 (N, H, W, 3) on the training device
+    test_x: torch.Tensor = None
+    train_files: list = field(default_factory=list)   # large images: file paths
+    test_files: list = field(default_factory=list)
+    class_names: list = field(default_factory=list)
+
+    @property
+    def on_device(self) -> bool:
+        return self.train_x is not None
+
+
+# ----------------------------------------------------------------------------------------------- class order
+def class_order(num_classes: int, seed: int = 1993) -> list:
+    """LUCIR's order: np.random.seed(1993); shuffle(arange(n)). CIFAR-100 starts 68, 56, 78, 8, 23, ..."""
+    rng = np.random.RandomState(seed)
+    order = np.arange(num_classes)
+    rng.shuffle(order)
+    return order.tolist()
+
+
+def phase_splits(num_classes: int, base_classes: int, increment: int) -> list:
+    """[(first, last+1), ...] class ranges of phase 0 (base) and each incremental phase."""
+    if base_classes <= 0 or increment <= 0 or base_classes > num_classes or \
+            (num_classes - base_classes) % increment:
+        raise UserError(f"--base-classes {base_classes} plus phases of --increment {increment} do not add up to "
+                        f"the {num_classes} classes of the dataset; pick values with base + k*increment = "
+                        f"{num_classes}")
+    bounds = list(range(base_classes, num_classes + 1, increment))
+    return [(0, base_classes)] + [(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def apply_class_order(data: Data, order: list) -> Data:
+    rank = torch.empty(len(order), dtype=torch.long)
+    rank[torch.tensor(order)] = torch.arange(len(order))
+    data.train_y, data.test_y = rank[data.train_y], rank[data.test_y]
+    if data.class_names:
+        data.class_names = [data.class_names[c] for c in order]
+    return data
+
+
+def indices_of(labels: torch.Tensor, first: int, last: int) -> torch.Tensor:
+    """Indices of the samples whose (ordered) label lies in [first, last)."""
+    return torch.nonzero((labels >= first) & (labels < last)).flatten()
+
+
+# ----------------------------------------------------------------------------------------------- loaders
+def _missing(name, root, what):
+    return UserError(f"{name}: {what} not found under {root}; expected {LAYOUTS[name]} (set --data-dir)")
+
+
+def _load_cifar100(root):
+    folder = os.path.join(root, "cifar-100-python")
+    if not os.path.isdir(folder):
+        try:  # downloads when the network allows
+            import socket
+            import torchvision
+            socket.setdefaulttimeout(20)
+            torchvision.datasets.CIFAR100(root, train=True, download=True)
+        except Exception:
+            raise _missing("cifar100", root, "cifar-100-python/") from None
+    out = []
+    for split in ("train", "test"):
+        path = os.path.join(folder, split)
+        if not os.path.isfile(path):
+            raise _missing("cifar100", root, f"cifar-100-python/{split}")
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="latin1")
+        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        out += [torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(d["fine_labels"], dtype=torch.long)]
+    return Data("cifar100", 100, out[1], out[3], LUCIR_CIFAR_MEAN, LUCIR_CIFAR_STD, 32, out[0], out[2])
+
+
+def _read_images(paths, size):
+    from PIL import Image
+
+    def read(p):
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    with ThreadPoolExecutor(8) as pool:
+        return torch.from_numpy(np.stack(list(pool.map(read, paths)))) if paths else \
+            torch.empty(0, size, size, 3, dtype=torch.uint8)
+
+
+def _load_tinyimagenet(root):
+    folder = os.path.join(root, "tiny-imagenet-200")
+    if not os.path.isdir(folder) and os.path.isfile(os.path.join(root, "wnids.txt")):
+        folder = root
+    wnids_file = os.path.join(folder, "wnids.txt")
+    annotations = os.path.join(folder, "val", "val_annotations.txt")
+    if not os.path.isfile(wnids_file) or not os.path.isdir(os.path.join(folder, "train")) or \
+            not os.path.isfile(annotations):
+        raise _missing("tinyimagenet", root, "tiny-imagenet-200/ with wnids.txt, train/ and val/")
+    wnids = sorted(open(wnids_file).read().split())
+    label_of = {w: i for i, w in enumerate(wnids)}
+    train_paths, train_labels = [], []
+    for w in wnids:
+        img_dir = os.path.join(folder, "train", w, "images")
+        if not os.path.isdir(img_dir):
+            raise _missing("tinyimagenet", root, f"train/{w}/images")
+        names = sorted(os.listdir(img_dir))
+        train_paths += [os.path.join(img_dir, n) for n in names]
+        train_labels += [label_of[w]] * len(names)
+    test_paths, test_labels = [], []
+    for line in open(annotations):
+        parts = line.split("\t")
+        if len(parts) >= 2:
+            test_paths.append(os.path.join(folder, "val", "images", parts[0]))
+            test_labels.append(label_of[parts[1]])
+    return Data("tinyimagenet", 200, torch.tensor(train_labels), torch.tensor(test_labels), IMAGENET_MEAN,
+                IMAGENET_STD, 64, _read_images(train_paths, 64), _read_images(test_paths, 64), class_names=wnids)
+
+
+def _image_folder(split_dir):
+    classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    files, labels = [], []
+    for i, c in enumerate(classes):
+        names = sorted(os.listdir(os.path.join(split_dir, c)))
+        files += [os.path.join(split_dir, c, n) for n in names]
+        labels += [i] * len(names)
+    return classes, files, labels
+
+
+def _load_imagenet(root, name, class_list=None):
+    train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
+    if not os.path.isdir(train_dir) or not os.path.isdir(val_dir):
+        raise _missing(name, root, "train/ and val/")
+    classes = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
+    if name == "imagenet100":
+        if class_list:
+            if not os.path.isfile(class_list):
+                raise UserError(f"--class-list {class_list} does not exist")
+            wanted = [w for w in open(class_list).read().split() if w]
+        else:  # LUCIR gen_imagenet_subset.py: seed 1993, 100 folders drawn from the sorted train folders
+            if len(classes) < 100:
+                raise _missing(name, root, f"at least 100 class folders in train/ (found {len(classes)})")
+            wanted = np.random.RandomState(1993).choice(classes, 100, replace=False).tolist()
+        classes = sorted(wanted)  # the subset itself is sorted by folder name before the class-order shuffle
+    out = []
+    for split_dir in (train_dir, val_dir):
+        files, labels = [], []
+        for i, c in enumerate(classes):
+            cdir = os.path.join(split_dir, c)
+            if not os.path.isdir(cdir):
+                raise _missing(name, root, f"class folder {os.path.relpath(cdir, root)}")
+            names = sorted(os.listdir(cdir))
+            files += [os.path.join(cdir, n) for n in names]
+            labels += [i] * len(names)
+        out.append((files, labels))
+    return Data(name, len(classes), torch.tensor(out[0][1]), torch.tensor(out[1][1]), IMAGENET_MEAN,
+                IMAGENET_STD, 224, train_files=out[0][0], test_files=out[1][0], class_names=classes)
+
+
+def _load_food101(root):
+    folder = os.path.join(root, "food-101")
+    meta = os.path.join(folder, "meta")
+    if not all(os.path.isfile(os.path.join(meta, f)) for f in ("classes.txt", "train.txt", "test.txt")):
+        raise _missing("food101", root, "food-101/meta/{classes,train,test}.txt")
+    classes = open(os.path.join(meta, "classes.txt")).read().split()
+    label_of = {c: i for i, c in enumerate(classes)}
+    out = []
+    for split in ("train", "test"):
+        items = open(os.path.join(meta, f"{split}.txt")).read().split()
+        out.append(([os.path.join(folder, "images", it + ".jpg") for it in items],
+                    [label_of[it.split("/")[0]] for it in items]))
+    return Data("food101", len(classes), torch.tensor(out[0][1]), torch.tensor(out[1][1]), IMAGENET_MEAN,
+                IMAGENET_STD, 224, train_files=out[0][0], test_files=out[1][0], class_names=classes)
+
+
+def _load_cub200(root):
+    folder = os.path.join(root, "CUB_200_2011")
+    needed = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
+    if not all(os.path.isfile(os.path.join(folder, f)) for f in needed):
+        raise _missing("cub200", root, "CUB_200_2011/{images,image_class_labels,train_test_split}.txt")
+
+    def table(name):
+        return dict(line.split()[:2] for line in open(os.path.join(folder, name)) if line.strip())
+    paths, labels, is_train = table("images.txt"), table("image_class_labels.txt"), table("train_test_split.txt")
+    split = {"1": ([], []), "0": ([], [])}
+    for image_id in sorted(paths, key=int):
+        files, ys = split[is_train[image_id]]
+        files.append(os.path.join(folder, "images", paths[image_id]))
+        ys.append(int(labels[image_id]) - 1)  # CUB labels are 1-based
+    num_classes = max(split["1"][1] + split["0"][1]) + 1
+    return Data("cub200", num_classes, torch.tensor(split["1"][1]), torch.tensor(split["0"][1]), IMAGENET_MEAN,
+                IMAGENET_STD, 224, train_files=split["1"][0], test_files=split["0"][0])
+
+
+def synthetic(num_classes=20, train_per_class=24, test_per_class=8, size=32, seed=0) -> Data:
+    """Tiny learnable images: each class is a fixed random 4x4 colour pattern, upsampled, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.rand(num_classes, 3, 4, 4, generator=g)
+
+    def make(per_class):
+        y = torch.arange(num_classes).repeat_interleave(per_class)
+        x = torch.nn.functional.interpolate(patterns[y], size=size, mode="nearest")
+        x = (x * 0.7 + 0.3 * torch.rand(x.shape, generator=g)).clamp(0, 1)
+        return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous(), y
+    train_x, train_y = make(train_per_class)
+    test_x, test_y = make(test_per_class)
+    return Data("synthetic", num_classes, train_y, test_y, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), size, train_x,
+                test_x)
+
+
+def load_dataset(name: str, data_dir: str, device: torch.device, class_list=None) -> Data:
+    """Read a dataset (one-line UserError if it is missing); small images are moved to `device` as uint8."""
+    if name not in DATASETS:
+        raise UserError(f"unknown --dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name != "synthetic" and not os.path.isdir(data_dir):
+        raise UserError(f"{name}: --data-dir {data_dir} does not exist; expected {LAYOUTS[name]}")
+    data = {"cifar100": lambda: _load_cifar100(data_dir), "tinyimagenet": lambda: _load_tinyimagenet(data_dir),
+            "imagenet100": lambda: _load_imagenet(data_dir, name, class_list),
+            "imagenet": lambda: _load_imagenet(data_dir, name), "food101": lambda: _load_food101(data_dir),
+            "cub200": lambda: _load_cub200(data_dir), "synthetic": synthetic}[name]()
+    if data.on_device:
+        data.train_x, data.test_x = data.train_x.to(device), data.test_x.to(device)
+    return data
+
+
+# ----------------------------------------------------------------------------------------------- batches
+def augment(x_uint8: torch.Tensor, padding: int = 4) -> torch.Tensor:
+    """Random crop after zero padding, and horizontal flip, in batch on the device (NHWC uint8 -> NHWC uint8).
+
+    Same distribution as torchvision's RandomCrop(size, padding) + RandomHorizontalFlip(), one gather per batch.
+    """
+    n, h, w, _ = x_uint8.shape
+    padded = torch.nn.functional.pad(x_uint8, (0, 0, padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (n, 1), device=x_uint8.device)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1), device=x_uint8.device)
+    flip = torch.rand(n, 1, device=x_uint8.device) < 0.5
+    cols = torch.arange(w, device=x_uint8.device).expand(n, w)
+    cols = torch.where(flip, w - 1 - cols, cols) + dx
+    rows = torch.arange(h, device=x_uint8.device).expand(n, h) + dy
+    batch = torch.arange(n, device=x_uint8.device)[:, None, None]
+    return padded[batch, rows[:, :, None], cols[:, None, :]]
+
+
+def to_input(x_uint8: torch.Tensor, data: Data) -> torch.Tensor:
+    """NHWC uint8 -> normalised float NCHW in channels_last memory format (a free permute of NHWC)."""
+    mean = torch.tensor(data.mean, device=x_uint8.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(data.std, device=x_uint8.device).view(1, 3, 1, 1) * 255
+    return (x_uint8.permute(0, 3, 1, 2).float() - mean) / std
+
+
+def _file_loader(data, files, labels, batch_size, train, workers, order):
+    import torchvision.transforms as T
+    from PIL import Image
+    tf = T.Compose(([T.RandomResizedCrop(data.image_size), T.RandomHorizontalFlip()] if train else
+                    [T.Resize(int(data.image_size * 256 / 224)), T.CenterCrop(data.image_size)]) +
+                   [T.ToTensor(), T.Normalize(data.mean, data.std)])
+
+    class Files(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(order)
+
+        def __getitem__(self, i):
+            with Image.open(files[order[i]]) as im:
+                return tf(im.convert("RGB")), labels[order[i]]
+    return torch.utils.data.DataLoader(Files(), batch_size=batch_size, shuffle=False, num_workers=workers,
+                                       pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                                       drop_last=False)
+
+
+def train_batches(data: Data, indices: torch.Tensor, batch_size: int, device: torch.device, workers: int = 0):
+    """One epoch of augmented (x, y) batches of exactly `batch_size` over a shuffled `indices`.
+
+    Static shapes (for CUDA graphs): the last partial batch is filled by wrapping around to the start of the
+    permutation, so each sample is seen at least once an epoch and ceil(n / batch_size) steps are taken.
+    """
+    n = len(indices)
+    steps = -(-n // batch_size)
+    perm = torch.randperm(n, device=device if data.on_device else "cpu")
+    perm = torch.cat([perm, perm[: steps * batch_size - n]]) if steps * batch_size > n else perm
+    if data.on_device:
+        idx = indices.to(device)[perm]
+        y_all = data.train_y.to(device)[idx]
+        for s in range(steps):
+            sl = idx[s * batch_size:(s + 1) * batch_size]
+            yield to_input(augment(data.train_x[sl]), data).contiguous(memory_format=torch.channels_last), \
+                y_all[s * batch_size:(s + 1) * batch_size]
+    else:
+        order = indices[perm].tolist()
+        for x, y in _file_loader(data, data.train_files, data.train_y.tolist(), batch_size, True, workers, order):
+            yield x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last), \
+                y.to(device, non_blocking=True)
+
+
+def eval_batches(data: Data, indices: torch.Tensor, device: torch.device, split: str = "test",
+                 batch_size: int = 1000, workers: int = 0):
+    """Un-augmented (x, y) batches over `indices` of the train or test split, in order."""
+    labels = data.train_y if split == "train" else data.test_y
+    if data.on_device:
+        images = data.train_x if split == "train" else data.test_x
+        idx = indices.to(device)
+        labels = labels.to(device)
+        for s in range(0, len(idx), batch_size):
+            sl = idx[s:s + batch_size]
+            yield to_input(images[sl], data).contiguous(memory_format=torch.channels_last), labels[sl]
+    else:
+        files = data.train_files if split == "train" else data.test_files
+        for x, y in _file_loader(data, files, labels.tolist(), batch_size, False, workers, indices.tolist()):
+            yield x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last), \
+                y.to(device, non_blocking=True)

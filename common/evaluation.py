@@ -1,0 +1,51 @@
+"""Evaluation: CNN and NME top-1 over the seen classes, per-task accuracy, and the summary metrics.
+
+Definitions (papers.md 0.5): acc_k is top-1 on the test images of all classes seen after phase k;
+average incremental accuracy = mean of acc_0 .. acc_T (base phase included, LUCIR Sec. 4.1); last = acc_T;
+forgetting (Chaudhry et al. 2018) = mean over j < T of max_{k in [j, T-1]} a[k][j] - a[T][j], where a[k][j] is
+the accuracy on the classes of phase j after phase k.
+"""
+import torch
+import torch.nn.functional as F
+
+from common.data import eval_batches, indices_of
+
+
+@torch.no_grad()
+def evaluate(forward_fn, data, splits: list, phase: int, device, means: torch.Tensor = None, workers=0) -> dict:
+    """Top-1 on the test images of the classes of phases 0..phase.
+
+    `forward_fn(x) -> (logits, features)`; logits over at least the seen classes (extra columns are ignored).
+    `means` (num_classes, D): NME class means, or None to skip NME. Returns accuracies in %.
+    """
+    total = splits[phase][1]
+    idx = indices_of(data.test_y, 0, total)
+    cnn_hits, nme_hits, labels = [], [], []
+    for x, y in eval_batches(data, idx, device, "test", workers=workers):
+        logits, feats = forward_fn(x)
+        cnn_hits.append(logits[:, :total].float().argmax(1) == y)
+        if means is not None:
+            dist = torch.cdist(F.normalize(feats.float(), dim=1), means[:total])  # nearest mean of exemplars
+            nme_hits.append(dist.argmin(1) == y)
+        labels.append(y)
+    labels = torch.cat(labels)
+
+    def per_task(hits):
+        return [100.0 * hits[(labels >= a) & (labels < b)].float().mean().item() for a, b in splits[:phase + 1]]
+    cnn = torch.cat(cnn_hits)
+    out = {"cnn_acc": 100.0 * cnn.float().mean().item(), "cnn_acc_per_task": per_task(cnn)}
+    if means is not None:
+        nme = torch.cat(nme_hits)
+        out.update(nme_acc=100.0 * nme.float().mean().item(), nme_acc_per_task=per_task(nme))
+    return out
+
+
+def summarize(acc_per_phase: list, acc_matrix: list) -> dict:
+    """Average incremental accuracy, last accuracy and forgetting from per-phase accuracies and the accuracy
+    matrix (row k = per-task accuracies after phase k, lower-triangular)."""
+    T = len(acc_matrix) - 1
+    forgetting = None
+    if T > 0:
+        forgetting = sum(max(acc_matrix[k][j] for k in range(j, T)) - acc_matrix[T][j] for j in range(T)) / T
+    return {"avg_inc_acc": sum(acc_per_phase) / len(acc_per_phase), "last_acc": acc_per_phase[-1],
+            "forgetting": forgetting}

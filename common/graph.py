@@ -1,0 +1,54 @@
+"""Turn a plain training-step function into a captured CUDA graph (eager on CPU or with --no-graph).
+
+The step function stays plain PyTorch: `zero_grad(set_to_none=True)`, forward, loss, backward, optimiser
+step, and return a few detached tensors (e.g. loss and correct count). It must not sync with the host
+(no `.item()`, no `nonzero()`, no data-dependent shapes) and its inputs must have fixed shapes.
+
+    step = CapturedStep(train_step, device, enabled=not args.no_graph, optimizer=optimizer)
+    for x, y in batches:
+        stats += step(x, y)          # outputs are static buffers, overwritten by the next call: use them now
+
+On CUDA the first `warmup` calls run eagerly on a side stream (they are real training steps and let cuDNN and
+the optimiser allocate their state), the next call captures the step and replays it, and later calls copy the
+inputs into static buffers and replay. A change of any learning rate in `optimizer` (a milestone) triggers a
+re-capture, since the graph holds the learning rate as a constant. Make a new CapturedStep when the model,
+the optimiser or the set of active classes changes (each phase). Warm-up, capture and replay run the same
+kernels on the same values, so captured and eager training agree (tests/test_graph.py, on CUDA).
+"""
+import torch
+
+
+class CapturedStep:
+    def __init__(self, step_fn, device: torch.device, enabled: bool = True, optimizer=None, warmup: int = 3):
+        self.step_fn, self.optimizer = step_fn, optimizer
+        self.enabled = enabled and device.type == "cuda"
+        self.warmup_left = warmup
+        self.graph = self.static_inputs = self.static_outputs = self.graph_lrs = None
+
+    def _lrs(self):
+        return tuple(float(g["lr"]) for g in self.optimizer.param_groups) if self.optimizer is not None else ()
+
+    def __call__(self, *inputs):
+        if not self.enabled:
+            return self.step_fn(*inputs)
+        if self.graph is not None and self._lrs() != self.graph_lrs:
+            self.graph = None  # learning rate changed: the old graph holds the old value
+        if self.graph is None and self.warmup_left > 0:
+            self.warmup_left -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.step_fn(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.graph is None:
+            self.static_inputs = [x.clone() for x in inputs]
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_outputs = self.step_fn(*self.static_inputs)
+            self.graph_lrs = self._lrs()
+        else:
+            for static, x in zip(self.static_inputs, inputs):
+                static.copy_(x, non_blocking=True)
+        self.graph.replay()
+        return self.static_outputs

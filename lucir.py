@@ -1,0 +1,378 @@
+"""LUCIR: Learning a Unified Classifier Incrementally via Rebalancing.
+
+Paper: Saihui Hou, Xinyu Pan, Chen Change Loy, Zilei Wang, Dahua Lin, CVPR 2019 (camera-ready and supplement in
+  the official repository, gh-pages branch, res/1165.pdf).
+Official code: hshustc/CVPR19_Incremental_Learning @ e5a90ae (cifar100-class-incremental/
+  class_incremental_cosine_cifar100.py, modified_linear.py, utils_incremental/incremental_train_and_eval_MR_LF.py,
+  compute_accuracy.py; imagenet-class-incremental/cbf_class_incremental_cosine_imagenet.py).
+
+Protocol reproduced by the defaults: CIFAR-100, 50 base classes then 5 phases of 10, seed-1993 class order,
+20 exemplars per class chosen by herding (growing memory), ResNet-32 with the last ReLU removed and a cosine
+classifier, 160 epochs, SGD lr 0.1 (/10 at 80 and 120), momentum 0.9, weight decay 5e-4, batch 128,
+lambda_base 5, K=2, m=0.5, weight imprinting on, no class-balanced finetuning.
+
+Average incremental accuracy (top-1 %, base phase included; paper Figs. 5, 6):
+| setting                        | paper CNN / NME | ours CNN / NME | wall | GPU | date | command                       |
+|--------------------------------|-----------------|----------------|------|-----|------|-------------------------------|
+| CIFAR-100 B50, 5 phases        | 63.42 / 63.12   | not run yet    |      |     |      | python lucir.py               |
+| CIFAR-100 B50, 10 phases       | 60.18 / 60.12   | not run yet    |      |     |      | python lucir.py --increment 5 |
+| ImageNet-Subset B50, 5 phases  | 70.47 / 68.43   | not run yet    |      |     |      | --dataset imagenet100         |
+| ImageNet-Subset B50, 10 phases | 68.09 / 66.16   | not run yet    |      |     |      | ... --increment 5             |
+| ImageNet-Full B500, 5 phases   | 64.34 / 61.56   | not run yet    |      |     |      | --dataset imagenet            |
+| ImageNet-Full B500, 10 phases  | 61.28 / 59.92   | not run yet    |      |     |      | ... --increment 50            |
+
+Usage:
+    python lucir.py --data-dir data                       # CIFAR-100, B50, 5 phases (the paper's default)
+    python lucir.py --dataset imagenet100 --data-dir /path/to/imagenet --increment 5
+    python lucir.py --smoke                               # tiny end-to-end run on generated data, CPU
+
+Deviations:
+- Eq. 7 direction: lambda = lambda_base * sqrt(|C_old| / |C_new|), the official code's direction; the paper
+  prints sqrt(|C_new| / |C_old|). `--lambda-rule paper` gives the printed one.
+- Class-balanced finetuning (Sec. 3.5) is on by default only for ImageNet-Full, as in the official run scripts,
+  although the paper's "Ours" includes it everywhere (it adds ~0.05 points on CIFAR, Fig. 7).
+- Weight imprinting of new classes is code-only (official `--imprint_weights`, on in every run script).
+- The last partial batch of an epoch is filled by wrapping around the shuffled order (static shapes for CUDA
+  graphs): ceil(n/128) steps an epoch as in the official DataLoader, a few samples seen twice.
+- The margin-ranking loss uses a mask over old-class samples instead of selecting them (same value, no
+  data-dependent shapes); it is 0 when a batch holds no old-class sample, as in the official code.
+- tinyimagenet, food101, cub200 are not in the paper: ResNet-18 (small-input stem for 64 px) with the CIFAR
+  schedule for tinyimagenet and the ImageNet schedule for the others; base phase = about half the classes.
+"""
+import argparse
+import copy
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.data import (SHAPES, SMALL_IMAGE_DATASETS, apply_class_order, class_order, indices_of, load_dataset,
+                         phase_splits, train_batches)
+from common.evaluation import evaluate, summarize
+from common.graph import CapturedStep
+from common.memory import (check_budget, class_means, exemplars_per_class, extract_features, memory_indices,
+                           reduce_memory, select_exemplars)
+from common.models import count_parameters, create_backbone, to_channels_last
+from common.run import (Progress, UserError, add_system_flags, autocast, default_out_dir, environment,
+                        prepare_out_dir, print_args, resolve_defaults, rng_state, run_main, save_checkpoint,
+                        seed_everything, set_rng_state, setup_device, write_metrics, write_results)
+
+# Per-dataset defaults; a flag given on the command line wins. Sources: paper Sec. 4.1, official run.sh.
+DATASET_DEFAULTS = {
+    "cifar100": dict(data_dir="data", backbone="resnet32", base_classes=50, increment=10, epochs=160,
+                     milestones=[80, 120], weight_decay=5e-4, lambda_base=5.0, cbf=False),
+    "imagenet100": dict(data_dir="data/imagenet", backbone="resnet18", base_classes=50, increment=10, epochs=90,
+                        milestones=[30, 60], weight_decay=1e-4, lambda_base=10.0, cbf=False),
+    "imagenet": dict(data_dir="data/imagenet", backbone="resnet18", base_classes=500, increment=100, epochs=90,
+                     milestones=[30, 60], weight_decay=1e-4, lambda_base=10.0, cbf=True),
+    "tinyimagenet": dict(data_dir="data", backbone="resnet18", base_classes=100, increment=10, epochs=160,
+                         milestones=[80, 120], weight_decay=5e-4, lambda_base=5.0, cbf=False),
+    "food101": dict(data_dir="data", backbone="resnet18", base_classes=51, increment=10, epochs=90,
+                    milestones=[30, 60], weight_decay=1e-4, lambda_base=10.0, cbf=False),
+    "cub200": dict(data_dir="data", backbone="resnet18", base_classes=100, increment=10, epochs=90,
+                   milestones=[30, 60], weight_decay=1e-4, lambda_base=10.0, cbf=False),
+    "synthetic": dict(data_dir="", backbone="resnet32", base_classes=10, increment=5, epochs=3, milestones=[2],
+                      weight_decay=5e-4, lambda_base=5.0, cbf=True),
+}
+SMOKE = dict(dataset="synthetic", batch_size=32, cbf_epochs=1, cbf_milestones=[1])
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    g = p.add_argument_group("protocol (None = the --dataset default, printed at start-up)")
+    g.add_argument("--dataset", default="cifar100", help="cifar100 | imagenet100 | imagenet | tinyimagenet | "
+                   "food101 | cub200 | synthetic (Sec. 4.1: CIFAR-100, ImageNet-Subset, ImageNet)")
+    g.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
+    g.add_argument("--backbone", default=None, help="resnet32 (CIFAR, Sec. 4.1) or a timm name (resnet18 for "
+                   "ImageNet, Sec. 4.1)")
+    g.add_argument("--base-classes", type=int, default=None, help="classes of phase 0 (Sec. 4.1: half: 50, 500)")
+    g.add_argument("--increment", type=int, default=None, help="new classes a phase (Sec. 4.1: 10 = 5 phases, "
+                   "5 = 10 phases on CIFAR; 100/50 on ImageNet-Full)")
+    g.add_argument("--memory-per-class", type=int, default=20, help="exemplars per class, growing memory "
+                   "(Sec. 4.1: 20)")
+    g.add_argument("--memory-total", type=int, default=None, help="fixed total memory instead (supplement "
+                   "Fig. 5: 2000)")
+    g.add_argument("--class-order-seed", type=int, default=1993, help="class order seed (official code: 1993)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=None, help="epochs a phase (Sec. 4.1: 160 CIFAR, 90 ImageNet)")
+    g.add_argument("--batch-size", type=int, default=128, help="batch size (Sec. 4.1: 128)")
+    g.add_argument("--lr", type=float, default=0.1, help="initial learning rate (Sec. 4.1: 0.1)")
+    g.add_argument("--milestones", type=int, nargs="+", default=None, help="lr /10 at these epochs (Sec. 4.1: "
+                   "80 120 CIFAR, 30 60 ImageNet)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Sec. 4.1: 0.9)")
+    g.add_argument("--weight-decay", type=float, default=None, help="(Sec. 4.1: 5e-4 CIFAR, 1e-4 ImageNet)")
+    g = p.add_argument_group("method")
+    g.add_argument("--lambda-base", type=float, default=None, help="less-forget weight (Sec. 4.1: 5 CIFAR, 10 "
+                   "ImageNet)")
+    g.add_argument("--lambda-rule", choices=["code", "paper"], default="code", help="Eq. 7 direction: code "
+                   "sqrt(old/new) (official code) or paper sqrt(new/old)")
+    g.add_argument("--no-adaptive-lambda", action="store_true", help="use lambda_base unscaled (Fig. 8 ablation)")
+    g.add_argument("--margin", type=float, default=0.5, help="margin m of Eq. 8 (Sec. 4.1: 0.5)")
+    g.add_argument("--k-hard", type=int, default=2, help="K hardest new classes in Eq. 8 (Sec. 4.1: 2)")
+    g.add_argument("--mr-weight", type=float, default=1.0, help="weight of Eq. 8 (official code --lw_mr 1)")
+    g.add_argument("--no-imprint", action="store_true", help="skip weight imprinting (official code: on)")
+    g.add_argument("--cbf", action=argparse.BooleanOptionalAction, default=None, help="class-balanced "
+                   "finetuning, Sec. 3.5 (official code: ImageNet-Full only)")
+    g.add_argument("--cbf-epochs", type=int, default=20, help="CBF epochs (official code: 20)")
+    g.add_argument("--cbf-lr", type=float, default=0.01, help="CBF learning rate (official code: 0.01)")
+    g.add_argument("--cbf-milestones", type=int, nargs="+", default=[10], help="CBF lr /10 at (official: 10)")
+    add_system_flags(p)
+    return resolve_defaults(p.parse_args(argv), DATASET_DEFAULTS, SMOKE)
+
+
+# ----------------------------------------------------------------------------------------------- method modules
+class CosineClassifier(nn.Module):
+    """Eq. 4: logits = eta * <normalised weight, normalised feature>, one learnable eta (official `sigma`, init 1).
+
+    The weights are one chunk per phase (official `SplitCosineLinear`: fc1 = old classes, fc2 = new), so the old
+    chunks can be frozen while the newest one trains.
+    """
+
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.in_features = in_features
+        self.heads = nn.ParameterList()
+        self.sigma = nn.Parameter(torch.ones(1))  # official modified_linear.CosineLinear: sigma = 1
+
+    @property
+    def num_classes(self) -> int:
+        return sum(h.shape[0] for h in self.heads)
+
+    def add_classes(self, n: int):
+        w = torch.empty(n, self.in_features, device=self.sigma.device)
+        bound = 1.0 / self.in_features ** 0.5  # official reset_parameters: uniform(-1/sqrt(in), 1/sqrt(in))
+        self.heads.append(nn.Parameter(w.uniform_(-bound, bound)))
+
+    def cosine(self, features: torch.Tensor) -> torch.Tensor:
+        weight = torch.cat(list(self.heads)) if len(self.heads) > 1 else self.heads[0]
+        return F.linear(F.normalize(features, dim=1), F.normalize(weight, dim=1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.sigma * self.cosine(features)
+
+
+class LUCIRNet(nn.Module):
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = CosineClassifier(backbone.num_features)
+
+    def forward(self, x):
+        features = self.backbone(x).float()
+        return self.classifier(features), features
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def less_forget_loss(features: torch.Tensor, old_features: torch.Tensor) -> torch.Tensor:
+    """Eq. 6: 1 - cos(f*(x), f(x)) on the classifier inputs, averaged over the batch (official:
+    nn.CosineEmbeddingLoss against the reference model's features)."""
+    return (1 - F.cosine_similarity(features, old_features.detach(), dim=1)).mean()
+
+
+def margin_ranking_loss(cosine: torch.Tensor, targets: torch.Tensor, num_old: int, margin: float,
+                        k: int) -> torch.Tensor:
+    """Eq. 8 on old-class samples: sum over the K highest new-class cosines of max(m - <gt> + <new_k>, 0),
+    averaged over (#old samples x K) pairs (official: nn.MarginRankingLoss on pre-eta cosines)."""
+    gt = cosine.gather(1, targets[:, None])
+    hardest_new = cosine[:, num_old:].topk(k, dim=1).values
+    is_old = (targets < num_old).float()[:, None]
+    return (F.relu(margin - gt + hardest_new) * is_old).sum() / (is_old.sum() * k).clamp(min=1)
+
+
+def adaptive_lambda(lambda_base: float, num_old: int, num_new: int, rule: str = "code") -> float:
+    """Eq. 7. Official code: lambda_base * sqrt(old/new); the paper prints sqrt(new/old)."""
+    return lambda_base * ((num_old / num_new) if rule == "code" else (num_new / num_old)) ** 0.5
+
+
+@torch.no_grad()
+def imprint_weights(model: LUCIRNet, data, first: int, total: int, device, workers=0):
+    """Official code (--imprint_weights): each new class's embedding = normalised mean of its normalised features
+    (old model, no augmentation), scaled to the mean norm of the old embeddings."""
+    old_norm = torch.cat(list(model.classifier.heads)[:-1]).norm(dim=1).mean()
+    model.eval()
+    idx = indices_of(data.train_y, first, total)
+    feats = F.normalize(extract_features(model.backbone, data, idx, device, workers=workers), dim=1)
+    labels = data.train_y[idx].to(device) - first
+    sums = torch.zeros(total - first, feats.shape[1], device=device).index_add_(0, labels, feats)
+    model.classifier.heads[-1].copy_(F.normalize(sums, dim=1) * old_norm)
+
+
+# ----------------------------------------------------------------------------------------------- training
+def make_step(model, old_model, optimizer, num_old, lam, args, device):
+    """The training step of Eq. 9 in plain PyTorch: CE (+ Eq. 6 and Eq. 8 after the base phase), backward, SGD.
+    No host syncs, so common.graph.CapturedStep can capture it; returns (loss, correct) as a device tensor."""
+    amp = not args.no_amp
+    k_hard = min(args.k_hard, model.classifier.num_classes - num_old)
+
+    def step(x, y):
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, amp):
+            features = model.backbone(x).float()
+        cosine = model.classifier.cosine(features)
+        logits = model.classifier.sigma * cosine
+        loss = F.cross_entropy(logits, y)                                     # Eq. 9, first term
+        if old_model is not None:
+            with torch.no_grad(), autocast(device, amp):
+                old_features = old_model.backbone(x).float()
+            loss = loss + lam * less_forget_loss(features, old_features)      # Eq. 6 weighted by Eq. 7
+            loss = loss + args.mr_weight * margin_ranking_loss(cosine, y, num_old, args.margin, k_hard)  # Eq. 8
+        loss.backward()
+        optimizer.step()
+        return torch.stack([loss.detach(), (logits.argmax(1) == y).float().sum()])
+    return step
+
+
+def train_phase(model, old_model, data, train_idx, num_old, lam, args, device, *, epochs, lr, milestones, params,
+                freeze_bn=False, label=""):
+    """One phase (or the CBF stage): SGD with step decay on the loss of Eq. 9; returns training images/s."""
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    step = make_step(model, old_model, optimizer, num_old, lam, args, device)
+    captured = CapturedStep(step, device, enabled=not args.no_graph, optimizer=optimizer)
+    progress = Progress(epochs, f"  {label} epoch")
+    seen = 0
+    start = time.time()
+    for epoch in range(epochs):
+        model.train()
+        if freeze_bn:  # CBF: BN statistics frozen (official cbf_..._imagenet.py)
+            model.backbone.eval()
+        stats = torch.zeros(2, device=device)
+        for x, y in train_batches(data, train_idx, args.batch_size, device, args.workers):
+            stats += captured(x, y)
+            seen += len(y)
+        scheduler.step()
+        loss_sum, correct = stats.tolist()  # one host sync per epoch
+        steps = -(-len(train_idx) // args.batch_size)
+        if not torch.isfinite(torch.tensor(loss_sum)):
+            raise UserError(f"loss is NaN in {label} epoch {epoch + 1}; the last finished phase stays in the "
+                            "checkpoint (try a lower --lr, or --no-amp)")
+        progress.update(epoch + 1, f"loss {loss_sum / steps:.3f} train-acc {100 * correct / (steps * args.batch_size):.1f}"
+                        f" {seen / (time.time() - start):.0f} img/s")
+    return seen / (time.time() - start)
+
+
+def bench_step(args, device):
+    """The step of the first incremental phase (old model, LF and MR on) on generated inputs of the real shapes,
+    for `python -m common.bench`. Returns (step, optimizer, example inputs)."""
+    num_classes, size = SHAPES[args.dataset]
+    first, total = phase_splits(num_classes, args.base_classes, args.increment)[1]
+    small = args.dataset in SMALL_IMAGE_DATASETS and args.backbone != "resnet32"
+    model = to_channels_last(LUCIRNet(create_backbone(args.backbone, last_relu=False, small_input=small)), device)
+    model.classifier.add_classes(first)
+    old_model = copy.deepcopy(model).eval().requires_grad_(False)
+    model.classifier.add_classes(total - first)
+    model.classifier.heads[0].requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                momentum=args.momentum, weight_decay=args.weight_decay)
+    x = torch.randn(args.batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, total, (args.batch_size,), device=device)
+    model.train()
+    return make_step(model, old_model, optimizer, first, adaptive_lambda(args.lambda_base, first, total - first),
+                     args, device), optimizer, (x, y)
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    t0 = time.time()
+    args = parse_args(argv)
+    device = setup_device(args)
+    args.out_dir = args.out_dir or default_out_dir("lucir", args)
+    data = load_dataset(args.dataset, args.data_dir, device, args.class_list)
+    splits = phase_splits(data.num_classes, args.base_classes, args.increment)
+    check_budget(data.num_classes, args.memory_per_class, args.memory_total)
+    order = class_order(data.num_classes, args.class_order_seed)
+    apply_class_order(data, order)
+    ckpt = prepare_out_dir(args.out_dir, args.resume)
+    print(f"LUCIR: {args.dataset}, {len(splits) - 1} phases after B{args.base_classes}, out: {args.out_dir}")
+    print_args(args)
+
+    seed_everything(args.seed)
+    small = args.dataset in SMALL_IMAGE_DATASETS and args.backbone != "resnet32"
+    model = LUCIRNet(create_backbone(args.backbone, last_relu=False, small_input=small))  # Sec. 4.1: no last ReLU
+    model = to_channels_last(model, device)
+    memory, rows, start_phase = {}, [], 0
+    if ckpt is not None:
+        saved = {k: v for k, v in ckpt["args"].items() if k not in ("resume", "device", "no_graph", "workers")}
+        now = {k: v for k, v in vars(args).items() if k not in ("resume", "device", "no_graph", "workers")}
+        if saved != now:
+            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            raise UserError(f"--resume with settings that differ from the checkpoint's ({', '.join(diff)})")
+        for a, b in splits[:ckpt["phase"] + 1]:
+            model.classifier.add_classes(b - a)
+        model.load_state_dict(ckpt["model"])
+        memory, rows, start_phase = ckpt["memory"], ckpt["rows"], ckpt["phase"] + 1
+        set_rng_state(ckpt["rng"])
+        print(f"resumed after phase {ckpt['phase']} from {args.out_dir}")
+    print(f"backbone {args.backbone}: {count_parameters(model.backbone):,} parameters")
+    print(f"{'phase':>5} {'classes':>7} {'CNN':>6} {'NME':>6} {'time':>7} {'img/s':>7}")
+
+    for phase in range(start_phase, len(splits)):
+        phase_start = time.time()
+        first, total = splits[phase]
+        old_model = None
+        model.classifier.add_classes(total - first)
+        if phase > 0:
+            old_model = copy.deepcopy(model).eval().requires_grad_(False)  # f*: the model after the last phase
+            if not args.no_imprint:
+                imprint_weights(model, data, first, total, device, args.workers)
+            for head in list(model.classifier.heads)[:-1]:  # official: old embeddings (fc1) get lr 0
+                head.requires_grad_(False)
+        lam = 0.0
+        if phase > 0:
+            lam = args.lambda_base if args.no_adaptive_lambda else \
+                adaptive_lambda(args.lambda_base, first, total - first, args.lambda_rule)
+        train_idx = torch.cat([indices_of(data.train_y, first, total), memory_indices(memory)])
+        params = [p for p in model.parameters() if p.requires_grad]
+        ips = train_phase(model, old_model, data, train_idx, first, lam, args, device, epochs=args.epochs,
+                          lr=args.lr, milestones=args.milestones, params=params, label=f"phase {phase}")
+
+        # Herding on the new classes with the current model; fixed memory shrinks the old classes (Sec. 4.1).
+        model.eval()
+        m = exemplars_per_class(total, args.memory_per_class, args.memory_total)
+        memory = reduce_memory(memory, m)
+        memory.update(select_exemplars(model.backbone, data, range(first, total), m, device, args.workers))
+        means = class_means(model.backbone, data, memory, total, device, args.workers)
+
+        if args.cbf and phase > 0:  # Sec. 3.5, official cbf_*.py: after herding, classifier only, BN frozen
+            for head in model.classifier.heads:
+                head.requires_grad_(True)
+            train_phase(model, old_model, data, memory_indices(memory), first, lam, args, device,
+                        epochs=args.cbf_epochs, lr=args.cbf_lr, milestones=args.cbf_milestones,
+                        params=list(model.classifier.parameters()), freeze_bn=True, label=f"phase {phase} CBF")
+        model.eval()
+        result = evaluate(model, data, splits, phase, device, means, args.workers)
+        row = {"phase": phase, "known_classes": first, "total_classes": total, **result,
+               "memory_size": sum(len(v) for v in memory.values()), "exemplars_per_class": m,
+               "lambda": lam, "sigma": model.classifier.sigma.item(), "phase_s": time.time() - phase_start,
+               "train_img_per_s": ips}
+        rows.append(row)
+        print(f"{phase:>5} {total:>7} {row['cnn_acc']:>6.2f} {row['nme_acc']:>6.2f} {row['phase_s']:>6.0f}s "
+              f"{ips:>7.0f}")
+        write_metrics(args.out_dir, rows)
+        save_checkpoint(args.out_dir, {"phase": phase, "model": model.state_dict(), "memory": memory,
+                                       "rows": rows, "rng": rng_state(), "args": vars(args)})
+
+    cnn = summarize([r["cnn_acc"] for r in rows], [r["cnn_acc_per_task"] for r in rows])
+    nme = summarize([r["nme_acc"] for r in rows], [r["nme_acc_per_task"] for r in rows])
+    results = {
+        "method": "lucir", "finished": True, "args": vars(args), "class_order": order,
+        "normalization": {"mean": data.mean, "std": data.std}, "backbone": args.backbone,
+        "memory_policy": f"fixed total {args.memory_total}" if args.memory_total is not None else
+        f"growing, {args.memory_per_class} per class",
+        "acc_per_phase": [r["cnn_acc"] for r in rows], "nme_acc_per_phase": [r["nme_acc"] for r in rows],
+        "avg_inc_acc": cnn["avg_inc_acc"], "last_acc": cnn["last_acc"], "forgetting": cnn["forgetting"],
+        "nme_avg_inc_acc": nme["avg_inc_acc"], "nme_last_acc": nme["last_acc"], "nme_forgetting": nme["forgetting"],
+        "acc_matrix": [r["cnn_acc_per_task"] for r in rows], "nme_acc_matrix": [r["nme_acc_per_task"] for r in rows],
+        "wall_s": sum(r["phase_s"] for r in rows), "wall_s_this_process": time.time() - t0,
+        **environment(device, __file__),
+    }
+    write_results(args.out_dir, results)
+    print(f"average incremental accuracy: CNN {cnn['avg_inc_acc']:.2f}  NME {nme['avg_inc_acc']:.2f}   "
+          f"last: CNN {cnn['last_acc']:.2f}  NME {nme['last_acc']:.2f}   forgetting (CNN): {cnn['forgetting']:.2f}")
+    print(f"results: {os.path.join(args.out_dir, 'results.json')}")
+
+
+if __name__ == "__main__":
+    run_main(main)
