@@ -55,9 +55,9 @@ from common.graph import CapturedStep
 from common.memory import (check_budget, class_means, exemplars_per_class, extract_features, memory_indices,
                            reduce_memory, select_exemplars)
 from common.models import count_parameters, create_backbone, to_channels_last
-from common.run import (Progress, UserError, add_system_flags, autocast, default_out_dir, environment,
-                        prepare_out_dir, print_args, resolve_defaults, rng_state, run_main, save_checkpoint,
-                        seed_everything, set_rng_state, setup_device, write_metrics, write_results)
+from common.run import (Progress, UserError, add_system_flags, autocast, check_resume_args, default_out_dir,
+                        environment, prepare_out_dir, print_args, resolve_defaults, rng_state, run_main,
+                        save_checkpoint, seed_everything, set_rng_state, setup_device, write_metrics, write_results)
 
 # Per-dataset defaults; a flag given on the command line wins. Sources: paper Sec. 4.1, official run.sh.
 DATASET_DEFAULTS = {
@@ -76,6 +76,10 @@ DATASET_DEFAULTS = {
     "synthetic": dict(data_dir="", backbone="resnet32", base_classes=10, increment=5, epochs=3, milestones=[2],
                       weight_decay=5e-4, lambda_base=5.0, cbf=True),
 }
+# Average incremental accuracy, CNN / NME (paper Figs. 5, 6), keyed by (dataset, base classes, increment).
+PAPER_RESULTS = {("cifar100", 50, 10): (63.42, 63.12), ("cifar100", 50, 5): (60.18, 60.12),
+                 ("imagenet100", 50, 10): (70.47, 68.43), ("imagenet100", 50, 5): (68.09, 66.16),
+                 ("imagenet", 500, 100): (64.34, 61.56), ("imagenet", 500, 50): (61.28, 59.92)}
 SMOKE = dict(dataset="synthetic", batch_size=32, cbf_epochs=1, cbf_milestones=[1])
 
 
@@ -294,11 +298,7 @@ def main(argv=None):
     model = to_channels_last(model, device)
     memory, rows, start_phase = {}, [], 0
     if ckpt is not None:
-        saved = {k: v for k, v in ckpt["args"].items() if k not in ("resume", "device", "no_graph", "workers")}
-        now = {k: v for k, v in vars(args).items() if k not in ("resume", "device", "no_graph", "workers")}
-        if saved != now:
-            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-            raise UserError(f"--resume with settings that differ from the checkpoint's ({', '.join(diff)})")
+        check_resume_args(ckpt["args"], vars(args))
         for a, b in splits[:ckpt["phase"] + 1]:
             model.classifier.add_classes(b - a)
         model.load_state_dict(ckpt["model"])
@@ -353,6 +353,9 @@ def main(argv=None):
         write_metrics(args.out_dir, rows)
         save_checkpoint(args.out_dir, {"phase": phase, "model": model.state_dict(), "memory": memory,
                                        "rows": rows, "rng": rng_state(), "args": vars(args)})
+        if args.stop_after == phase and phase < len(splits) - 1:
+            print(f"stopped after phase {phase} (--stop-after); continue with the same flags and --resume")
+            return
 
     cnn = summarize([r["cnn_acc"] for r in rows], [r["cnn_acc_per_task"] for r in rows])
     nme = summarize([r["nme_acc"] for r in rows], [r["nme_acc_per_task"] for r in rows])

@@ -158,7 +158,7 @@ def _load_tinyimagenet(root):
         if len(parts) >= 2:
             test_paths.append(os.path.join(folder, "val", "images", parts[0]))
             test_labels.append(label_of[parts[1]])
-    return Data("tinyimagenet", 200, torch.tensor(train_labels), torch.tensor(test_labels), IMAGENET_MEAN,
+    return Data("tinyimagenet", len(wnids), torch.tensor(train_labels), torch.tensor(test_labels), IMAGENET_MEAN,
                 IMAGENET_STD, 64, _read_images(train_paths, 64), _read_images(test_paths, 64), class_names=wnids)
 
 
@@ -293,23 +293,53 @@ def to_input(x_uint8: torch.Tensor, data: Data) -> torch.Tensor:
     return (x_uint8.permute(0, 3, 1, 2).float() - mean) / std
 
 
-def _file_loader(data, files, labels, batch_size, train, workers, order):
-    import torchvision.transforms as T
-    from PIL import Image
-    tf = T.Compose(([T.RandomResizedCrop(data.image_size), T.RandomHorizontalFlip()] if train else
-                    [T.Resize(int(data.image_size * 256 / 224)), T.CenterCrop(data.image_size)]) +
-                   [T.ToTensor(), T.Normalize(data.mean, data.std)])
+class _Order(torch.utils.data.Sampler):
+    """Yields whatever index order was set last, so one DataLoader (and its workers) serves every epoch."""
 
-    class Files(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(order)
+    def __init__(self):
+        self.order = []
 
-        def __getitem__(self, i):
-            with Image.open(files[order[i]]) as im:
-                return tf(im.convert("RGB")), labels[order[i]]
-    return torch.utils.data.DataLoader(Files(), batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                                       drop_last=False)
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self):
+        return len(self.order)
+
+
+class _Files(torch.utils.data.Dataset):
+    def __init__(self, files, labels, transform):
+        self.files, self.labels, self.transform = files, labels, transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.files[i]) as im:
+            return self.transform(im.convert("RGB")), self.labels[i]
+
+
+_LOADERS = {}
+
+
+def _file_batches(data, split, train, batch_size, workers, order):
+    """Batches of decoded, transformed images in `order` through a DataLoader kept for the whole run
+    (persistent workers, pinned memory). Train: RandomResizedCrop + flip; test: resize 256 / centre crop 224."""
+    key = (id(data), split, train, batch_size, workers)
+    if key not in _LOADERS:
+        import torchvision.transforms as T
+        tf = T.Compose(([T.RandomResizedCrop(data.image_size), T.RandomHorizontalFlip()] if train else
+                        [T.Resize(int(data.image_size * 256 / 224)), T.CenterCrop(data.image_size)]) +
+                       [T.ToTensor(), T.Normalize(data.mean, data.std)])
+        files, labels = (data.train_files, data.train_y) if split == "train" else (data.test_files, data.test_y)
+        sampler = _Order()
+        loader = torch.utils.data.DataLoader(_Files(files, labels.tolist(), tf), batch_size=batch_size,
+                                             sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
+                                             pin_memory=torch.cuda.is_available())
+        _LOADERS[key] = (loader, sampler)
+    loader, sampler = _LOADERS[key]
+    sampler.order = order
+    return loader
 
 
 def train_batches(data: Data, indices: torch.Tensor, batch_size: int, device: torch.device, workers: int = 0):
@@ -330,8 +360,7 @@ def train_batches(data: Data, indices: torch.Tensor, batch_size: int, device: to
             yield to_input(augment(data.train_x[sl]), data).contiguous(memory_format=torch.channels_last), \
                 y_all[s * batch_size:(s + 1) * batch_size]
     else:
-        order = indices[perm].tolist()
-        for x, y in _file_loader(data, data.train_files, data.train_y.tolist(), batch_size, True, workers, order):
+        for x, y in _file_batches(data, "train", True, batch_size, workers, indices[perm].tolist()):
             yield x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last), \
                 y.to(device, non_blocking=True)
 
@@ -348,7 +377,6 @@ def eval_batches(data: Data, indices: torch.Tensor, device: torch.device, split:
             sl = idx[s:s + batch_size]
             yield to_input(images[sl], data).contiguous(memory_format=torch.channels_last), labels[sl]
     else:
-        files = data.train_files if split == "train" else data.test_files
-        for x, y in _file_loader(data, files, labels.tolist(), batch_size, False, workers, indices.tolist()):
+        for x, y in _file_batches(data, split, False, batch_size, workers, indices.tolist()):
             yield x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last), \
                 y.to(device, non_blocking=True)

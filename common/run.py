@@ -48,6 +48,8 @@ def add_system_flags(parser: argparse.ArgumentParser):
     g.add_argument("--out-dir", default=None, help="run folder (default: results/<method>__<dataset>_B<base>"
                    "_Inc<inc>__seed<seed>)")
     g.add_argument("--resume", action="store_true", help="continue from the last finished phase in --out-dir")
+    g.add_argument("--stop-after", type=int, default=None, metavar="PHASE", help="exit after this phase is "
+                   "finished and checkpointed (continue later with --resume)")
     g.add_argument("--smoke", action="store_true", help="tiny end-to-end run on generated data, seconds on CPU")
     g.add_argument("--class-list", default=None, help="imagenet100: file with the 100 class folder names, one "
                    "a line (default: LUCIR's rule, 100 folders drawn with seed 1993)")
@@ -132,6 +134,17 @@ def prepare_out_dir(out_dir: str, resume: bool):
     return None
 
 
+RUN_ONLY_FLAGS = ("resume", "device", "no_graph", "workers", "stop_after")  # may change between resumed runs
+
+
+def check_resume_args(saved: dict, now: dict):
+    """A resumed run must use the settings of the checkpoint, except flags that do not change the numbers."""
+    diff = sorted(k for k in set(saved) | set(now) if k not in RUN_ONLY_FLAGS and saved.get(k) != now.get(k))
+    if diff:
+        raise UserError(f"--resume with settings that differ from the checkpoint's ({', '.join(diff)}); use the "
+                        "original flags or another --out-dir")
+
+
 def _atomic(path: str, write):
     tmp = path + ".tmp"
     write(tmp)
@@ -169,7 +182,7 @@ def environment(device: torch.device, script_path: str) -> dict:
         "timm": timm.__version__, "numpy": np.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
-        "script_sha256": script_sha256, "hostname": platform.node(),
+        "script_sha256": script_sha256, "hostname": platform.node(), "date": time.strftime("%Y-%m-%d"),
     }
 
 

@@ -1,0 +1,264 @@
+"""common/: class order, phases, augmentation, herding, NME, metrics, backbones, loaders, bad input."""
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.data import (Data, apply_class_order, augment, class_order, eval_batches, indices_of, load_dataset,
+                         phase_splits, synthetic, train_batches)
+from common.evaluation import evaluate, summarize
+from common.memory import check_budget, class_means, exemplars_per_class, herding, reduce_memory, select_exemplars
+from common.models import count_parameters, create_backbone
+from common.run import UserError
+from conftest import colour_of
+
+CPU = torch.device("cpu")
+SHARED_TINY = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tiny-imagenet-200")
+
+
+def test_class_order_seed_1993():
+    order = class_order(100, 1993)
+    assert order[:10] == [68, 56, 78, 8, 23, 84, 90, 65, 74, 76]       # papers.md 0.1
+    assert order[-5:] == [67, 29, 49, 57, 33]
+    assert sorted(order) == list(range(100))
+
+
+def test_phase_splits_and_bad_split():
+    assert phase_splits(100, 50, 10) == [(0, 50), (50, 60), (60, 70), (70, 80), (80, 90), (90, 100)]
+    assert len(phase_splits(100, 10, 10)) == 10
+    with pytest.raises(UserError, match="do not add up"):
+        phase_splits(100, 50, 7)
+
+
+def test_apply_class_order_relabels_by_rank():
+    data = synthetic(num_classes=5, train_per_class=2, test_per_class=1)
+    order = [3, 0, 4, 1, 2]
+    apply_class_order(data, order)
+    assert data.train_y.tolist() == [1, 1, 3, 3, 4, 4, 0, 0, 2, 2]   # original class 0 is now rank 1, ...
+    assert indices_of(data.train_y, 0, 1).tolist() == [6, 7]            # rank 0 = original class 3
+
+
+def test_augment_is_a_pure_translation_or_flip():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (16, 8, 8, 3), dtype=torch.uint8)
+    out = augment(x, padding=2)
+    padded = F.pad(x, (0, 0, 2, 2, 2, 2))
+    for i in range(len(x)):
+        candidates = [padded[i, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
+        candidates += [c.flip(1) for c in candidates]
+        assert any(torch.equal(out[i], c) for c in candidates), i
+
+
+def test_train_batches_fixed_size_cover_every_sample():
+    data = synthetic(num_classes=4, train_per_class=5, test_per_class=1)
+    idx = torch.arange(3, 20)  # 17 samples, batch 8 -> 3 batches of 8, the last wrapped around
+    seen = []
+    batches = list(train_batches(data, idx, 8, CPU))
+    assert [len(y) for _, y in batches] == [8, 8, 8]
+    assert batches[0][0].shape == (8, 3, 32, 32)
+    for _, y in batches:
+        seen += y.tolist()
+    assert sorted(set(seen)) == sorted(set(data.train_y[idx].tolist()))
+
+
+def brute_force_herding(feats, m):
+    feats = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    mu = feats.mean(0)
+    chosen = []
+    for k in range(1, m + 1):
+        best, best_d = None, np.inf
+        for i in range(len(feats)):
+            if i in chosen:
+                continue
+            d = np.sum((mu - (feats[chosen].sum(0) + feats[i]) / k) ** 2)
+            if d < best_d:
+                best, best_d = i, d
+        chosen.append(best)
+    return chosen
+
+
+def test_herding_matches_brute_force():
+    rng = np.random.RandomState(0)
+    feats = rng.randn(40, 6).astype(np.float64)
+    got = herding(torch.tensor(feats), 12).tolist()
+    assert got == brute_force_herding(feats, 12)
+    assert len(set(got)) == 12
+    assert herding(torch.tensor(feats), 100).numel() == 40  # never more than the class holds
+
+
+def test_select_exemplars_returns_dataset_indices_and_reduction_keeps_prefix():
+    data = synthetic(num_classes=3, train_per_class=6, test_per_class=1)
+    feature_fn = lambda x: x.mean(dim=(2, 3))  # noqa: E731
+    memory = select_exemplars(feature_fn, data, [0, 2], 4, CPU)
+    assert set(memory) == {0, 2}
+    for c, idx in memory.items():
+        assert len(idx) == 4 and (data.train_y[idx] == c).all()
+        feats = torch.cat([feature_fn(x) for x, _ in eval_batches(data, indices_of(data.train_y, c, c + 1), CPU,
+                                                                    "train")])
+        expected = indices_of(data.train_y, c, c + 1)[brute_force_herding(feats.double().numpy(), 4)]
+        assert idx.tolist() == expected.tolist()
+    assert {c: v.tolist() for c, v in reduce_memory(memory, 2).items()} == {c: v[:2].tolist() for c, v in memory.items()}
+
+
+def test_memory_budgets():
+    assert exemplars_per_class(60, 20) == 20
+    assert exemplars_per_class(60, 20, 2000) == 33
+    with pytest.raises(UserError, match="cannot hold one exemplar"):
+        check_budget(100, 20, memory_total=50)
+    with pytest.raises(UserError, match="cannot hold one exemplar"):
+        check_budget(100, 0)
+    check_budget(100, 0, allow_zero=True)
+
+
+def test_class_means_and_nme_against_brute_force():
+    torch.manual_seed(0)
+    data = synthetic(num_classes=3, train_per_class=5, test_per_class=4)
+    weights = torch.randn(3 * 32, 5)
+
+    def feature_fn(x):  # depends on the column order, so flipping changes the features
+        return x.mean(dim=2).flatten(1) @ weights
+    memory = {0: torch.tensor([0, 2]), 1: torch.tensor([5, 6, 9]), 2: torch.tensor([14])}
+    means = class_means(feature_fn, data, memory, 3, CPU)
+    for c, idx in memory.items():
+        x = torch.stack([x for x, _ in eval_batches(data, idx, CPU, "train", batch_size=1)]).squeeze(1)
+        expected = ((F.normalize(feature_fn(x), dim=1) + F.normalize(feature_fn(x.flip(3)), dim=1)) / 2).mean(0)
+        assert torch.allclose(means[c], expected / expected.norm(), atol=1e-5)
+
+    splits = [(0, 2), (2, 3)]
+    logits_w = torch.randn(5, 3)
+    result = evaluate(lambda x: (feature_fn(x) @ logits_w, feature_fn(x)), data, splits, 1, CPU, means)
+    hits_cnn, hits_nme = [], []
+    for i in range(len(data.test_y)):
+        x = next(eval_batches(data, torch.tensor([i]), CPU))[0]
+        f = feature_fn(x)[0]
+        hits_cnn.append(int((f @ logits_w).argmax()) == int(data.test_y[i]))
+        dists = [float(((f / f.norm() - means[c]) ** 2).sum()) for c in range(3)]
+        hits_nme.append(int(np.argmin(dists)) == int(data.test_y[i]))
+    assert result["cnn_acc"] == pytest.approx(100 * np.mean(hits_cnn))
+    assert result["nme_acc"] == pytest.approx(100 * np.mean(hits_nme))
+    y = data.test_y.numpy()
+    assert result["nme_acc_per_task"][1] == pytest.approx(100 * np.mean(np.array(hits_nme)[y == 2]))
+
+
+def test_summary_metrics_on_a_hand_made_matrix():
+    matrix = [[80.0], [70.0, 60.0], [50.0, 40.0, 90.0]]
+    out = summarize([80.0, 65.0, 60.0], matrix)
+    assert out["avg_inc_acc"] == pytest.approx((80 + 65 + 60) / 3)    # base phase included
+    assert out["last_acc"] == 60.0
+    assert out["forgetting"] == pytest.approx(((80 - 50) + (60 - 40)) / 2)
+    assert summarize([70.0], [[70.0]])["forgetting"] is None
+
+
+def test_resnet32_backbone():
+    model = create_backbone("resnet32", last_relu=False)
+    assert count_parameters(model) + 64 * 100 + 100 == 472_756            # style.md 3.2: 0.46M with a 100-way head
+    maps = {}
+    model.layer3.register_forward_hook(lambda m, i, o: maps.update(last=o))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 64)
+    assert (maps["last"] < 0).any()                                       # no last ReLU: negative activations
+    with_relu = create_backbone("resnet32")
+    with_relu.layer3.register_forward_hook(lambda m, i, o: maps.update(last=o))
+    with_relu(torch.randn(2, 3, 32, 32))
+    assert (maps["last"] >= 0).all()
+    import timm
+    assert "resnet32" in timm.list_models("resnet32")                    # registered with timm
+    r18 = create_backbone("resnet18", last_relu=False, small_input=True)
+    assert r18(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+    with pytest.raises(UserError, match="unknown --backbone"):
+        create_backbone("no_such_net")
+
+
+# ------------------------------------------------------------------------------------------------ loaders
+def test_cifar100_loader(cifar_dir):
+    data = load_dataset("cifar100", str(cifar_dir), CPU)
+    assert data.num_classes == 100 and data.train_x.shape == (300, 32, 32, 3) and data.test_x.shape == (100, 32, 32, 3)
+    assert data.train_x.dtype == torch.uint8
+    assert (data.train_x[:, 1, 1, 1].long() == data.train_y).all()      # pixel value written = label
+    assert data.train_x[7, 0, 0, 0] == 7                                  # first pixel = position in the file
+
+
+def test_tinyimagenet_loader(tiny_imagenet_dir):
+    data = load_dataset("tinyimagenet", str(tiny_imagenet_dir), CPU)
+    assert data.num_classes == 3 and data.class_names == ["n01", "n02", "n03"]
+    assert data.train_x.shape == (6, 64, 64, 3) and data.test_x.shape == (3, 64, 64, 3)
+    for x, y in ((data.train_x, data.train_y), (data.test_x, data.test_y)):
+        for img, label in zip(x, y):
+            assert np.allclose(img.float().mean(dim=(0, 1)).numpy(), colour_of(int(label)), atol=4)
+
+
+def check_file_dataset(data, num_classes, n_train, n_test):
+    assert data.num_classes == num_classes and len(data.train_files) == n_train and len(data.test_files) == n_test
+    assert len(data.train_y) == n_train and all(os.path.isfile(f) for f in data.train_files + data.test_files)
+    x, y = next(eval_batches(data, torch.arange(n_test), CPU, "test", batch_size=n_test))
+    assert x.shape == (n_test, 3, 224, 224) and y.tolist() == data.test_y.tolist()
+    mean, std = torch.tensor(data.mean).view(3, 1, 1), torch.tensor(data.std).view(3, 1, 1)
+    for img, label in zip(x, y):  # solid colours survive resizing: the image of each label is the right one
+        rgb = (img * std + mean).mean(dim=(1, 2)) * 255
+        assert np.allclose(rgb.numpy(), colour_of(int(label) % 10 if num_classes > 10 else int(label)), atol=6)
+    xb, yb = next(train_batches(data, torch.arange(n_train), 2, CPU))
+    assert xb.shape == (2, 3, 224, 224) and len(yb) == 2
+
+
+def test_imagenet_loaders(imagenet_dir):
+    full = load_dataset("imagenet", str(imagenet_dir), CPU)
+    check_file_dataset(full, 120, 120, 120)
+    subset = load_dataset("imagenet100", str(imagenet_dir), CPU)
+    classes = sorted(f"n{c:08d}" for c in range(120))
+    assert subset.class_names == sorted(np.random.RandomState(1993).choice(classes, 100, replace=False).tolist())
+    assert len(subset.train_files) == 100
+    class_list = imagenet_dir / "classes.txt"
+    class_list.write_text("n00000003\nn00000001\n")
+    assert load_dataset("imagenet100", str(imagenet_dir), CPU, str(class_list)).class_names == ["n00000001", "n00000003"]
+
+
+def test_food101_loader(food_dir):
+    data = load_dataset("food101", str(food_dir), CPU)
+    check_file_dataset(data, 3, 6, 3)
+    assert data.class_names == ["apple_pie", "baby_back_ribs", "baklava"]
+
+
+def test_cub200_loader(cub_dir):
+    data = load_dataset("cub200", str(cub_dir), CPU)
+    check_file_dataset(data, 3, 6, 3)
+    assert data.train_y.tolist() == [0, 0, 1, 1, 2, 2]                   # 1-based CUB labels made 0-based
+
+
+@pytest.mark.parametrize("name", ["cifar100", "tinyimagenet", "imagenet", "imagenet100", "food101", "cub200"])
+def test_missing_dataset_is_one_clear_error(tmp_path, name):
+    with pytest.raises(UserError) as e:
+        load_dataset(name, str(tmp_path / "nowhere"), CPU)
+    assert "expected" in str(e.value) and "\n" not in str(e.value)
+    if name != "cifar100":  # an empty folder (cifar100 would try to download into it)
+        with pytest.raises(UserError, match="expected"):
+            load_dataset(name, str(tmp_path), CPU)
+    with pytest.raises(UserError, match="unknown --dataset"):
+        load_dataset("mnist", str(tmp_path), CPU)
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(SHARED_TINY, "val.tar.gz")),
+                    reason="../shared/data/tiny-imagenet-200 not present")
+def test_tinyimagenet_loader_on_real_images(tmp_path):
+    """A few real Tiny-ImageNet images, unpacked from the shared archives into the native layout."""
+    root = tmp_path / "tiny-imagenet-200"
+    with tarfile.open(os.path.join(SHARED_TINY, "val.tar.gz")) as tar:
+        annotations = tar.extractfile("tiny-imagenet-200/val/val_annotations.txt").read().decode().splitlines()
+        wnids = tar.extractfile("tiny-imagenet-200/wnids.txt").read().decode().split()
+        chosen = wnids[:2]  # train-0.tar.gz holds the first 40 classes of wnids.txt
+        keep = [line for line in annotations if line.split("\t")[1] in chosen][:6]
+        for line in keep:
+            tar.extract(f"tiny-imagenet-200/val/images/{line.split(chr(9))[0]}", tmp_path, filter="data")
+    (root / "wnids.txt").write_text("\n".join(chosen) + "\n")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(keep) + "\n")
+    with tarfile.open(os.path.join(SHARED_TINY, "train-0.tar.gz")) as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if len(parts) == 5 and parts[2] in chosen and parts[3] == "images" and parts[4].endswith("_1.JPEG") or \
+                    len(parts) == 5 and parts[2] in chosen and parts[4].endswith(("_2.JPEG", "_3.JPEG")):
+                tar.extract(member, tmp_path, filter="data")
+    data = load_dataset("tinyimagenet", str(tmp_path), CPU)
+    assert data.num_classes == 2 and data.train_x.shape[1:] == (64, 64, 3) and len(data.train_x) >= 2
+    assert data.test_x.shape == (len(keep), 64, 64, 3) and data.train_x.float().std() > 10
+    assert data.test_y.tolist() == [sorted(chosen).index(line.split("\t")[1]) for line in keep]
