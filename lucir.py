@@ -335,12 +335,13 @@ def main(argv=None):
         memory.update(select_exemplars(model.backbone, data, range(first, total), m, device, args.workers))
         means = class_means(model.backbone, data, memory, total, device, args.workers)
 
-        if args.cbf and phase > 0:  # Sec. 3.5, official cbf_*.py: after herding, classifier only, BN frozen
-            for head in model.classifier.heads:
+        if args.cbf and phase > 0:  # Sec. 3.5; official cbf_*.py, ft_flag=2: after herding, on all exemplars,
+            for head in model.classifier.heads:  # old and new embeddings train; backbone, sigma and BN stay fixed
                 head.requires_grad_(True)
             train_phase(model, old_model, data, memory_indices(memory), first, lam, args, device,
                         epochs=args.cbf_epochs, lr=args.cbf_lr, milestones=args.cbf_milestones,
-                        params=list(model.classifier.parameters()), freeze_bn=True, label=f"phase {phase} CBF")
+                        params=list(model.classifier.heads.parameters()), freeze_bn=True,
+                        label=f"phase {phase} CBF")
         model.eval()
         result = evaluate(model, data, splits, phase, device, means, args.workers)
         row = {"phase": phase, "known_classes": first, "total_classes": total, **result,

@@ -12,17 +12,19 @@ cd "$(dirname "$0")"
 DATA=${DATA:-data}
 IMAGENET=${IMAGENET:-data/imagenet}
 SEEDS=${SEEDS:-0 1 2}   # LUCIR Fig. 5 caption: mean and std over three runs
+RESULTS=${RESULTS:-results}
 
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "no GPU visible: running every script's --smoke protocol on the CPU instead of the papers' protocols"
   for script in lucir.py tbbn.py bsce.py; do
-    [ -f "$script" ] && python "$script" --smoke --out-dir "results/smoke/${script%.py}" --resume
+    python "$script" --smoke --out-dir "$RESULTS/smoke/${script%.py}" --resume
   done
-  python -m common.summary results/smoke
+  python -m common.summary "$RESULTS/smoke"
   exit 0
 fi
 
-run() { echo "+ python $*"; python "$@"; }
+# Each run writes $RESULTS/<script>__<dataset>_B<base>_Inc<inc>__seed<seed>.
+run() { local script=$1; shift; echo "+ python $script $*"; python "$script" "$@"; }
 
 for seed in $SEEDS; do
   # LUCIR, CIFAR-100 B50 (paper Fig. 5): 5 phases of 10, 10 phases of 5

@@ -6,7 +6,7 @@ prefix of its herding order (iCaRL Alg. 5), so no features need to be recomputed
 import torch
 import torch.nn.functional as F
 
-from common.data import eval_batches
+from common.data import eval_batches, indices_of
 from common.run import UserError
 
 
@@ -39,7 +39,9 @@ def extract_features(feature_fn, data, indices, device, split="train", flip=Fals
 def herding(features: torch.Tensor, m: int) -> torch.Tensor:
     """iCaRL herding (Rebuffi et al. 2017, Alg. 4): greedily pick the sample that brings the mean of the picked
     set closest to the class mean of the L2-normalised features. Returns positions into `features`, in order.
-    Runs on the features' device; no host syncs."""
+    Runs on the features' device; no host syncs. (The iCaRL/LUCIR code runs the same greedy rule as
+    argmax <w_t, x> with w_t += mu - x_picked, and may re-pick a sample without counting it; here a picked
+    sample is excluded, as the definition says, so the two differ only after such a re-pick.)"""
     feats = F.normalize(features.float(), dim=1)
     mu = feats.mean(0)
     m = min(m, len(feats))
@@ -56,7 +58,6 @@ def herding(features: torch.Tensor, m: int) -> torch.Tensor:
 
 def select_exemplars(feature_fn, data, classes, m: int, device, workers=0) -> dict:
     """Herding for each class in `classes` with one batched feature pass; returns {class: indices (CPU)}."""
-    from common.data import indices_of
     per_class = [indices_of(data.train_y, c, c + 1) for c in classes]
     if m <= 0 or not per_class:
         return {c: torch.empty(0, dtype=torch.long) for c in classes}
