@@ -351,7 +351,8 @@ def train_batches(data: Data, indices: torch.Tensor, batch_size: int, device: to
     n = len(indices)
     steps = -(-n // batch_size)
     perm = torch.randperm(n, device=device if data.on_device else "cpu")
-    perm = torch.cat([perm, perm[: steps * batch_size - n]]) if steps * batch_size > n else perm
+    if steps * batch_size > n:  # wrap around (more than once when n < batch_size / 2)
+        perm = perm.repeat(-(-steps * batch_size // n))[: steps * batch_size]
     if data.on_device:
         idx = indices.to(device)[perm]
         y_all = data.train_y.to(device)[idx]

@@ -62,6 +62,8 @@ def test_train_batches_fixed_size_cover_every_sample():
     for _, y in batches:
         seen += y.tolist()
     assert sorted(set(seen)) == sorted(set(data.train_y[idx].tolist()))
+    few = list(train_batches(data, torch.tensor([2, 7, 11]), 8, CPU))  # fewer than half a batch: still 8
+    assert len(few) == 1 and len(few[0][1]) == 8 and set(few[0][1].tolist()) == set(data.train_y[[2, 7, 11]].tolist())
 
 
 def brute_force_herding(feats, m):

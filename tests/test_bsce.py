@@ -1,0 +1,162 @@
+"""bsce.py: the balanced softmax against hand-computed values and its theory, the phase counts, and end-to-end
+smoke runs (paired with memory, memory-free, resume). CPU, well under a minute."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import bsce  # noqa: E402
+from common.data import apply_class_order, class_order, indices_of, synthetic  # noqa: E402
+from common.memory import memory_indices  # noqa: E402
+
+RESULT_KEYS = {"method", "finished", "args", "class_order", "normalization", "backbone", "memory_policy",
+               "acc_per_phase", "nme_acc_per_phase", "avg_inc_acc", "last_acc", "forgetting", "nme_avg_inc_acc",
+               "nme_last_acc", "nme_forgetting", "acc_matrix", "wall_s", "torch", "git_commit", "script_sha256"}
+
+
+# ----------------------------------------------------------------------------------------------- the loss
+def test_loss_matches_hand_computed_value():
+    logits = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    targets = torch.tensor([0, 2])
+    counts = torch.tensor([10, 1, 5])
+    # -log(n_y e^{z_y} / sum_j n_j e^{z_j}), written out by hand
+    row0 = -math.log(10 * math.exp(1.0) / (10 * math.exp(1.0) + 1 * math.exp(2.0) + 5 * math.exp(0.5)))
+    row1 = -math.log(5 * math.exp(3.0) / (10 * math.exp(0.0) + 1 * math.exp(-1.0) + 5 * math.exp(3.0)))
+    got = bsce.balanced_softmax_loss(logits, targets, counts).item()
+    assert got == pytest.approx((row0 + row1) / 2, abs=1e-6)
+    # not the class-weighted CE (papers.md 3.2)
+    weighted = F.cross_entropy(logits, targets, weight=1.0 / counts.float()).item()
+    assert abs(got - weighted) > 1e-3
+
+
+def test_zero_count_classes_leave_the_softmax_without_nan():
+    logits = torch.tensor([[4.0, 1.0, 0.5]], requires_grad=True)
+    loss = bsce.balanced_softmax_loss(logits, torch.tensor([1]), torch.tensor([0, 3, 2]))
+    expected = -math.log(3 * math.exp(1.0) / (3 * math.exp(1.0) + 2 * math.exp(0.5)))
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[0, 0].item() == 0.0
+
+
+def test_equal_counts_equal_plain_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 7, generator=g) * 3
+    targets = torch.randint(0, 7, (16,), generator=g)
+    got = bsce.balanced_softmax_loss(logits, targets, torch.full((7,), 37))
+    assert got.item() == pytest.approx(F.cross_entropy(logits, targets).item(), abs=1e-5)
+
+
+def test_gradient_favours_the_rare_class():
+    """2 classes, n = (2 rare, 50 frequent), logits z = 0. With BSCE the gradient on z_y is p~_y - 1, p~ =
+    n e^z / sum n e^z. (a) A rare-class sample pushes its logit up harder than under CE: 2/52 - 1 < 1/2 - 1.
+    (b) A frequent-class sample pushes the rare logit down less: 2/52 < 1/2. (c) Summed over the phase's data,
+    the BSCE gradient vanishes at equal logits (the balanced posterior is the optimum, Ren et al. 2020), while
+    CE's pushes z_freq up and z_rare down (its optimum is z_freq - z_rare = log 25)."""
+    counts = torch.tensor([2, 50])
+
+    def grad(loss_fn, targets):
+        z = torch.zeros(len(targets), 2, requires_grad=True)
+        loss_fn(z, targets).backward()
+        return z.grad * len(targets)  # per-sample gradients (the losses average over the batch)
+    bs = lambda z, y: bsce.balanced_softmax_loss(z, y, counts)  # noqa: E731
+    rare, freq = torch.tensor([0]), torch.tensor([1])
+    assert grad(bs, rare)[0, 0].item() == pytest.approx(2 / 52 - 1, abs=1e-6)
+    assert grad(bs, rare)[0, 0] < grad(F.cross_entropy, rare)[0, 0] < 0                  # (a)
+    assert grad(bs, freq)[0, 0].item() == pytest.approx(2 / 52, abs=1e-6)
+    assert 0 < grad(bs, freq)[0, 0] < grad(F.cross_entropy, freq)[0, 0]                  # (b)
+    data = torch.tensor([0] * 2 + [1] * 50)
+    assert grad(bs, data).sum(0).abs().max().item() < 1e-5                                # (c)
+    ce = grad(F.cross_entropy, data).sum(0)
+    assert ce[0].item() == pytest.approx(52 / 2 - 2, abs=1e-4) and ce[1] < 0
+
+
+# ----------------------------------------------------------------------------------------------- the counts
+def test_counts_match_phase_data_and_memory():
+    data = synthetic(num_classes=20, train_per_class=24)
+    apply_class_order(data, class_order(20, 1993))
+    first, total = 10, 15
+    memory = {c: indices_of(data.train_y, c, c + 1)[: c + 1] for c in range(first)}  # uneven, like a fixed memory
+    train_idx = torch.cat([indices_of(data.train_y, first, total), memory_indices(memory)])
+    counts = bsce.phase_class_counts(data.train_y, train_idx, total)
+    assert counts.tolist() == [c + 1 for c in range(first)] + [24] * (total - first)
+    free = bsce.phase_class_counts(data.train_y, indices_of(data.train_y, first, total), total)
+    assert free.tolist() == [0] * first + [24] * (total - first)
+    # memory-free design: BSCE with those counts is CE over the current classes only
+    logits = torch.randn(6, total)
+    y = torch.randint(first, total, (6,))
+    assert bsce.balanced_softmax_loss(logits, y, free).item() == pytest.approx(
+        F.cross_entropy(logits[:, first:], y - first).item(), abs=1e-5)
+
+
+def test_bench_step_runs():
+    from common.bench import main as bench
+    rows = bench(["--scripts", "bsce", "--steps", "1", "--warmup", "1", "--batch-size", "4", "--device", "cpu"])
+    assert rows[0][0] == "bsce" and rows[0][2] > 0
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+def run_script(*flags):
+    return subprocess.run([sys.executable, "bsce.py", "--smoke", *flags], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+
+
+def check_schema(res, phases=3, nme=True):
+    assert RESULT_KEYS <= set(res) and res["finished"] and res["method"] == "bsce"
+    assert len(res["acc_per_phase"]) == phases and len(res["acc_matrix"]) == phases
+    assert [len(r) for r in res["acc_matrix"]] == list(range(1, phases + 1))
+    assert res["avg_inc_acc"] == pytest.approx(sum(res["acc_per_phase"]) / phases)
+    assert (res["nme_acc_per_phase"] is not None) == nme and (res["nme_avg_inc_acc"] is not None) == nme
+
+
+@pytest.fixture(scope="module")
+def paired_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bsce") / "pair"
+    proc = run_script("--paired", "rebalance", "--out-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_smoke_paired_with_memory(paired_run):
+    """--paired rebalance: CE + class-balanced finetuning vs BSCE alone, iCaRL host, 20 exemplars a class."""
+    arms = {a: json.load(open(paired_run / a / "results.json")) for a in ("ce_rebalance", "bsce")}
+    for arm, res in arms.items():
+        check_schema(res)
+        assert res["host"] == "icarl" and res["memory_policy"] == "growing, 20 per class"
+        rows = [json.loads(line) for line in open(paired_run / arm / "metrics.jsonl")]
+        assert rows[1]["class_counts"] == [20] * 10 + [24] * 5  # 20 exemplars an old class, all 24 of a new one
+        assert (rows[2]["rebalance_s"] > 0) == (arm == "ce_rebalance") and rows[0]["rebalance_s"] == 0
+    assert (arms["ce_rebalance"]["loss"], arms["bsce"]["loss"]) == ("ce", "bsce")
+    assert arms["ce_rebalance"]["acc_matrix"][0] == arms["bsce"]["acc_matrix"][0]  # one shared base phase
+    paired = json.load(open(paired_run / "paired.json"))
+    assert paired["b_minus_a"]["avg_inc_acc"] == pytest.approx(
+        arms["bsce"]["avg_inc_acc"] - arms["ce_rebalance"]["avg_inc_acc"])
+
+
+def test_smoke_memory_free(tmp_path):
+    proc = run_script("--memory-per-class", "0", "--host", "lucir", "--out-dir", str(tmp_path / "free"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.load(open(tmp_path / "free" / "results.json"))
+    check_schema(res, nme=False)
+    assert res["arm"] == "lucir_bsce_nomem" and res["memory_policy"].startswith("none")
+    rows = [json.loads(line) for line in open(tmp_path / "free" / "metrics.jsonl")]
+    assert rows[2]["class_counts"] == [0] * 15 + [24] * 5 and rows[2]["memory_size"] == 0
+    assert all(math.isfinite(a) for a in res["acc_per_phase"])
+
+
+def test_resume_gives_the_numbers_of_an_uninterrupted_run(paired_run, tmp_path):
+    """--stop-after 1, then --resume: the numbers of the uninterrupted BSCE arm of the paired run."""
+    out = str(tmp_path / "resumed")
+    flags = ["--smoke", "--loss", "bsce", "--out-dir", out, "--device", "cpu"]
+    assert bsce.main(flags + ["--stop-after", "1"]) is None
+    assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 2
+    res = bsce.main(flags + ["--resume"])
+    ref = json.load(open(paired_run / "bsce" / "results.json"))
+    assert res["acc_matrix"] == ref["acc_matrix"] and res["nme_acc_matrix"] == ref["nme_acc_matrix"]
