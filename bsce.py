@@ -54,7 +54,6 @@ Deviations and our design choices (the paper's details beyond the loss are unkno
 """
 import argparse
 import copy
-import json
 import os
 import time
 
@@ -72,7 +71,7 @@ from common.models import count_parameters, create_backbone, to_channels_last
 from common.run import (RUN_ONLY_FLAGS, Progress, UserError, add_system_flags, autocast, check_resume_args,
                         default_out_dir, environment, prepare_out_dir, print_args, resolve_defaults, rng_state,
                         run_main, save_checkpoint, seed_everything, set_rng_state, setup_device, write_metrics,
-                        write_results)
+                        write_paired, write_results)
 
 # Per-dataset defaults; a flag given on the command line wins. CIFAR and ImageNet rows: LUCIR's protocol
 # (papers.md 1.2, 3.4); the others are not in the paper (ResNet-18, CIFAR or ImageNet schedule).
@@ -480,8 +479,6 @@ PAIRS = {
     "memory-free": (("ce_nomem", dict(loss="ce", rebalance=False, memory_per_class=0, memory_total=None)),
                     ("bsce_nomem", dict(loss="bsce", rebalance=False, memory_per_class=0, memory_total=None))),
 }
-PAIR_METRICS = ("avg_inc_acc", "last_acc", "forgetting", "nme_avg_inc_acc", "nme_last_acc", "wall_s",
-                "incremental_train_s")
 
 
 def run_paired(args):
@@ -494,19 +491,9 @@ def run_paired(args):
         res = run(arm_args, shared_base=os.path.join(out, "base_phase.pt"))
         if res is None:  # --stop-after: continue later with --resume
             return None
-        arms[name] = {"out_dir": arm_args.out_dir, "arm": res["arm"], **{k: res[k] for k in PAIR_METRICS}}
-    (a, ra), (b, rb) = arms.items()
-    diff = {k: rb[k] - ra[k] for k in PAIR_METRICS if ra[k] is not None and rb[k] is not None}
-    paired = {"paired": args.paired, "arm_a": a, "arm_b": b, "arms": arms, "b_minus_a": diff,
-              "args": vars(args)}
-    with open(os.path.join(out, "paired.json.tmp"), "w") as f:
-        json.dump(paired, f, indent=1)
-    os.replace(os.path.join(out, "paired.json.tmp"), os.path.join(out, "paired.json"))
-    print(f"{'':<14} {'avg inc':>8} {'last':>7} {'forget':>7} {'incr. train s':>14} {'wall s':>8}")
-    for name, r in [(a, ra), (b, rb), ("B - A", diff)]:
-        print(f"{name:<14} {r['avg_inc_acc']:>8.2f} {r['last_acc']:>7.2f} {r.get('forgetting') or 0:>7.2f} "
-              f"{r['incremental_train_s']:>14.1f} {r['wall_s']:>8.1f}")
-    print(f"paired: {os.path.join(out, 'paired.json')}")
+        arms[name] = res
+    paired = write_paired(out, arms, PAIRS[args.paired][0][0], extra_metrics=("incremental_train_s",),
+                          paired=args.paired, host=args.host, dataset=args.dataset, seed=args.seed)
     return paired
 
 

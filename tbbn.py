@@ -54,7 +54,6 @@ Deviations:
 """
 import argparse
 import copy
-import json
 import math
 import os
 import time
@@ -73,7 +72,8 @@ from common.memory import (check_budget, class_means, exemplars_per_class, memor
 from common.models import count_parameters, create_backbone, to_channels_last
 from common.run import (Progress, UserError, add_system_flags, autocast, check_resume_args, default_out_dir,
                         environment, prepare_out_dir, print_args, resolve_defaults, rng_state, run_main,
-                        save_checkpoint, seed_everything, set_rng_state, setup_device, write_metrics, write_results)
+                        save_checkpoint, seed_everything, set_rng_state, setup_device, write_metrics, write_paired,
+                        write_results)
 
 HOSTS, NORMS = ("er", "ssil"), ("bn", "tbbn", "cn")
 # Per-dataset defaults; a flag given on the command line wins. Sources: official src/run_cifar100.sh and
@@ -459,9 +459,6 @@ def run(args, device, t0):
     return results
 
 
-PAIRED_KEYS = ("avg_inc_acc", "last_acc", "forgetting", "nme_avg_inc_acc", "nme_last_acc", "nme_forgetting")
-
-
 def main(argv=None):
     t0 = time.time()
     args = parse_args(argv)
@@ -479,18 +476,8 @@ def main(argv=None):
         arms[norm] = run(arm, device, time.time())
         if arms[norm] is None:  # --stop-after: continue later with --resume
             return
-    base = "bn" if "bn" in arms else norms[0]
-    summary = {"host": args.host, "dataset": args.dataset, "seed": args.seed, "baseline": base,
-               "arms": {n: {k: r[k] for k in PAIRED_KEYS + ("wall_s",)} for n, r in arms.items()},
-               "difference": {n: {k: r[k] - arms[base][k] for k in PAIRED_KEYS if r[k] is not None}
-                              for n, r in arms.items() if n != base}}
-    with open(os.path.join(root, "paired.json.tmp"), "w") as f:  # atomic, like results.json
-        json.dump(summary, f, indent=1)
-    os.replace(os.path.join(root, "paired.json.tmp"), os.path.join(root, "paired.json"))
-    print(f"paired ({args.host}, seed {args.seed}), CNN: difference to {base} in avg-inc / last / forgetting")
-    for n, d in summary["difference"].items():
-        print(f"  {n:>4} - {base}: " + " / ".join(f"{d[k]:+.2f}" if k in d else "n/a" for k in PAIRED_KEYS[:3]))
-    print(f"paired: {os.path.join(root, 'paired.json')}")
+    write_paired(root, arms, "bn" if "bn" in arms else norms[0], host=args.host, dataset=args.dataset,
+                 seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -165,6 +165,27 @@ def write_results(out_dir: str, results: dict):
     _atomic(os.path.join(out_dir, "results.json"), lambda p: open(p, "w").write(json.dumps(results, indent=1)))
 
 
+PAIRED_METRICS = ("avg_inc_acc", "last_acc", "forgetting", "nme_avg_inc_acc", "nme_last_acc", "nme_forgetting",
+                  "wall_s")
+
+
+def write_paired(root: str, arms: dict, baseline: str, extra_metrics=(), **info) -> dict:
+    """paired.json for a paired claim: each arm's metrics and its difference to the baseline arm (same seed,
+    data, class order). `arms` maps an arm name to its results dict. Same schema in every script."""
+    keys = PAIRED_METRICS + tuple(extra_metrics)
+    paired = {**info, "baseline": baseline, "arms": {n: {k: r.get(k) for k in keys} for n, r in arms.items()},
+              "difference": {n: {k: r[k] - arms[baseline][k] for k in keys
+                                 if r.get(k) is not None and arms[baseline].get(k) is not None}
+                             for n, r in arms.items() if n != baseline}}
+    _atomic(os.path.join(root, "paired.json"), lambda p: open(p, "w").write(json.dumps(paired, indent=1)))
+    print(f"paired (CNN, difference to {baseline}): avg inc / last / forgetting / wall s")
+    for name, d in paired["difference"].items():
+        print(f"  {name} - {baseline}: " + " / ".join(f"{d[k]:+.2f}" if k in d else "n/a" for k in
+                                                   ("avg_inc_acc", "last_acc", "forgetting", "wall_s")))
+    print(f"paired: {os.path.join(root, 'paired.json')}")
+    return paired
+
+
 def environment(device: torch.device, script_path: str) -> dict:
     import timm
     import torchvision

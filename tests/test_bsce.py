@@ -136,7 +136,8 @@ def test_smoke_paired_with_memory(paired_run):
     assert (arms["ce_rebalance"]["loss"], arms["bsce"]["loss"]) == ("ce", "bsce")
     assert arms["ce_rebalance"]["acc_matrix"][0] == arms["bsce"]["acc_matrix"][0]  # one shared base phase
     paired = json.load(open(paired_run / "paired.json"))
-    assert paired["b_minus_a"]["avg_inc_acc"] == pytest.approx(
+    assert paired["baseline"] == "ce_rebalance"
+    assert paired["difference"]["bsce"]["avg_inc_acc"] == pytest.approx(
         arms["bsce"]["avg_inc_acc"] - arms["ce_rebalance"]["avg_inc_acc"])
 
 

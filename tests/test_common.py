@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.data import (Data, apply_class_order, augment, class_order, eval_batches, indices_of, load_dataset,
+from common.data import (apply_class_order, augment, class_order, eval_batches, indices_of, load_dataset,
                          phase_splits, synthetic, train_batches)
 from common.evaluation import evaluate, summarize
 from common.memory import check_budget, class_means, exemplars_per_class, herding, reduce_memory, select_exemplars

@@ -1,7 +1,6 @@
 """lucir.py: the cosine classifier and the three losses against hand-computed values, smoke, resume, bad input."""
 import json
 import math
-import os
 
 import pytest
 import torch

@@ -30,3 +30,16 @@ def test_help_cites_sources(name):
     for flag in ("--dataset", "--base-classes", "--epochs", "--lr", "--milestones", "--seed", "--smoke"):
         assert flag in out.stdout
     assert "official" in out.stdout or "Sec." in out.stdout
+
+
+def test_run_all_on_a_cpu_only_machine_runs_every_smoke_protocol(tmp_path):
+    """The README's first command on a machine without a GPU: every script's smoke run, then the summary."""
+    import os
+    import subprocess
+    from conftest import ROOT
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", RESULTS=str(tmp_path), OMP_NUM_THREADS="1")
+    out = subprocess.run(["bash", "run_all.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "no GPU visible" in out.stdout
+    table = (tmp_path / "smoke" / "summary.md").read_text()
+    assert "| lucir |" in table and "tbbn - bn" in table and "bsce - ce" in table

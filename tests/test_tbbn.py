@@ -190,7 +190,7 @@ def test_paired_smoke_and_resume(tmp_path, monkeypatch):
     assert arms["bn"]["acc_per_phase"][0] == arms["tbbn"]["acc_per_phase"][0]  # task 0: TBBN is vanilla BN
     for key in ("avg_inc_acc", "last_acc", "forgetting"):
         assert summary["difference"]["tbbn"][key] == pytest.approx(arms["tbbn"][key] - arms["bn"][key])
-    assert "tbbn - bn" in paired.stdout
+    assert "tbbn - bn" in paired.stdout and summary["baseline"] == "bn"
 
     # a standalone TBBN run, stopped after phase 1 and resumed, ends with the paired arm's numbers (bit-identical)
     part = tmp_path / "part"
