@@ -63,15 +63,15 @@ import torch.nn.functional as F
 
 from common.data import (SHAPES, SMALL_IMAGE_DATASETS, apply_class_order, class_order, indices_of, load_dataset,
                          phase_splits, train_batches)
-from common.evaluation import evaluate, summarize
+from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep
 from common.memory import (check_budget, class_means, exemplars_per_class, extract_features, memory_indices,
                            reduce_memory, select_exemplars)
 from common.models import count_parameters, create_backbone, to_channels_last
 from common.run import (RUN_ONLY_FLAGS, Progress, UserError, add_system_flags, autocast, check_resume_args,
-                        default_out_dir, environment, prepare_out_dir, print_args, resolve_defaults, rng_state,
+                        default_out_dir, finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state,
                         run_main, save_checkpoint, seed_everything, set_rng_state, setup_device, write_metrics,
-                        write_paired, write_results)
+                        write_paired)
 
 # Per-dataset defaults; a flag given on the command line wins. CIFAR and ImageNet rows: LUCIR's protocol
 # (papers.md 1.2, 3.4); the others are not in the paper (ResNet-18, CIFAR or ImageNet schedule).
@@ -445,31 +445,9 @@ def run(args, shared_base=None):
             print(f"stopped after phase {phase} (--stop-after); continue with the same flags and --resume")
             return None
 
-    cnn = summarize([r["cnn_acc"] for r in rows], [r["cnn_acc_per_task"] for r in rows])
-    nme = summarize([r["nme_acc"] for r in rows], [r["nme_acc_per_task"] for r in rows]) if not memory_free else \
-        dict.fromkeys(("avg_inc_acc", "last_acc", "forgetting"))
-    results = {
-        "method": "bsce", "arm": arm, "host": args.host, "loss": args.loss, "rebalance": args.rebalance,
-        "finished": True, "args": vars(args), "class_order": order,
-        "normalization": {"mean": data.mean, "std": data.std}, "backbone": args.backbone,
-        "memory_policy": "none (memory-free variant)" if memory_free else f"fixed total {args.memory_total}"
-        if args.memory_total is not None else f"growing, {args.memory_per_class} per class",
-        "acc_per_phase": [r["cnn_acc"] for r in rows],
-        "nme_acc_per_phase": None if memory_free else [r["nme_acc"] for r in rows],
-        "avg_inc_acc": cnn["avg_inc_acc"], "last_acc": cnn["last_acc"], "forgetting": cnn["forgetting"],
-        "nme_avg_inc_acc": nme["avg_inc_acc"], "nme_last_acc": nme["last_acc"], "nme_forgetting": nme["forgetting"],
-        "acc_matrix": [r["cnn_acc_per_task"] for r in rows],
-        "nme_acc_matrix": None if memory_free else [r["nme_acc_per_task"] for r in rows],
-        "wall_s": sum(r["phase_s"] for r in rows), "wall_s_this_process": time.time() - t0,
-        "incremental_train_s": sum(r["train_s"] + r["rebalance_s"] for r in rows[1:]),
-        **environment(device, __file__),
-    }
-    write_results(args.out_dir, results)
-    nme_text = "" if memory_free else f"  NME {nme['avg_inc_acc']:.2f}"
-    print(f"average incremental accuracy: CNN {cnn['avg_inc_acc']:.2f}{nme_text}   last: CNN {cnn['last_acc']:.2f}"
-          f"   forgetting (CNN): {'n/a' if cnn['forgetting'] is None else format(cnn['forgetting'], '.2f')}")
-    print(f"results: {os.path.join(args.out_dir, 'results.json')}")
-    return results
+    return finish_run(args, "bsce", data, order, device, __file__, t0, results_from_rows(rows), arm=arm,
+                      host=args.host, loss=args.loss, rebalance=args.rebalance,
+                      incremental_train_s=sum(r["train_s"] + r["rebalance_s"] for r in rows[1:]))
 
 
 # papers.md 3.5: (arm A, arm B) of each claim, as flag overrides; B - A is reported.

@@ -41,7 +41,6 @@ Deviations:
 """
 import argparse
 import copy
-import os
 import time
 
 import torch
@@ -50,14 +49,14 @@ import torch.nn.functional as F
 
 from common.data import (SHAPES, SMALL_IMAGE_DATASETS, apply_class_order, class_order, indices_of, load_dataset,
                          phase_splits, train_batches)
-from common.evaluation import evaluate, summarize
+from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep
 from common.memory import (check_budget, class_means, exemplars_per_class, extract_features, memory_indices,
                            reduce_memory, select_exemplars)
 from common.models import count_parameters, create_backbone, to_channels_last
 from common.run import (Progress, UserError, add_system_flags, autocast, check_resume_args, default_out_dir,
-                        environment, prepare_out_dir, print_args, resolve_defaults, rng_state, run_main,
-                        save_checkpoint, seed_everything, set_rng_state, setup_device, write_metrics, write_results)
+                        finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_main,
+                        save_checkpoint, seed_everything, set_rng_state, setup_device, write_metrics)
 
 # Per-dataset defaults; a flag given on the command line wins. Sources: paper Sec. 4.1, official run.sh.
 DATASET_DEFAULTS = {
@@ -358,25 +357,7 @@ def main(argv=None):
             print(f"stopped after phase {phase} (--stop-after); continue with the same flags and --resume")
             return
 
-    cnn = summarize([r["cnn_acc"] for r in rows], [r["cnn_acc_per_task"] for r in rows])
-    nme = summarize([r["nme_acc"] for r in rows], [r["nme_acc_per_task"] for r in rows])
-    results = {
-        "method": "lucir", "finished": True, "args": vars(args), "class_order": order,
-        "normalization": {"mean": data.mean, "std": data.std}, "backbone": args.backbone,
-        "memory_policy": f"fixed total {args.memory_total}" if args.memory_total is not None else
-        f"growing, {args.memory_per_class} per class",
-        "acc_per_phase": [r["cnn_acc"] for r in rows], "nme_acc_per_phase": [r["nme_acc"] for r in rows],
-        "avg_inc_acc": cnn["avg_inc_acc"], "last_acc": cnn["last_acc"], "forgetting": cnn["forgetting"],
-        "nme_avg_inc_acc": nme["avg_inc_acc"], "nme_last_acc": nme["last_acc"], "nme_forgetting": nme["forgetting"],
-        "acc_matrix": [r["cnn_acc_per_task"] for r in rows], "nme_acc_matrix": [r["nme_acc_per_task"] for r in rows],
-        "wall_s": sum(r["phase_s"] for r in rows), "wall_s_this_process": time.time() - t0,
-        **environment(device, __file__),
-    }
-    write_results(args.out_dir, results)
-    print(f"average incremental accuracy: CNN {cnn['avg_inc_acc']:.2f}  NME {nme['avg_inc_acc']:.2f}   "
-          f"last: CNN {cnn['last_acc']:.2f}  NME {nme['last_acc']:.2f}   forgetting (CNN): {cnn['forgetting']:.2f}")
-    print(f"results: {os.path.join(args.out_dir, 'results.json')}")
-
+    finish_run(args, "lucir", data, order, device, __file__, t0, results_from_rows(rows))
 
 if __name__ == "__main__":
     run_main(main)

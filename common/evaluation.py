@@ -49,3 +49,21 @@ def summarize(acc_per_phase: list, acc_matrix: list) -> dict:
         forgetting = sum(max(acc_matrix[k][j] for k in range(j, T)) - acc_matrix[T][j] for j in range(T)) / T
     return {"avg_inc_acc": sum(acc_per_phase) / len(acc_per_phase), "last_acc": acc_per_phase[-1],
             "forgetting": forgetting}
+
+
+def results_from_rows(rows: list) -> dict:
+    """The accuracy part of results.json from the per-phase metrics rows: CNN always, NME where every row has it
+    (None otherwise, e.g. without exemplars), and the summed phase wall time."""
+    cnn = summarize([r["cnn_acc"] for r in rows], [r["cnn_acc_per_task"] for r in rows])
+    has_nme = all(r.get("nme_acc") is not None for r in rows)
+    nme = summarize([r["nme_acc"] for r in rows], [r["nme_acc_per_task"] for r in rows]) if has_nme else \
+        dict.fromkeys(("avg_inc_acc", "last_acc", "forgetting"))
+    return {
+        "acc_per_phase": [r["cnn_acc"] for r in rows],
+        "nme_acc_per_phase": [r["nme_acc"] for r in rows] if has_nme else None,
+        "avg_inc_acc": cnn["avg_inc_acc"], "last_acc": cnn["last_acc"], "forgetting": cnn["forgetting"],
+        "nme_avg_inc_acc": nme["avg_inc_acc"], "nme_last_acc": nme["last_acc"], "nme_forgetting": nme["forgetting"],
+        "acc_matrix": [r["cnn_acc_per_task"] for r in rows],
+        "nme_acc_matrix": [r["nme_acc_per_task"] for r in rows] if has_nme else None,
+        "wall_s": sum(r["phase_s"] for r in rows),
+    }

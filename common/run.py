@@ -165,6 +165,30 @@ def write_results(out_dir: str, results: dict):
     _atomic(os.path.join(out_dir, "results.json"), lambda p: open(p, "w").write(json.dumps(results, indent=1)))
 
 
+def memory_policy(args) -> str:
+    if args.memory_total is not None:
+        return f"fixed total {args.memory_total}"
+    return f"growing, {args.memory_per_class} per class" if args.memory_per_class else "none (memory-free)"
+
+
+def finish_run(args, method: str, data, order: list, device, script_path: str, start_time: float, metrics: dict,
+               **extra) -> dict:
+    """Write results.json (atomically, only now that every phase is done) and print the summary line."""
+    results = {"method": method, **extra, "finished": True, "args": vars(args), "class_order": order,
+               "normalization": {"mean": data.mean, "std": data.std}, "backbone": args.backbone,
+               "memory_policy": memory_policy(args), **metrics, "wall_s_this_process": time.time() - start_time,
+               **environment(device, script_path)}
+    write_results(args.out_dir, results)
+
+    def fmt(x):
+        return "n/a" if x is None else f"{x:.2f}"
+    print(f"average incremental accuracy: CNN {fmt(metrics['avg_inc_acc'])}  NME {fmt(metrics['nme_avg_inc_acc'])}"
+          f"   last: CNN {fmt(metrics['last_acc'])}  NME {fmt(metrics['nme_last_acc'])}   forgetting (CNN): "
+          f"{fmt(metrics['forgetting'])}")
+    print(f"results: {os.path.join(args.out_dir, 'results.json')}")
+    return results
+
+
 PAIRED_METRICS = ("avg_inc_acc", "last_acc", "forgetting", "nme_avg_inc_acc", "nme_last_acc", "nme_forgetting",
                   "wall_s")
 
