@@ -12,14 +12,15 @@ classifier, 160 epochs, SGD lr 0.1 (/10 at 80 and 120), momentum 0.9, weight dec
 lambda_base 5, K=2, m=0.5, weight imprinting on, no class-balanced finetuning.
 
 Average incremental accuracy (top-1 %, base phase included; paper Figs. 5, 6):
-| setting                        | paper CNN / NME | ours CNN / NME | wall | GPU | date | command                       |
-|--------------------------------|-----------------|----------------|------|-----|------|-------------------------------|
-| CIFAR-100 B50, 5 phases        | 63.42 / 63.12   | not run yet    |      |     |      | python lucir.py               |
-| CIFAR-100 B50, 10 phases       | 60.18 / 60.12   | not run yet    |      |     |      | python lucir.py --increment 5 |
-| ImageNet-Subset B50, 5 phases  | 70.47 / 68.43   | not run yet    |      |     |      | --dataset imagenet100         |
-| ImageNet-Subset B50, 10 phases | 68.09 / 66.16   | not run yet    |      |     |      | ... --increment 5             |
-| ImageNet-Full B500, 5 phases   | 64.34 / 61.56   | not run yet    |      |     |      | --dataset imagenet            |
-| ImageNet-Full B500, 10 phases  | 61.28 / 59.92   | not run yet    |      |     |      | ... --increment 50            |
+| setting                        | paper CNN / NME | ours CNN / NME | wall | GPU | date | flags                     |
+|--------------------------------|-----------------|----------------|------|-----|------|---------------------------|
+| CIFAR-100 B50, 5 phases        | 63.42 / 63.12   | not run yet    |      |     |      | (none)                    |
+| CIFAR-100 B50, 10 phases       | 60.18 / 60.12   | not run yet    |      |     |      | --increment 5             |
+| ImageNet-Subset B50, 5 phases  | 70.47 / 68.43   | not run yet    |      |     |      | --dataset imagenet100     |
+| ImageNet-Subset B50, 10 phases | 68.09 / 66.16   | not run yet    |      |     |      | ... --increment 5         |
+| ImageNet-Full B500, 5 phases   | 64.34 / 61.56   | not run yet    |      |     |      | --dataset imagenet        |
+| ImageNet-Full B500, 10 phases  | 61.28 / 59.92   | not run yet    |      |     |      | ... --increment 50        |
+| Tiny-ImageNet B100, 10 phases  | (not in paper)  | not run yet    |      |     |      | --dataset tinyimagenet    |
 
 Usage:
     python lucir.py --data-dir data                       # CIFAR-100, B50, 5 phases (the paper's default)
@@ -251,8 +252,8 @@ def train_phase(model, old_model, data, train_idx, num_old, lam, args, device, *
         if not torch.isfinite(torch.tensor(loss_sum)):
             raise UserError(f"loss is NaN in {label} epoch {epoch + 1}; the last finished phase stays in the "
                             "checkpoint (try a lower --lr, or --no-amp)")
-        progress.update(epoch + 1, f"loss {loss_sum / steps:.3f} train-acc {100 * correct / (steps * args.batch_size):.1f}"
-                        f" {seen / (time.time() - start):.0f} img/s")
+        progress.update(epoch + 1, f"loss {loss_sum / steps:.3f} train-acc "
+                        f"{100 * correct / (steps * args.batch_size):.1f} {seen / (time.time() - start):.0f} img/s")
     return seen / (time.time() - start)
 
 

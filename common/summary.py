@@ -49,7 +49,8 @@ def main(argv=None):
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(first["args"].items())
                          if k in ("dataset", "base_classes", "increment"))
         lines.append(f"| {setting} | {len(runs)} | {paper_row(first['method'], first['args'])} | "
-                     f"{mean_std([r['avg_inc_acc'] for r in runs])} | {mean_std([r.get('nme_avg_inc_acc') for r in runs])} | "
+                     f"{mean_std([r['avg_inc_acc'] for r in runs])} | "
+                     f"{mean_std([r.get('nme_avg_inc_acc') for r in runs])} | "
                      f"{mean_std([r['last_acc'] for r in runs])} | {mean_std([r['forgetting'] for r in runs])} | "
                      f"{statistics.mean(r['wall_s'] for r in runs) / 60:.1f} | {first['device']} | "
                      f"{first.get('date', '-')} | {first['method']}.py {flags} |")
@@ -67,7 +68,8 @@ def main(argv=None):
         for arm in runs[0]["difference"]:
             d = [r["difference"][arm] for r in runs]
             walls = [(r["arms"][arm]["wall_s"] / 60, r["arms"][base]["wall_s"] / 60) for r in runs]
-            lines.append(f"| {setting} | {arm} - {base} | {len(runs)} | {mean_std([x.get('avg_inc_acc') for x in d])} | "
+            lines.append(f"| {setting} | {arm} - {base} | {len(runs)} | "
+                         f"{mean_std([x.get('avg_inc_acc') for x in d])} | "
                          f"{mean_std([x.get('last_acc') for x in d])} | {mean_std([x.get('forgetting') for x in d])} | "
                          f"{statistics.mean(w[0] for w in walls):.1f} / {statistics.mean(w[1] for w in walls):.1f} |")
     table = "\n".join(lines) + "\n"

@@ -102,7 +102,8 @@ def test_select_exemplars_returns_dataset_indices_and_reduction_keeps_prefix():
                                                                     "train")])
         expected = indices_of(data.train_y, c, c + 1)[brute_force_herding(feats.double().numpy(), 4)]
         assert idx.tolist() == expected.tolist()
-    assert {c: v.tolist() for c, v in reduce_memory(memory, 2).items()} == {c: v[:2].tolist() for c, v in memory.items()}
+    reduced = reduce_memory(memory, 2)
+    assert {c: v.tolist() for c, v in reduced.items()} == {c: v[:2].tolist() for c, v in memory.items()}
 
 
 def test_memory_budgets():
@@ -213,7 +214,8 @@ def test_imagenet_loaders(imagenet_dir):
     assert len(subset.train_files) == 100
     class_list = imagenet_dir / "classes.txt"
     class_list.write_text("n00000003\nn00000001\n")
-    assert load_dataset("imagenet100", str(imagenet_dir), CPU, str(class_list)).class_names == ["n00000001", "n00000003"]
+    listed = load_dataset("imagenet100", str(imagenet_dir), CPU, str(class_list))
+    assert listed.class_names == ["n00000001", "n00000003"]
 
 
 def test_food101_loader(food_dir):
