@@ -128,3 +128,21 @@ def test_bad_dataset_is_one_line_exit_2(flags, message):
     out = run_script("lucir.py", *flags, "--device", "cpu")
     assert out.returncode == 2 and out.stderr.startswith("error:") and message in out.stderr
     assert out.stderr.count("\n") == 1
+
+
+def test_runs_end_to_end_on_real_on_disk_formats(cifar_dir, food_dir, tmp_path):
+    """The uint8-on-device path (CIFAR-100 pickles) and the DataLoader path (Food-101 files), tiny protocols."""
+    out = run_script("lucir.py", "--data-dir", str(cifar_dir), "--device", "cpu", "--epochs", "1", "--milestones",
+                     "1", "--batch-size", "64", "--increment", "25", "--memory-per-class", "2", "--out-dir",
+                     str(tmp_path / "cifar"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads((tmp_path / "cifar" / "results.json").read_text())
+    assert results["class_order"][:3] == [68, 56, 78] and len(results["acc_per_phase"]) == 3
+    assert results["normalization"]["std"] == [0.2009, 0.1984, 0.2023]          # LUCIR official constants
+    out = run_script("lucir.py", "--dataset", "food101", "--data-dir", str(food_dir), "--device", "cpu",
+                     "--base-classes", "1", "--increment", "1", "--epochs", "1", "--milestones", "1",
+                     "--batch-size", "2", "--memory-per-class", "1", "--workers", "0", "--out-dir",
+                     str(tmp_path / "food"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads((tmp_path / "food" / "results.json").read_text())
+    assert results["backbone"] == "resnet18" and len(results["acc_matrix"]) == 3
