@@ -88,7 +88,7 @@ DATASET_DEFAULTS = {
                     milestones=[30, 60], weight_decay=1e-4, lambda_base=10.0),
     "cub200": dict(data_dir="data", backbone="resnet18", base_classes=100, increment=10, epochs=90,
                    milestones=[30, 60], weight_decay=1e-4, lambda_base=10.0),
-    "synthetic": dict(data_dir="", backbone="resnet32", base_classes=10, increment=5, epochs=2, milestones=[1],
+    "synthetic": dict(data_dir="", backbone="resnet32", base_classes=10, increment=5, epochs=6, milestones=[5],
                       weight_decay=5e-4, lambda_base=5.0),
 }
 SMOKE = dict(dataset="synthetic", batch_size=32, rebalance_epochs=1, rebalance_milestones=[1])

@@ -73,7 +73,7 @@ DATASET_DEFAULTS = {
                     milestones=[30, 60], weight_decay=1e-4, lambda_base=10.0, cbf=False),
     "cub200": dict(data_dir="data", backbone="resnet18", base_classes=100, increment=10, epochs=90,
                    milestones=[30, 60], weight_decay=1e-4, lambda_base=10.0, cbf=False),
-    "synthetic": dict(data_dir="", backbone="resnet32", base_classes=10, increment=5, epochs=3, milestones=[2],
+    "synthetic": dict(data_dir="", backbone="resnet32", base_classes=10, increment=5, epochs=6, milestones=[5],
                       weight_decay=5e-4, lambda_base=5.0, cbf=True),
 }
 # Average incremental accuracy, CNN / NME (paper Figs. 5, 6), keyed by (dataset, base classes, increment).

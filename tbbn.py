@@ -82,8 +82,8 @@ DATASET_DEFAULTS = {
                      epochs=160, milestones=[80, 120]),
     "imagenet100": dict(data_dir="data/imagenet", backbone="resnet18", base_classes=10, increment=10,
                         memory_total=2000, epochs=100, milestones=[40, 80]),
-    "synthetic": dict(data_dir="", backbone="resnet32", base_classes=5, increment=5, memory_total=40, epochs=2,
-                      milestones=[1]),
+    "synthetic": dict(data_dir="", backbone="resnet32", base_classes=5, increment=5, memory_total=40, epochs=6,
+                      milestones=[5]),
 }
 SMOKE = dict(dataset="synthetic", batch_size=32)
 PAPER_RESULTS = {}  # the paper's tables were not available to us: no number from the paper (papers.md 2)

@@ -133,6 +133,7 @@ def test_smoke_paired_with_memory(paired_run):
         rows = [json.loads(line) for line in open(paired_run / arm / "metrics.jsonl")]
         assert rows[1]["class_counts"] == [20] * 10 + [24] * 5  # 20 exemplars an old class, all 24 of a new one
         assert (rows[2]["rebalance_s"] > 0) == (arm == "ce_rebalance") and rows[0]["rebalance_s"] == 0
+        assert res["nme_acc_per_phase"][-1] > 50 and res["acc_per_phase"][-1] > 30  # learning (chance 5%)
     assert (arms["ce_rebalance"]["loss"], arms["bsce"]["loss"]) == ("ce", "bsce")
     assert arms["ce_rebalance"]["acc_matrix"][0] == arms["bsce"]["acc_matrix"][0]  # one shared base phase
     paired = json.load(open(paired_run / "paired.json"))

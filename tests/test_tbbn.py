@@ -185,6 +185,7 @@ def test_paired_smoke_and_resume(tmp_path, monkeypatch):
         assert RESULT_KEYS <= set(res) and res["finished"] and res["norm"] == norm
         assert len(res["acc_per_phase"]) == 4 and len(res["acc_matrix"][3]) == 4
         assert res["nme_acc_per_phase"][0] > 50  # the synthetic classes are easy: learning happened
+        assert res["acc_per_phase"][-1] > 30     # CNN on 20 classes (chance 5%)
         assert res["avg_inc_acc"] == pytest.approx(sum(res["acc_per_phase"]) / 4)
     assert arms["tbbn"]["tbbn_split_per_phase"] == [1, 2, 4, 8] and arms["bn"]["tbbn_split_per_phase"] == [1] * 4
     assert arms["bn"]["acc_per_phase"][0] == arms["tbbn"]["acc_per_phase"][0]  # task 0: TBBN is vanilla BN
