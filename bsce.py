@@ -91,6 +91,7 @@ DATASET_DEFAULTS = {
     "synthetic": dict(data_dir="", backbone="resnet32", base_classes=10, increment=5, epochs=6, milestones=[5],
                       weight_decay=5e-4, lambda_base=5.0),
 }
+DATASET_DEFAULTS["cifar100-synthetic"] = {**DATASET_DEFAULTS["cifar100"], "data_dir": ""}  # speed runs (common/data.py)
 SMOKE = dict(dataset="synthetic", batch_size=32, rebalance_epochs=1, rebalance_milestones=[1])
 # Settings an arm of a pair may change without changing the base phase (which the arms then share).
 ARM_KEYS = ("loss", "rebalance", "rebalance_epochs", "rebalance_lr", "rebalance_milestones", "out_dir",
@@ -101,7 +102,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("protocol (None = the --dataset default, printed at start-up)")
     g.add_argument("--dataset", default="cifar100", help="cifar100 | imagenet100 | imagenet | tinyimagenet | "
-                   "food101 | cub200 | synthetic (abstract: CIFAR100, ImageNet-Subset, ImageNet)")
+                   "food101 | cub200 | synthetic | "
+                   "cifar100-synthetic (generated, CIFAR-100's shapes, for timing; "
+                   "abstract: CIFAR100, ImageNet-Subset, ImageNet)")
     g.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
     g.add_argument("--backbone", default=None, help="resnet32 (CIFAR) or a timm name (resnet18 for ImageNet); "
                    "papers.md 3.4")

@@ -85,6 +85,7 @@ DATASET_DEFAULTS = {
     "synthetic": dict(data_dir="", backbone="resnet32", base_classes=5, increment=5, memory_total=40, epochs=6,
                       milestones=[5]),
 }
+DATASET_DEFAULTS["cifar100-synthetic"] = {**DATASET_DEFAULTS["cifar100"], "data_dir": ""}  # speed runs (common/data.py)
 SMOKE = dict(dataset="synthetic", batch_size=32)
 PAPER_RESULTS = {}  # the paper's tables were not available to us: no number from the paper (papers.md 2)
 
@@ -92,7 +93,8 @@ PAPER_RESULTS = {}  # the paper's tables were not available to us: no number fro
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("protocol (None = the --dataset default, printed at start-up)")
-    g.add_argument("--dataset", default="cifar100", help="cifar100 | imagenet100 | synthetic (official scripts: "
+    g.add_argument("--dataset", default="cifar100", help="cifar100 | imagenet100 | synthetic | "
+                   "cifar100-synthetic (generated, CIFAR-100's shapes, for timing; official scripts: "
                    "CIFAR-100, ImageNet-100)")
     g.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
     g.add_argument("--backbone", default=None, help="resnet32 (official CIFAR-100) or a timm name (resnet18 for "

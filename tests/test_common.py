@@ -33,6 +33,12 @@ def test_phase_splits_and_bad_split():
         phase_splits(100, 50, 7)
 
 
+def test_cifar100_synthetic_has_cifar_shapes():
+    data = load_dataset("cifar100-synthetic", "", CPU)
+    assert data.num_classes == 100 and data.train_x.shape == (50000, 32, 32, 3) and data.test_x.shape[0] == 10000
+    assert torch.bincount(data.train_y).tolist() == [500] * 100
+
+
 def test_apply_class_order_relabels_by_rank():
     data = synthetic(num_classes=5, train_per_class=2, test_per_class=1)
     order = [3, 0, 4, 1, 2]

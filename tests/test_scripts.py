@@ -21,6 +21,9 @@ def test_shared_flags_and_smoke_defaults(name):
     defaults = module.parse_args(["--device", "cpu"])      # no flags: the paper's protocol on CIFAR-100
     assert defaults.dataset == "cifar100" and defaults.backbone == "resnet32"
     assert defaults.epochs == 160 and defaults.milestones == [80, 120] and defaults.lr == 0.1
+    timing = module.parse_args(["--device", "cpu", "--dataset", "cifar100-synthetic"])  # CIFAR protocol, made-up data
+    assert {k: v for k, v in vars(timing).items() if k not in ("dataset", "data_dir")} == \
+        {k: v for k, v in vars(defaults).items() if k not in ("dataset", "data_dir")}
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
