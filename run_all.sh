@@ -14,12 +14,13 @@ DATA=${DATA:-data}
 IMAGENET=${IMAGENET:-data/imagenet}
 SEEDS=${SEEDS:-0 1 2}   # LUCIR Fig. 5 caption: mean and std over three runs
 RESULTS=${RESULTS:-results}
+SMOKE_FLAGS=${SMOKE_FLAGS:-}   # extra flags for the CPU smoke runs (the tests shorten them)
 
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "no GPU visible: running every script's --smoke protocol on the CPU instead of the papers' protocols"
-  python lucir.py --smoke --out-dir "$RESULTS/smoke/lucir" --resume
-  python tbbn.py --smoke --paired --out-dir "$RESULTS/smoke/tbbn" --resume
-  python bsce.py --smoke --paired loss --out-dir "$RESULTS/smoke/bsce" --resume
+  python lucir.py --smoke $SMOKE_FLAGS --out-dir "$RESULTS/smoke/lucir" --resume
+  python tbbn.py --smoke --paired $SMOKE_FLAGS --out-dir "$RESULTS/smoke/tbbn" --resume
+  python bsce.py --smoke --paired loss $SMOKE_FLAGS --out-dir "$RESULTS/smoke/bsce" --resume
   python -m common.summary "$RESULTS/smoke"
   exit 0
 fi

@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -116,8 +117,13 @@ def autocast(device: torch.device, enabled: bool):
 
 # ----------------------------------------------------------------------------------------------- run folder
 def default_out_dir(method: str, args) -> str:
-    return os.path.join("results", f"{method}__{args.dataset}_B{args.base_classes}_Inc{args.increment}"
+    """results/<method>__<dataset>_B<base>_Inc<inc>__seed<seed>. A --smoke run's default folder holds only a
+    throw-away run on generated data, so a new --smoke run (without --resume) replaces it."""
+    path = os.path.join("results", f"{method}__{args.dataset}_B{args.base_classes}_Inc{args.increment}"
                         f"__seed{args.seed}")
+    if args.smoke and not args.resume and os.path.isdir(path):
+        shutil.rmtree(path)
+    return path
 
 
 def prepare_out_dir(out_dir: str, resume: bool):

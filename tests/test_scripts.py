@@ -40,7 +40,8 @@ def test_run_all_on_a_cpu_only_machine_runs_every_smoke_protocol(tmp_path):
     import os
     import subprocess
     from conftest import ROOT
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", RESULTS=str(tmp_path), OMP_NUM_THREADS="1")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", RESULTS=str(tmp_path), OMP_NUM_THREADS="1",
+               SMOKE_FLAGS="--epochs 1 --milestones 1")  # the full smoke runs are tested script by script
     out = subprocess.run(["bash", "run_all.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "no GPU visible" in out.stdout
