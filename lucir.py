@@ -291,14 +291,13 @@ def main(argv=None):
     check_budget(data.num_classes, args.memory_per_class, args.memory_total)
     order = class_order(data.num_classes, args.class_order_seed)
     apply_class_order(data, order)
-    ckpt = prepare_out_dir(args.out_dir, args.resume)
-    print(f"LUCIR: {args.dataset}, {len(splits) - 1} phases after B{args.base_classes}, out: {args.out_dir}")
-    print_args(args)
-
     seed_everything(args.seed)
     small = args.dataset in SMALL_IMAGE_DATASETS and args.backbone != "resnet32"
     model = LUCIRNet(create_backbone(args.backbone, last_relu=False, small_input=small))  # Sec. 4.1: no last ReLU
     model = to_channels_last(model, device)
+    ckpt = prepare_out_dir(args.out_dir, args.resume)  # only now: bad input has had its one-line error
+    print(f"LUCIR: {args.dataset}, {len(splits) - 1} phases after B{args.base_classes}, out: {args.out_dir}")
+    print_args(args)
     memory, rows, start_phase = {}, [], 0
     if ckpt is not None:
         check_resume_args(ckpt["args"], vars(args))
@@ -315,9 +314,10 @@ def main(argv=None):
         phase_start = time.time()
         first, total = splits[phase]
         old_model = None
+        if phase > 0:  # f*: the frozen model after the last phase (Eq. 6)
+            old_model = copy.deepcopy(model).eval().requires_grad_(False)
         model.classifier.add_classes(total - first)
         if phase > 0:
-            old_model = copy.deepcopy(model).eval().requires_grad_(False)  # f*: the model after the last phase
             if not args.no_imprint:
                 imprint_weights(model, data, first, total, device, args.workers)
             for head in list(model.classifier.heads)[:-1]:  # official: old embeddings (fc1) get lr 0
@@ -362,6 +362,7 @@ def main(argv=None):
             return
 
     finish_run(args, "lucir", data, order, device, __file__, t0, results_from_rows(rows))
+
 
 if __name__ == "__main__":
     run_main(main)

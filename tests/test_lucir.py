@@ -118,6 +118,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, flags, message):
     assert out.returncode == 2
     assert out.stderr.startswith("error:") and message in out.stderr and out.stderr.count("\n") == 1
     assert not (tmp_path / "run" / "results.json").exists()
+    if "NaN" not in message:                                              # caught before training: nothing written
+        assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("flags, message", [
