@@ -359,12 +359,11 @@ def run(args, shared_base=None):
     check_budget(data.num_classes, args.memory_per_class, args.memory_total, allow_zero=True)
     order = class_order(data.num_classes, args.class_order_seed)
     apply_class_order(data, order)
-    ckpt = prepare_out_dir(args.out_dir, args.resume)
-    print(f"BSCE ({arm}): {args.dataset}, {len(splits) - 1} phases after B{args.base_classes}, out: {args.out_dir}")
-    print_args(args)
-
     seed_everything(args.seed)
     model = build_model(args, device)
+    ckpt = prepare_out_dir(args.out_dir, args.resume)  # only now: bad input has had its one-line error
+    print(f"BSCE ({arm}): {args.dataset}, {len(splits) - 1} phases after B{args.base_classes}, out: {args.out_dir}")
+    print_args(args)
     base_counts = phase_class_counts(data.train_y, indices_of(data.train_y, 0, splits[0][1]), splits[0][1])
     base_key = {k: v for k, v in vars(args).items() if k not in ARM_KEYS}
     share = shared_base is not None and bool((base_counts == base_counts[0]).all())  # else BSCE != CE in phase 0
