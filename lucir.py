@@ -55,7 +55,7 @@ from common.graph import CapturedStep
 from common.memory import (check_budget, class_means, exemplars_per_class, extract_features, memory_indices,
                            reduce_memory, select_exemplars)
 from common.models import count_parameters, create_backbone, to_channels_last
-from common.run import (Progress, UserError, add_system_flags, autocast, check_resume_args, default_out_dir,
+from common.run import (Progress, Stage, UserError, add_system_flags, autocast, check_resume_args, default_out_dir,
                         finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_main,
                         save_checkpoint, seed_everything, set_rng_state, setup_device, write_metrics)
 
@@ -236,19 +236,17 @@ def train_phase(model, old_model, data, train_idx, num_old, lam, args, device, *
     """One phase (or the CBF stage): SGD with step decay on the loss of Eq. 9; returns training images/s."""
     optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    stage = Stage(args, label, model, optimizer, scheduler, epochs)  # in-phase checkpoints, resume, SIGTERM
     step = make_step(model, old_model, optimizer, num_old, lam, args, device)
     captured = CapturedStep(step, device, enabled=not args.no_graph, optimizer=optimizer)
     progress = Progress(epochs, f"  {label} epoch")
-    seen = 0
-    start = time.time()
-    for epoch in range(epochs):
+    for epoch in stage.epochs():
         model.train()
         if freeze_bn:  # CBF: BN statistics frozen (official cbf_..._imagenet.py)
             model.backbone.eval()
         stats = torch.zeros(2, device=device)
-        for x, y in train_batches(data, train_idx, args.batch_size, device, args.workers):
+        for x, y in stage.batches(train_batches(data, train_idx, args.batch_size, device, args.workers)):
             stats += captured(x, y)
-            seen += len(y)
         scheduler.step()
         loss_sum, correct = stats.tolist()  # one host sync per epoch
         steps = -(-len(train_idx) // args.batch_size)
@@ -256,8 +254,8 @@ def train_phase(model, old_model, data, train_idx, num_old, lam, args, device, *
             raise UserError(f"loss is NaN in {label} epoch {epoch + 1}; the last finished phase stays in the "
                             "checkpoint (try a lower --lr, or --no-amp)")
         progress.update(epoch + 1, f"loss {loss_sum / steps:.3f} train-acc "
-                        f"{100 * correct / (steps * args.batch_size):.1f} {seen / (time.time() - start):.0f} img/s")
-    return seen / (time.time() - start)
+                        f"{100 * correct / (steps * args.batch_size):.1f} {stage.images_per_s():.0f} img/s")
+    return stage.images_per_s()
 
 
 def bench_step(args, device):

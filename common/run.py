@@ -1,15 +1,22 @@
 """Run plumbing: one-line errors, system flags, seeding, run folder, checkpoints, results, progress.
 
 A run folder holds `metrics.jsonl` (one line per finished phase), `checkpoint.pt` (rewritten atomically after
-each phase, everything needed to continue) and, only once the run has really finished, `results.json`.
+each phase, everything needed to continue), `in_phase.pt` (inside a phase, every --checkpoint-minutes at an epoch
+boundary and on SIGTERM / Ctrl-C after the current step) and, only once the run has really finished,
+`results.json`. Each checkpoint keeps the one before it as `*.prev.pt`: a damaged file gets one line naming it and
+--resume falls back to the previous one. Checkpoints hold only tensors and plain types: they load with
+`torch.load(weights_only=True)`, which unpickles nothing else.
 """
 import argparse
 import hashlib
 import json
 import os
+import math
 import platform
 import random
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -22,15 +29,40 @@ class UserError(Exception):
     """Bad input: printed as one line (`error: ...`), exit code 2, no traceback."""
 
 
+class Stopped(Exception):
+    """SIGTERM or Ctrl-C: the current step finished and a checkpoint was written; `code` is the exit status."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+_STOP_SIGNALS = []  # signals received; the training loop checks it after every step (Stage.batches)
+
+
+def _request_stop(signum, frame):
+    if _STOP_SIGNALS:  # a second signal: stop at once, the last checkpoint stays
+        raise KeyboardInterrupt
+    _STOP_SIGNALS.append(signum)
+    print(f"\n{signal.Signals(signum).name}: finishing the current step, then writing a checkpoint (send it again "
+          "to stop at once)", file=sys.stderr, flush=True)
+
+
 def run_main(main):
-    """Call `main()`; turn a UserError into one line on stderr and exit code 2."""
+    """Call `main()`; turn a UserError into one line on stderr and exit code 2. SIGTERM and Ctrl-C finish the
+    current training step, write a checkpoint, print how to resume and exit 143 / 130."""
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(e.code)
     except KeyboardInterrupt:
-        print("interrupted: the last finished phase is in the checkpoint; rerun with --resume", file=sys.stderr)
+        print("interrupted: the last checkpoint in the run folder is kept; rerun with --resume", file=sys.stderr)
         sys.exit(130)
 
 
@@ -51,6 +83,10 @@ def add_system_flags(parser: argparse.ArgumentParser):
     g.add_argument("--resume", action="store_true", help="continue from the last finished phase in --out-dir")
     g.add_argument("--stop-after", type=int, default=None, metavar="PHASE", help="exit after this phase is "
                    "finished and checkpointed (continue later with --resume)")
+    g.add_argument("--checkpoint-minutes", type=float, default=10.0, help="inside a phase, write in_phase.pt at "
+                   "the first epoch boundary after this many minutes (0: every epoch); SIGTERM / Ctrl-C write one "
+                   "after the current step")
+    g.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)  # tests: as SIGTERM
     g.add_argument("--smoke", action="store_true", help="tiny end-to-end run on generated data, seconds on CPU")
     g.add_argument("--class-list", default=None, help="imagenet100: file with the 100 class folder names, one "
                    "a line (default: LUCIR's rule, 100 folders drawn with seed 1993)")
@@ -67,7 +103,54 @@ def resolve_defaults(args, table: dict, smoke: dict):
     for key, value in table[args.dataset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    check_flags(args)
     return args
+
+
+# Every numeric flag is checked before training, by name (flag names are the same in every script). Rules:
+# count >= 1, count0 >= 0, positive > 0, nonneg >= 0, prob in [0, 1], unit in [0, 1), milestones in
+# [1, epochs] of the matching *epochs flag. Exact names first, then name endings. None = off / default.
+FLAG_RULES = {
+    "base_classes": "count", "increment": "count", "memory_total": "count", "k_hard": "count",
+    "batch_memory": "count", "cn_groups": "count", "classes": "count", "train_per_class": "count",
+    "test_per_class": "count", "image_size": "count", "memory_per_class": "count0", "workers": "count0",
+    "seed": "count0", "class_order_seed": "count0", "stop_after": "count0", "stop_after_steps": "count",
+    "checkpoint_minutes": "nonneg", "momentum": "unit", "weight_decay": "nonneg", "lambda_base": "nonneg",
+    "margin": "nonneg", "r1_gamma": "nonneg", "eta": "positive", "tau": "prob", "beta1": "unit", "beta2": "unit",
+    "ada_target": "prob", "ada_max": "prob", "random_compress_step": "prob", "ema_half_life_kimg": "positive",
+    "meta_iters_per_class": "positive", "lr_ratio": "positive", "lr_gamma": "positive",
+}
+FLAG_SUFFIX_RULES = (("epochs", "count"), ("batch_size", "count"), ("_interval", "count"), ("milestones",
+                     "milestones"), ("lr", "positive"), ("_weight", "nonneg"), ("_coef", "nonneg"),
+                     ("temperature", "positive"), ("fraction", "prob"), ("prob", "prob"))
+RULE_TEXT = {"count": "an integer >= 1", "count0": "an integer >= 0", "positive": "a number > 0",
+             "nonneg": "a number >= 0", "prob": "a probability in [0, 1]", "unit": "a number in [0, 1)"}
+
+
+def flag_rule(name: str):
+    return FLAG_RULES.get(name) or next((rule for end, rule in FLAG_SUFFIX_RULES if name.endswith(end)), None)
+
+
+def check_flags(args):
+    """One line (UserError, exit 2) naming every numeric flag whose value makes no sense, before any work."""
+    problems = []
+    for name, value in sorted(vars(args).items()):
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            continue
+        flag, rule = "--" + name.replace("_", "-"), flag_rule(name)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            problems.append(f"{flag} {value} is not a finite number")
+        elif rule == "milestones":
+            epochs = getattr(args, name[:-len("milestones")] + "epochs", None)
+            if epochs is not None and not all(1 <= v <= epochs for v in values):
+                problems.append(f"{flag} {' '.join(map(str, values))} must lie in 1..{epochs} (the epochs)")
+        elif rule is not None and not all({"count": v >= 1 and v == int(v), "count0": v >= 0 and v == int(v),
+                                           "positive": v > 0, "nonneg": v >= 0, "prob": 0 <= v <= 1,
+                                           "unit": 0 <= v < 1}[rule] for v in values):
+            problems.append(f"{flag} {value} must be {RULE_TEXT[rule]}")
+    if problems:
+        raise UserError("; ".join(problems))
 
 
 def print_args(args):
@@ -84,7 +167,10 @@ def seed_everything(seed: int):
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain types (so a checkpoint loads with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                     has_gauss, gauss], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -92,7 +178,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -126,21 +213,70 @@ def default_out_dir(method: str, args) -> str:
     return path
 
 
+MIN_FREE_BYTES = 256 << 20  # a run folder needs room for two checkpoints and a temporary copy
+CHECKPOINT, IN_PHASE = "checkpoint.pt", "in_phase.pt"
+_RUNS = {}  # out_dir -> what the in-phase checkpoints of the run in that folder need (see Stage)
+
+
 def prepare_out_dir(out_dir: str, resume: bool):
-    """Refuse to overwrite a run unless --resume; return the checkpoint to continue from (or None)."""
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    """Refuse to overwrite a run unless --resume; check that the folder takes files (a probe file, free space)
+    before any training; return the phase-end checkpoint to continue from (or None)."""
+    ckpt_path, in_phase_path = os.path.join(out_dir, CHECKPOINT), os.path.join(out_dir, IN_PHASE)
+    started = any(os.path.exists(os.path.join(out_dir, n)) for n in (CHECKPOINT, IN_PHASE, _prev(CHECKPOINT),
+                                                                      _prev(IN_PHASE)))
     if os.path.exists(os.path.join(out_dir, "results.json")) and not resume:
         raise UserError(f"{out_dir} holds a finished run; pass --resume to reuse it or choose another --out-dir")
-    if os.path.exists(ckpt_path) and not resume:
+    if started and not resume:
         raise UserError(f"{out_dir} holds an unfinished run; pass --resume to continue it or choose another "
                         "--out-dir")
-    os.makedirs(out_dir, exist_ok=True)
-    if resume and os.path.exists(ckpt_path):
-        return torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    probe = os.path.join(out_dir, ".write_probe")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(bytes(1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+        free = shutil.disk_usage(out_dir).free
+    except OSError as e:
+        raise UserError(f"cannot write to --out-dir {out_dir}: {e.strerror or e}") from None
+    if free < MIN_FREE_BYTES:
+        raise UserError(f"only {free >> 20} MiB free on the disk of --out-dir {out_dir}; checkpoints need at least "
+                        f"{MIN_FREE_BYTES >> 20} MiB")
+    ckpt = load_state(ckpt_path) if resume else None
+    _RUNS[out_dir] = {"in_phase": load_state(in_phase_path) if resume else None, "finished": {},
+                      "last_save": time.time(), "steps": 0}
+    return ckpt
+
+
+def _prev(path: str) -> str:
+    return path[:-len(".pt")] + ".prev.pt"
+
+
+def load_state(path: str):
+    """The newest readable of `path` and its `.prev.pt`, loaded safely (weights_only=True); None if neither
+    exists. A damaged file gets one line naming it; when no file is usable, one line says so (UserError)."""
+    damaged = []
+    for candidate in (path, _prev(path)):
+        if not os.path.exists(candidate):
+            continue
+        try:
+            state = torch.load(candidate, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip, disk error, foreign pickle: all mean "not usable"
+            print(f"warning: {candidate} is damaged or unreadable ({type(e).__name__}); not used", file=sys.stderr)
+            damaged.append(candidate)
+            continue
+        if damaged:
+            print(f"falling back to the previous checkpoint {candidate}", file=sys.stderr)
+        return state
+    if damaged:
+        raise UserError(f"no usable checkpoint: {' and '.join(damaged)} are damaged; move them away to start the "
+                        "run again")
     return None
 
 
-RUN_ONLY_FLAGS = ("resume", "device", "no_graph", "workers", "stop_after")  # may change between resumed runs
+RUN_ONLY_FLAGS = ("resume", "device", "no_graph", "workers", "stop_after", "checkpoint_minutes",
+                  "stop_after_steps")  # may change between resumed runs
 
 
 def check_resume_args(saved: dict, now: dict):
@@ -157,8 +293,145 @@ def _atomic(path: str, write):
     os.replace(tmp, path)
 
 
+def save_state(path: str, state: dict):
+    """Write atomically; the file it replaces stays beside it as `.prev.pt`. A full disk: one line."""
+    tmp = path + ".tmp"
+    try:
+        torch.save(state, tmp)
+        if os.path.exists(path):
+            os.replace(path, _prev(path))
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write {path}: {e.strerror or e}; the previous checkpoint is kept") from None
+
+
 def save_checkpoint(out_dir: str, state: dict):
-    _atomic(os.path.join(out_dir, "checkpoint.pt"), lambda p: torch.save(state, p))
+    """The phase-end checkpoint; the in-phase ones of that phase are dropped. Stops here on SIGTERM / Ctrl-C."""
+    save_state(os.path.join(out_dir, CHECKPOINT), state)
+    for name in (IN_PHASE, _prev(IN_PHASE)):
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    run = _RUNS.setdefault(out_dir, {"in_phase": None, "steps": 0})
+    run.update(finished={}, last_save=time.time())
+    if _STOP_SIGNALS:
+        raise _stopped(f"after phase {state['phase']}, checkpoint {os.path.join(out_dir, CHECKPOINT)}")
+
+
+def _stopped(where: str) -> Stopped:
+    signum = _STOP_SIGNALS[0] if _STOP_SIGNALS else signal.SIGTERM
+    _STOP_SIGNALS.clear()  # the request is served (matters only to several runs in one process, e.g. tests)
+    argv = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
+    argv = [a for i, a in enumerate(argv) if a != "--stop-after-steps" and argv[i - 1:i] != ["--stop-after-steps"]]
+    return Stopped(128 + signum, f"stopped by {signal.Signals(signum).name} {where}\ncontinue with: python "
+                   f"{shlex.join([os.path.basename(sys.argv[0])] + argv)}")
+
+
+class Stage:
+    """The epochs and steps of one training stage (a phase's training, or a finetuning stage after it) with the
+    fault handling: an in-phase checkpoint every --checkpoint-minutes at an epoch boundary, and after the current
+    step on SIGTERM / Ctrl-C (then `Stopped`). On --resume it continues where that checkpoint was taken, with the
+    same numbers as an uninterrupted run: it restores model, optimiser, scheduler, RNG, epoch and step, and
+    replays the epoch's data stream up to the step (same shuffle and augmentation draws). `stage.state` holds
+    anything else the loop needs back (e.g. the best model so far), tensors and plain types only.
+
+        stage = Stage(args, f"phase {phase}", model, optimizer, scheduler, epochs)  # before CapturedStep
+        for epoch in stage.epochs():
+            for x, y in stage.batches(train_batches(data, idx, args.batch_size, device, args.workers)):
+                stats += captured(x, y)
+            scheduler.step()
+
+    A stage finished before the checkpoint (e.g. the training before a finetuning stage) is restored whole and
+    runs no epoch. `stage.seen`, `stage.train_s` and `stage.images_per_s()` count across resumes.
+    """
+
+    def __init__(self, args, label: str, model, optimizer, scheduler, epochs: int):
+        self.args, self.label, self.model, self.optimizer, self.scheduler = args, label, model, optimizer, scheduler
+        self.total_epochs, self.epoch, self.step, self.seen, self.train_s = epochs, 0, 0, 0, 0.0
+        self.state, self.epoch_rng, self.step_rng, self._since = {}, None, None, time.time()
+        self.run = _RUNS.setdefault(args.out_dir, {"in_phase": None, "finished": {}, "last_save": time.time(),
+                                                   "steps": 0})
+        saved = self.run["in_phase"]
+        if saved is None:
+            return
+        check_resume_args(saved["args"], vars(args))
+        if label in saved["finished"]:
+            done = saved["finished"][label]
+            model.load_state_dict(done["model"])
+            set_rng_state(done["rng"])
+            self.epoch, self.seen, self.train_s = epochs, done["seen"], done["train_s"]
+            self.run["finished"][label] = done
+            print(f"  {label}: finished before the checkpoint, restored")
+        elif saved["stage"] == label:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            self.run["finished"] = dict(saved["finished"])
+            for key in ("epoch", "step", "seen", "train_s", "state", "epoch_rng", "step_rng"):
+                setattr(self, key, saved[key])
+            set_rng_state(self.epoch_rng)
+            self.run["in_phase"] = None
+            print(f"  {label}: resumed at epoch {self.epoch + 1} step {self.step + 1} (in-phase checkpoint)")
+
+    def epochs(self):
+        minutes = getattr(self.args, "checkpoint_minutes", 10.0)
+        while self.epoch < self.total_epochs:
+            if self.step == 0:
+                self.epoch_rng = rng_state()  # the epoch's data stream starts from here
+            self._since = time.time()
+            yield self.epoch
+            self.train_s += time.time() - self._since
+            self.epoch, self.step = self.epoch + 1, 0
+            if self.epoch < self.total_epochs and time.time() - self.run["last_save"] >= 60 * minutes:
+                self.epoch_rng = rng_state()
+                self.save()
+        if self.label not in self.run["finished"]:  # kept until the phase-end checkpoint, for later stages
+            self.run["finished"][self.label] = {
+                "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()}, "rng": rng_state(),
+                "seen": self.seen, "train_s": self.train_s}
+
+    def batches(self, stream):
+        """The batches of one epoch; after each step, stop cleanly if asked to."""
+        if self.step:  # resumed inside this epoch: replay the stream to the step reached, then its RNG state
+            for _ in range(self.step):
+                next(stream)
+            set_rng_state(self.step_rng)
+        while True:
+            try:
+                x, y = next(stream)
+            except StopIteration:
+                return
+            except Exception:  # Ctrl-C also reaches the DataLoader workers, which then exit
+                if not _STOP_SIGNALS:
+                    raise
+                self._stop()
+            yield x, y
+            self.step, self.seen = self.step + 1, self.seen + len(y)
+            self.run["steps"] += 1
+            if getattr(self.args, "stop_after_steps", None) is not None and self.run["steps"] >= self.args.stop_after_steps:
+                _STOP_SIGNALS.append(signal.SIGTERM)  # the test hook behaves as a real SIGTERM
+            if _STOP_SIGNALS:
+                self._stop()
+
+    def images_per_s(self) -> float:
+        return self.seen / max(self.train_s + time.time() - self._since, 1e-9)
+
+    def _stop(self):
+        self.train_s += time.time() - self._since
+        self.step_rng = rng_state()
+        path = self.save()
+        raise _stopped(f"in {self.label}, epoch {self.epoch + 1} after step {self.step}; checkpoint {path}")
+
+    def save(self) -> str:
+        path = os.path.join(self.args.out_dir, IN_PHASE)
+        save_state(path, {
+            "stage": self.label, "epoch": self.epoch, "step": self.step, "seen": self.seen, "train_s": self.train_s,
+            "state": self.state, "epoch_rng": self.epoch_rng, "step_rng": self.step_rng,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "finished": self.run["finished"], "args": vars(self.args)})
+        self.run["last_save"] = time.time()
+        return path
 
 
 def write_metrics(out_dir: str, rows: list):
@@ -180,7 +453,11 @@ def memory_policy(args) -> str:
 def finish_run(args, method: str, data, order: list, device, script_path: str, start_time: float, metrics: dict,
                **extra) -> dict:
     """Write results.json (atomically, only now that every phase is done) and print the summary line."""
-    results = {"method": method, **extra, "finished": True, "args": vars(args), "class_order": order,
+    command = None  # how to run it again, when it was started from the command line
+    if os.path.basename(sys.argv[0]) == os.path.basename(script_path):
+        command = shlex.join(["python", os.path.basename(script_path)] + [a for a in sys.argv[1:] if a != "--resume"])
+    results = {"method": method, **extra, "finished": True, "command": command, "args": vars(args),
+               "class_order": order,
                "normalization": {"mean": data.mean, "std": data.std}, "backbone": args.backbone,
                "memory_policy": memory_policy(args), **metrics, "wall_s_this_process": time.time() - start_time,
                **environment(device, script_path)}
