@@ -68,7 +68,7 @@ from common.graph import CapturedStep
 from common.memory import (check_budget, class_means, exemplars_per_class, extract_features, memory_indices,
                            reduce_memory, select_exemplars)
 from common.models import count_parameters, create_backbone, to_channels_last
-from common.run import (RUN_ONLY_FLAGS, Progress, UserError, add_system_flags, autocast, check_resume_args,
+from common.run import (RUN_ONLY_FLAGS, Progress, Stage, UserError, add_system_flags, autocast, check_resume_args,
                         default_out_dir, finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state,
                         run_main, save_checkpoint, seed_everything, set_rng_state, setup_device, write_metrics,
                         write_paired)
@@ -289,18 +289,17 @@ def train_phase(model, old_model, data, train_idx, counts, num_old, lam, args, d
     """One phase (or the rebalancing stage): SGD with step decay; returns (training images/s, seconds)."""
     optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    stage = Stage(args, label, model, optimizer, scheduler, epochs)  # in-phase checkpoints, resume, SIGTERM
     step = make_step(model, old_model, optimizer, counts.to(device), num_old, lam, args, device)
     captured = CapturedStep(step, device, enabled=not args.no_graph, optimizer=optimizer)
     progress = Progress(epochs, f"  {label} epoch")
-    seen, start = 0, time.time()
-    for epoch in range(epochs):
+    for epoch in stage.epochs():
         model.train()
         if freeze_bn:  # rebalancing: BN statistics frozen (LUCIR CBF)
             model.backbone.eval()
         stats = torch.zeros(2, device=device)
-        for x, y in train_batches(data, train_idx, args.batch_size, device, args.workers):
+        for x, y in stage.batches(train_batches(data, train_idx, args.batch_size, device, args.workers)):
             stats += captured(x, y)
-            seen += len(y)
         scheduler.step()
         loss_sum, correct = stats.tolist()  # one host sync per epoch
         steps = -(-len(train_idx) // args.batch_size)
@@ -308,8 +307,8 @@ def train_phase(model, old_model, data, train_idx, counts, num_old, lam, args, d
             raise UserError(f"loss is NaN in {label} epoch {epoch + 1}; the last finished phase stays in the "
                             "checkpoint (try a lower --lr, or --no-amp)")
         progress.update(epoch + 1, f"loss {loss_sum / steps:.3f} train-acc "
-                        f"{100 * correct / (steps * args.batch_size):.1f} {seen / (time.time() - start):.0f} img/s")
-    return seen / (time.time() - start), time.time() - start
+                        f"{100 * correct / (steps * args.batch_size):.1f} {stage.images_per_s():.0f} img/s")
+    return stage.images_per_s(), stage.train_s
 
 
 def build_model(args, device) -> Net:
@@ -369,7 +368,7 @@ def run(args, shared_base=None):
     share = shared_base is not None and bool((base_counts == base_counts[0]).all())  # else BSCE != CE in phase 0
     memory, rows, start_phase = {}, [], 0
     if ckpt is None and share and os.path.exists(shared_base):
-        ckpt = torch.load(shared_base, map_location="cpu", weights_only=False)
+        ckpt = torch.load(shared_base, map_location="cpu", weights_only=True)
         if ckpt["base_key"] != base_key:
             raise UserError(f"{shared_base} was trained with other settings; delete it or choose another --out-dir")
         print(f"base phase shared with the other arm: {shared_base}")
