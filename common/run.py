@@ -51,8 +51,7 @@ def _request_stop(signum, frame):
 def run_main(main):
     """Call `main()`; turn a UserError into one line on stderr and exit code 2. SIGTERM and Ctrl-C finish the
     current training step, write a checkpoint, print how to resume and exit 143 / 130."""
-    signal.signal(signal.SIGTERM, _request_stop)
-    signal.signal(signal.SIGINT, _request_stop)
+    previous = {s: signal.signal(s, _request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         main()
     except UserError as e:
@@ -64,6 +63,10 @@ def run_main(main):
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint in the run folder is kept; rerun with --resume", file=sys.stderr)
         sys.exit(130)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _STOP_SIGNALS.clear()
 
 
 # ----------------------------------------------------------------------------------------------- flags
