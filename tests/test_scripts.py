@@ -8,7 +8,8 @@ from conftest import run_script
 SCRIPTS = ["lucir", "tbbn", "bsce"]
 SHARED = ["dataset", "data_dir", "backbone", "base_classes", "increment", "memory_per_class", "memory_total",
           "class_order_seed", "epochs", "batch_size", "lr", "milestones", "momentum", "weight_decay", "seed",
-          "device", "no_amp", "no_graph", "workers", "out_dir", "resume", "stop_after", "smoke", "class_list"]
+          "device", "no_amp", "no_graph", "workers", "out_dir", "resume", "stop_after", "checkpoint_minutes", "smoke",
+          "class_list"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -35,15 +36,50 @@ def test_help_cites_sources(name):
     assert "official" in out.stdout or "Sec." in out.stdout
 
 
-def test_run_all_on_a_cpu_only_machine_runs_every_smoke_protocol(tmp_path):
-    """The README's first command on a machine without a GPU: every script's smoke run, then the summary."""
+def run_all(*args, **env):
     import os
     import subprocess
     from conftest import ROOT
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", RESULTS=str(tmp_path), OMP_NUM_THREADS="1",
-               SMOKE_FLAGS="--epochs 1 --milestones 1")  # the full smoke runs are tested script by script
-    out = subprocess.run(["bash", "run_all.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "no GPU visible" in out.stdout
-    table = (tmp_path / "smoke" / "summary.md").read_text()
-    assert "| lucir |" in table and "tbbn - bn" in table and "bsce - ce" in table
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", **env)
+    return subprocess.run(["bash", "run_all.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_run_all_on_a_cpu_only_machine_runs_every_smoke_protocol(tmp_path):
+    """The README's first command on a machine without a GPU: every script's smoke run, then the summary."""
+    out = run_all("--only", "lucir,tbbn,bsce", RESULTS=str(tmp_path),
+                  SMOKE_FLAGS="--epochs 1 --milestones 1")  # the full smoke runs are tested script by script
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "no GPU visible" in out.stdout and "rows: 3 ran, 0 skipped, 0 failed" in out.stdout
+    table = (tmp_path / "smoke" / "SUMMARY.md").read_text()
+    assert "| lucir |" in table and "| tbbn/tbbn |" in table and "| bsce/bsce |" in table
+    assert "| tbbn - bn |" in table and "| bsce - ce |" in table
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "smoke" / "plots" / "tbbn.png").exists()  # both arms in one plot
+    except ImportError:
+        assert "matplotlib is not installed" in table
+    again = run_all("--only", "lucir", RESULTS=str(tmp_path))
+    assert again.returncode == 0 and "done lucir (finished earlier; only re-summarised)" in again.stdout
+
+
+def test_run_all_skips_missing_data_and_scripts_with_one_line_and_runs_the_rest(tmp_path, cifar_dir):
+    import os
+    from conftest import ROOT
+    tiny = ("--device cpu --classes 10 --base-classes 5 --increment 5 --epochs 1 --milestones 1 "
+            "--memory-per-class 2 --cbf-epochs 1 --cbf-milestones 1 --workers 0")
+    out = run_all("--full", "--only", "lucir,cim,genifer", "--seeds", "0", "--cifar", str(cifar_dir), "--tiny",
+                  str(tmp_path / "none"), "--imagenet", str(tmp_path / "none"), RESULTS=str(tmp_path / "r"),
+                  EXTRA_FLAGS=tiny)
+    assert out.returncode == 1, out.stderr[-3000:]  # not every row ran
+    lines = out.stdout.splitlines()
+    assert f"skip lucir__tinyimagenet__seed0: Tiny-ImageNet-200 not found: unpack ../shared/data/" \
+           f"tiny-imagenet-200/*.tar.gz (or http://cs231n.stanford.edu/tiny-imagenet-200.zip) into " \
+           f"{tmp_path / 'none'}/ (--tiny DIR)" in lines
+    assert sum(line.startswith("skip lucir__imagenet") and "ImageNet not found" in line for line in lines) == 4
+    for script in ("cim", "genifer"):
+        if not os.path.exists(os.path.join(ROOT, f"{script}.py")):
+            assert lines.count(f"skip: {script}.py not in this checkout (its rows: none run)") == 1
+    for row in ("lucir__cifar100_B50_Inc10__seed0", "lucir__cifar100_B50_Inc5__seed0"):
+        assert (tmp_path / "r" / row / "results.json").exists()
+    assert "| lucir__cifar100_B50_Inc10 |" in (tmp_path / "r" / "SUMMARY.md").read_text()
