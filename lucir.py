@@ -245,7 +245,7 @@ def train_phase(model, old_model, data, train_idx, num_old, lam, args, device, *
         model.train()
         if freeze_bn:  # CBF: BN statistics frozen (official cbf_..._imagenet.py)
             model.backbone.eval()
-        stats = torch.zeros(2, device=device)
+        stats = stage.running(torch.zeros(2, device=device))
         for x, y in stage.batches(train_batches(data, train_idx, args.batch_size, device, args.workers)):
             stats += captured(x, y)
         scheduler.step()

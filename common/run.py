@@ -344,6 +344,7 @@ class Stage:
 
         stage = Stage(args, f"phase {phase}", model, optimizer, scheduler, epochs)  # before CapturedStep
         for epoch in stage.epochs():
+            stats = stage.running(torch.zeros(2, device=device))
             for x, y in stage.batches(train_batches(data, idx, args.batch_size, device, args.workers)):
                 stats += captured(x, y)
             scheduler.step()
@@ -356,6 +357,7 @@ class Stage:
         self.args, self.label, self.model, self.optimizer, self.scheduler = args, label, model, optimizer, scheduler
         self.total_epochs, self.epoch, self.step, self.seen, self.train_s = epochs, 0, 0, 0, 0.0
         self.state, self.epoch_rng, self.step_rng, self._since = {}, None, None, time.time()
+        self.stats = self._saved_stats = None
         self.run = _RUNS.setdefault(args.out_dir, {"in_phase": None, "finished": {}, "last_save": time.time(),
                                                    "steps": 0})
         saved = self.run["in_phase"]
@@ -376,6 +378,7 @@ class Stage:
             self.run["finished"] = dict(saved["finished"])
             for key in ("epoch", "step", "seen", "train_s", "state", "epoch_rng", "step_rng"):
                 setattr(self, key, saved[key])
+            self._saved_stats = saved["stats"] if self.step else None
             set_rng_state(self.epoch_rng)
             self.run["in_phase"] = None
             print(f"  {label}: resumed at epoch {self.epoch + 1} step {self.step + 1} (in-phase checkpoint)")
@@ -396,6 +399,15 @@ class Stage:
             self.run["finished"][self.label] = {
                 "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()}, "rng": rng_state(),
                 "seen": self.seen, "train_s": self.train_s}
+
+    def running(self, stats: torch.Tensor) -> torch.Tensor:
+        """The epoch's running sums (e.g. loss and correct count, added to in place): `stats` itself, holding the
+        sums at the checkpoint when resumed inside the epoch, so the epoch's printed loss is complete."""
+        if self._saved_stats is not None:
+            stats.copy_(self._saved_stats)
+            self._saved_stats = None
+        self.stats = stats
+        return stats
 
     def batches(self, stream):
         """The batches of one epoch; after each step, stop cleanly if asked to."""
@@ -434,6 +446,7 @@ class Stage:
         save_state(path, {
             "stage": self.label, "epoch": self.epoch, "step": self.step, "seen": self.seen, "train_s": self.train_s,
             "state": self.state, "epoch_rng": self.epoch_rng, "step_rng": self.step_rng,
+            "stats": None if self.stats is None else self.stats.detach().cpu(),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "finished": self.run["finished"], "args": vars(self.args)})
         self.run["last_save"] = time.time()
