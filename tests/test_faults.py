@@ -172,3 +172,17 @@ def test_flag_rules_by_hand():
     with pytest.raises(SystemExit) as exit_:  # the example: --batch-size 0 used to loop forever
         run_main(lambda: lucir.main(["--device", "cpu", "--batch-size", "0"]))
     assert exit_.value.code == 2
+
+
+def test_ctrl_c_exits_130_with_the_resume_command(monkeypatch, capsys):
+    import common.run
+    monkeypatch.setattr(sys, "argv", ["lucir.py", "--smoke", "--stop-after-steps", "3"])
+    common.run._STOP_SIGNALS.append(signal.SIGINT)  # what the handler records on Ctrl-C
+
+    def stopped_main():
+        raise common.run._stopped("in phase 0, epoch 1 after step 3; checkpoint x/in_phase.pt")
+    with pytest.raises(SystemExit) as exit_:
+        run_main(stopped_main)
+    assert exit_.value.code == 130 and not common.run._STOP_SIGNALS
+    assert capsys.readouterr().err == "stopped by SIGINT in phase 0, epoch 1 after step 3; checkpoint " \
+                                      "x/in_phase.pt\ncontinue with: python lucir.py --smoke --resume\n"
