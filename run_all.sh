@@ -52,13 +52,16 @@ while [ $# -gt 0 ]; do
     --tiny) TINYIMAGENET_DIR="$2"; shift 2 ;;
     --food) FOOD101_DIR="$2"; shift 2 ;;
     --imagenet) IMAGENET_DIR="$2"; shift 2 ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "error: unknown option $1 (see bash run_all.sh --help)" >&2; exit 2 ;;
   esac
 done
 LARGE_SEEDS=${LARGE_SEEDS:-${SEEDS%% *}}
 for name in ${ONLY//,/ }; do
-  case "$name" in lucir|tbbn|bsce|cim|genifer) ;; *) echo "error: --only $name: not one of lucir,tbbn,bsce,cim,genifer" >&2; exit 2 ;; esac
+  case "$name" in
+    lucir|tbbn|bsce|cim|genifer) ;;
+    *) echo "error: --only $name: not one of lucir,tbbn,bsce,cim,genifer" >&2; exit 2 ;;
+  esac
 done
 
 ran=0; skipped=0; failed=0
@@ -98,23 +101,29 @@ missing() {
     synthetic) return 0 ;;
     cifar100)
       [ -f "$CIFAR100_DIR/cifar-100-python/train" ] && return 0
-      python -c "import socket, torchvision; socket.setdefaulttimeout(20); torchvision.datasets.CIFAR100('$CIFAR100_DIR', download=True)" >/dev/null 2>&1
+      python -c "import socket, sys, torchvision; socket.setdefaulttimeout(20)
+torchvision.datasets.CIFAR100(sys.argv[1], download=True)" "$CIFAR100_DIR" >/dev/null 2>&1
       [ -f "$CIFAR100_DIR/cifar-100-python/train" ] && return 0
-      echo "CIFAR-100 not found: download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz and unpack it in $CIFAR100_DIR/ (--cifar DIR)" ;;
+      echo "CIFAR-100 not found: download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz and unpack it" \
+        "in $CIFAR100_DIR/ (--cifar DIR)" ;;
     tinyimagenet)
       [ -f "$TINYIMAGENET_DIR/tiny-imagenet-200/wnids.txt" ] && return 0
-      echo "Tiny-ImageNet-200 not found: unpack ../shared/data/tiny-imagenet-200/*.tar.gz (or http://cs231n.stanford.edu/tiny-imagenet-200.zip) into $TINYIMAGENET_DIR/ (--tiny DIR)" ;;
+      echo "Tiny-ImageNet-200 not found: unpack ../shared/data/tiny-imagenet-200/*.tar.gz (or" \
+        "http://cs231n.stanford.edu/tiny-imagenet-200.zip) into $TINYIMAGENET_DIR/ (--tiny DIR)" ;;
     food101)
       [ -f "$FOOD101_DIR/food-101/meta/train.txt" ] && return 0
-      echo "Food-101 not found: download http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz and unpack it in $FOOD101_DIR/ (--food DIR)" ;;
+      echo "Food-101 not found: download http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz and unpack it in" \
+        "$FOOD101_DIR/ (--food DIR)" ;;
     imagenet|imagenet100)
       [ -d "$IMAGENET_DIR/train" ] && [ -d "$IMAGENET_DIR/val" ] && return 0
-      echo "ImageNet not found: put ILSVRC-2012 train/ and val/ as <wnid>/*.JPEG class folders in $IMAGENET_DIR/ (--imagenet DIR; https://image-net.org)" ;;
+      echo "ImageNet not found: put ILSVRC-2012 train/ and val/ as <wnid>/*.JPEG class folders in" \
+        "$IMAGENET_DIR/ (--imagenet DIR; https://image-net.org)" ;;
   esac
   return 1
 }
 
-if [ -z "$SMOKE" ] && [ -z "$FULL" ] && ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+has_gpu() { python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; }
+if [ -z "$SMOKE" ] && [ -z "$FULL" ] && ! has_gpu; then
   echo "no GPU visible: running every script's --smoke protocol on the CPU instead of the papers' protocols"
   SMOKE=1
 fi
@@ -163,8 +172,8 @@ else
     row lucir imagenet "lucir__imagenet_B500_Inc50__seed$s" --dataset imagenet $I --increment 50 --seed "$s"
     # TBBN ImageNet-100 (official run_imagenet100.sh); BSCE ImageNet-Subset (papers.md 3.5)
     row tbbn imagenet100 "tbbn-er-paired__imagenet100_B10_Inc10__seed$s" --dataset imagenet100 $I --paired --seed "$s"
-    row bsce imagenet100 "bsce-paired-loss-icarl__imagenet100_B50_Inc10__seed$s" --dataset imagenet100 $I --paired loss \
-      --seed "$s"
+    row bsce imagenet100 "bsce-paired-loss-icarl__imagenet100_B50_Inc10__seed$s" --dataset imagenet100 $I \
+      --paired loss --seed "$s"
     # CIM (papers.md 4.2, 4.3): FOSTER vs FOSTER w/ CIM; Food-101 10 phases, ImageNet-100 10 phases,
     # ImageNet-1000 B100 10 phases with M = 20k and 5k (the abstract's +4.8 points)
     row cim food101 "cim-paired__food101__seed$s" $F --paired --seed "$s"

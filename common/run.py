@@ -427,7 +427,8 @@ class Stage:
             yield x, y
             self.step, self.seen = self.step + 1, self.seen + len(y)
             self.run["steps"] += 1
-            if getattr(self.args, "stop_after_steps", None) is not None and self.run["steps"] >= self.args.stop_after_steps:
+            limit = getattr(self.args, "stop_after_steps", None)
+            if limit is not None and self.run["steps"] >= limit:
                 _STOP_SIGNALS.append(signal.SIGTERM)  # the test hook behaves as a real SIGTERM
             if _STOP_SIGNALS:
                 self._stop()

@@ -110,7 +110,8 @@ def tables(runs, paired, link_base):
                      + " | ".join(mean_std([r.get(k) for r in rs]) for k in (
                          "avg_inc_acc", "nme_avg_inc_acc", "last_acc", "nme_last_acc", "forgetting", "nme_forgetting"))
                      + f" | {statistics.mean(r['wall_s'] for r in rs) / 60:.1f} | {first.get('device', '-')} | "
-                     f"{first.get('date', '-')} | `{command_of(first)}` | {links([r['_path'] for r in rs], link_base)} |")
+                     f"{first.get('date', '-')} | `{command_of(first)}` | "
+                     f"{links([r['_path'] for r in rs], link_base)} |")
     if paired:
         lines += ["", "Paired claims: arm - baseline on the same seed, data and class order; mean [95% CI over "
                   "seeds, Student t]; reproduced in sign = the CI of Δ avg inc (CNN) lies above 0.", "",
