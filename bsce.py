@@ -439,10 +439,10 @@ def run(args, shared_base=None):
         write_metrics(args.out_dir, rows)
         state = {"phase": phase, "model": model.state_dict(), "memory": memory, "rows": rows, "rng": rng_state(),
                  "args": vars(args)}
-        save_checkpoint(args.out_dir, state)
-        if phase == 0 and share and not os.path.exists(shared_base):
+        if phase == 0 and share and not os.path.exists(shared_base):  # before save_checkpoint, which may stop
             torch.save({**state, "base_key": base_key}, shared_base + ".tmp")
             os.replace(shared_base + ".tmp", shared_base)
+        save_checkpoint(args.out_dir, state)
         if args.stop_after == phase and phase < len(splits) - 1:
             print(f"stopped after phase {phase} (--stop-after); continue with the same flags and --resume")
             return None

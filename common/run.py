@@ -29,7 +29,7 @@ class UserError(Exception):
     """Bad input: printed as one line (`error: ...`), exit code 2, no traceback."""
 
 
-class Stopped(Exception):
+class Stopped(BaseException):  # BaseException, like KeyboardInterrupt: no `except Exception` swallows it
     """SIGTERM or Ctrl-C: the current step finished and a checkpoint was written; `code` is the exit status."""
 
     def __init__(self, code: int, message: str):
@@ -38,13 +38,16 @@ class Stopped(Exception):
 
 
 _STOP_SIGNALS = []  # signals received; the training loop checks it after every step (Stage.batches)
+_STAGES_USED = []  # non-empty once a training loop runs through Stage, i.e. can stop after a step
 
 
 def _request_stop(signum, frame):
-    if _STOP_SIGNALS:  # a second signal: stop at once, the last checkpoint stays
-        raise KeyboardInterrupt
+    name = signal.Signals(signum).name
+    if _STOP_SIGNALS or not _STAGES_USED:  # a second signal, or no Stage loop: stop at once
+        raise Stopped(128 + signum, f"stopped by {name}; the last checkpoint in the run folder is kept; rerun "
+                      "with --resume")
     _STOP_SIGNALS.append(signum)
-    print(f"\n{signal.Signals(signum).name}: finishing the current step, then writing a checkpoint (send it again "
+    print(f"\n{name}: finishing the current step, then writing a checkpoint (send it again "
           "to stop at once)", file=sys.stderr, flush=True)
 
 
@@ -358,6 +361,7 @@ class Stage:
         self.total_epochs, self.epoch, self.step, self.seen, self.train_s = epochs, 0, 0, 0, 0.0
         self.state, self.epoch_rng, self.step_rng, self._since = {}, None, None, time.time()
         self.stats = self._saved_stats = None
+        _STAGES_USED.append(label)
         self.run = _RUNS.setdefault(args.out_dir, {"in_phase": None, "finished": {}, "last_save": time.time(),
                                                    "steps": 0})
         saved = self.run["in_phase"]

@@ -186,3 +186,13 @@ def test_ctrl_c_exits_130_with_the_resume_command(monkeypatch, capsys):
     assert exit_.value.code == 130 and not common.run._STOP_SIGNALS
     assert capsys.readouterr().err == "stopped by SIGINT in phase 0, epoch 1 after step 3; checkpoint " \
                                       "x/in_phase.pt\ncontinue with: python lucir.py --smoke --resume\n"
+
+
+def test_a_signal_outside_any_stage_loop_stops_at_once(monkeypatch):
+    """A script (or a part of one) whose training does not run through Stage cannot stop after a step: no wait."""
+    import common.run
+    monkeypatch.setattr(common.run, "_STAGES_USED", [])
+    with pytest.raises(Stopped) as stop:
+        common.run._request_stop(signal.SIGTERM, None)
+    assert stop.value.code == 143 and "the last checkpoint in the run folder is kept" in str(stop.value)
+    assert not common.run._STOP_SIGNALS
