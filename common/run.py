@@ -272,7 +272,9 @@ def load_state(path: str):
         try:
             state = torch.load(candidate, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated zip, disk error, foreign pickle: all mean "not usable"
-            print(f"warning: {candidate} is damaged or unreadable ({type(e).__name__}); not used", file=sys.stderr)
+            reason = (str(e).strip().splitlines() or [""])[0][:100]
+            print(f"warning: {candidate} is damaged or unreadable ({type(e).__name__}: {reason}); not used",
+                  file=sys.stderr)
             damaged.append(candidate)
             continue
         if damaged:
