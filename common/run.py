@@ -124,11 +124,12 @@ FLAG_RULES = {
     "checkpoint_minutes": "nonneg", "momentum": "unit", "weight_decay": "nonneg", "lambda_base": "nonneg",
     "margin": "nonneg", "r1_gamma": "nonneg", "eta": "positive", "tau": "prob", "beta1": "unit", "beta2": "unit",
     "ada_target": "prob", "ada_max": "prob", "random_compress_step": "prob", "ema_half_life_kimg": "positive",
-    "meta_iters_per_class": "positive", "lr_ratio": "positive", "lr_gamma": "positive",
+    "meta_iters_per_class": "positive", "lr_ratio": "positive", "lr_gamma": "positive", "ada_ksteps": "positive",
 }
 FLAG_SUFFIX_RULES = (("epochs", "count"), ("batch_size", "count"), ("_interval", "count"), ("milestones",
                      "milestones"), ("lr", "positive"), ("_weight", "nonneg"), ("_coef", "nonneg"),
-                     ("temperature", "positive"), ("fraction", "prob"), ("prob", "prob"))
+                     ("temperature", "positive"), ("fraction", "prob"), ("prob", "prob"), ("_dim", "count"),
+                     ("_channels", "count"), ("_width", "count"), ("grad_norm", "positive"))
 RULE_TEXT = {"count": "an integer >= 1", "count0": "an integer >= 0", "positive": "a number > 0",
              "nonneg": "a number >= 0", "prob": "a probability in [0, 1]", "unit": "a number in [0, 1)"}
 
@@ -354,12 +355,15 @@ class Stage:
                 stats += captured(x, y)
             scheduler.step()
 
-    A stage finished before the checkpoint (e.g. the training before a finetuning stage) is restored whole and
-    runs no epoch. `stage.seen`, `stage.train_s` and `stage.images_per_s()` count across resumes.
+    `optimizer` and `scheduler` may each be one object, a list (e.g. a GAN's two optimisers) or None. A stage
+    finished before the checkpoint (e.g. the training before a finetuning stage) is restored whole and runs no
+    epoch. `stage.seen`, `stage.train_s` and `stage.images_per_s()` count across resumes.
     """
 
     def __init__(self, args, label: str, model, optimizer, scheduler, epochs: int):
-        self.args, self.label, self.model, self.optimizer, self.scheduler = args, label, model, optimizer, scheduler
+        self.args, self.label, self.model = args, label, model
+        self.optimizers, self.schedulers = ([] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+                                            for x in (optimizer, scheduler))
         self.total_epochs, self.epoch, self.step, self.seen, self.train_s = epochs, 0, 0, 0, 0.0
         self.state, self.epoch_rng, self.step_rng, self._since = {}, None, None, time.time()
         self.stats = self._saved_stats = None
@@ -379,8 +383,8 @@ class Stage:
             print(f"  {label}: finished before the checkpoint, restored")
         elif saved["stage"] == label:
             model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
+            for obj, state in zip(self.optimizers + self.schedulers, saved["optimizers"] + saved["schedulers"]):
+                obj.load_state_dict(state)
             self.run["finished"] = dict(saved["finished"])
             for key in ("epoch", "step", "seen", "train_s", "state", "epoch_rng", "step_rng"):
                 setattr(self, key, saved[key])
@@ -454,8 +458,9 @@ class Stage:
             "stage": self.label, "epoch": self.epoch, "step": self.step, "seen": self.seen, "train_s": self.train_s,
             "state": self.state, "epoch_rng": self.epoch_rng, "step_rng": self.step_rng,
             "stats": None if self.stats is None else self.stats.detach().cpu(),
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "finished": self.run["finished"], "args": vars(self.args)})
+            "model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers], "finished": self.run["finished"],
+            "args": vars(self.args)})
         self.run["last_save"] = time.time()
         return path
 
