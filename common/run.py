@@ -347,7 +347,8 @@ class Stage:
     step on SIGTERM / Ctrl-C (then `Stopped`). On --resume it continues where that checkpoint was taken, with the
     same numbers as an uninterrupted run: it restores model, optimiser, scheduler, RNG, epoch and step, and
     replays the epoch's data stream up to the step (same shuffle and augmentation draws). `stage.state` holds
-    anything else the loop needs back (e.g. the best model so far), tensors and plain types only.
+    anything else the loop needs back (e.g. the best model so far, the last epoch's loss), tensors and plain
+    types only.
 
         stage = Stage(args, f"phase {phase}", model, optimizer, scheduler, epochs)  # before CapturedStep
         for epoch in stage.epochs():
@@ -379,7 +380,7 @@ class Stage:
             done = saved["finished"][label]
             model.load_state_dict(done["model"])
             set_rng_state(done["rng"])
-            self.epoch, self.seen, self.train_s = epochs, done["seen"], done["train_s"]
+            self.epoch, self.seen, self.train_s, self.state = epochs, done["seen"], done["train_s"], done["state"]
             self.run["finished"][label] = done
             print(f"  {label}: finished before the checkpoint, restored")
         elif saved["stage"] == label:
@@ -409,7 +410,7 @@ class Stage:
         if self.label not in self.run["finished"]:  # kept until the phase-end checkpoint, for later stages
             self.run["finished"][self.label] = {
                 "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()}, "rng": rng_state(),
-                "seen": self.seen, "train_s": self.train_s}
+                "seen": self.seen, "train_s": self.train_s, "state": self.state}
 
     def running(self, stats: torch.Tensor) -> torch.Tensor:
         """The epoch's running sums (e.g. loss and correct count, added to in place): `stats` itself, holding the
