@@ -463,8 +463,8 @@ PAIRS = {
 
 def run_paired(args):
     """Both arms of one claim, same seed, data and class order, sharing the base phase; writes paired.json."""
+    # `out` is made by the first arm's prepare_out_dir, after its write probe (an unwritable folder: one line)
     out = args.out_dir or default_out_dir(f"bsce-paired-{args.paired}-{args.host}", args)
-    os.makedirs(out, exist_ok=True)
     arms = {}
     for name, overrides in PAIRS[args.paired]:
         arm_args = argparse.Namespace(**{**vars(args), **overrides, "paired": None, "out_dir": os.path.join(out, name)})
