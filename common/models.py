@@ -73,7 +73,10 @@ def create_backbone(name: str, last_relu: bool = True, small_input: bool = False
     conv, the usual change for 32 and 64 px inputs; `last_relu=False` drops the ReLU after the last block."""
     if name == "resnet32":
         return timm.create_model("resnet32", num_classes=0, last_relu=last_relu)
-    try:
+    try:  # zero_init_last=False: the torchvision/LUCIR/FACIL ResNets start every BN with gamma 1 (timm's
+        # default zero-initialises the last BN of each block)
+        model = timm.create_model(name, pretrained=False, num_classes=0, zero_init_last=False)
+    except TypeError:  # a timm model without that argument
         model = timm.create_model(name, pretrained=False, num_classes=0)
     except RuntimeError:
         raise UserError(f"unknown --backbone {name!r}: resnet32 or a timm model name such as resnet18") from None
