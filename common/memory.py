@@ -62,9 +62,12 @@ def herding(features: torch.Tensor, m: int) -> torch.Tensor:
     return torch.stack(picked) if picked else torch.empty(0, dtype=torch.long, device=feats.device)
 
 
-def select_exemplars(feature_fn, data, classes, m: int, device, workers=0) -> dict:
-    """Herding for each class in `classes` with one batched feature pass; returns {class: indices (CPU)}."""
+def select_exemplars(feature_fn, data, classes, m: int, device, workers=0, candidates=None) -> dict:
+    """Herding for each class in `classes` with one batched feature pass; returns {class: indices (CPU)}.
+    `candidates`: a bool mask over the training set to choose from (e.g. without a held-out validation part)."""
     per_class = [indices_of(data.train_y, c, c + 1) for c in classes]
+    if candidates is not None:
+        per_class = [idx[candidates[idx]] for idx in per_class]
     if m <= 0 or not per_class:
         return {c: torch.empty(0, dtype=torch.long) for c in classes}
     feats = extract_features(feature_fn, data, torch.cat(per_class), device, "train", workers=workers)
