@@ -315,7 +315,8 @@ def test_class_means_second_views():
         means = class_means(feature_fn, data, memory, 2, CPU, view=view)
         for c, idx in memory.items():
             raw = data.train_x[idx].permute(0, 3, 1, 2).float() / 255
-            norm = lambda r: (r - torch.tensor(data.mean).view(1, 3, 1, 1)) / torch.tensor(data.std).view(1, 3, 1, 1)  # noqa
+            mean, std = torch.tensor(data.mean).view(1, 3, 1, 1), torch.tensor(data.std).view(1, 3, 1, 1)
+            norm = lambda r: (r - mean) / std  # noqa: E731
             first = F.normalize(feature_fn(norm(raw)), dim=1)
             second = F.normalize(feature_fn(norm(raw.flip(1))), dim=1) if view == "channels" else first
             expected = ((first + second) / 2).mean(0)
