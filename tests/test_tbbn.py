@@ -343,3 +343,13 @@ def test_bad_flags_in_process():
         build_model(parse_args(["--smoke", "--device", "cpu", "--norm", "cn", "--cn-groups", "5"]), 20)
     args = parse_args(["--smoke", "--device", "cpu", "--memory-per-class", "3"])  # growing memory
     assert args.memory_total is None and args.memory_per_class == 3 and args.batch_memory == 8
+
+
+def test_runs_on_tiny_imagenet(tiny_imagenet_dir, tmp_path):
+    """--dataset tinyimagenet (the real dataset we ship): its stated protocol with tiny sizes, end to end."""
+    tbbn.main(["--dataset", "tinyimagenet", "--data-dir", str(tiny_imagenet_dir), "--device", "cpu",
+               "--base-classes", "1", "--increment", "1", "--memory-total", "3", "--epochs", "1",
+               "--milestones", "1", "--batch-size", "4", "--batch-memory", "1", "--out-dir", str(tmp_path / "t")])
+    res = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert res["backbone"] == "resnet18" and len(res["acc_per_phase"]) == 3
+    assert res["args"]["class_order_seed"] == 0 and res["args"]["augmentation"] == "resized-crop"
