@@ -143,7 +143,9 @@ def test_cbf_trains_the_heads_only_without_backbone_gradients():
     assert all(p.requires_grad for p in model.backbone.parameters())  # the next phase trains the backbone again
 
 
-def test_smoke_end_to_end_and_resume(tmp_path):
+def test_smoke_end_to_end_and_resume(tmp_path, monkeypatch):
+    # one thread: six short runs stay fast on a shared 2-core machine (OpenMP threads spin under contention)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     full, part = tmp_path / "full", tmp_path / "part"
     done = run_script("lucir.py", "--smoke", "--out-dir", str(full))
     assert done.returncode == 0, done.stderr
@@ -178,8 +180,8 @@ def test_smoke_end_to_end_and_resume(tmp_path):
     # a pair of arms that differ only in an incremental-phase setting (Fig. 8: adaptive weight off): the phase-0
     # checkpoints are identical, phase 1 differs (the flag reaches the training step)
     arm = tmp_path / "arm"
-    flags = ["--smoke", "--device", "cpu", "--no-adaptive-lambda", "--out-dir", str(arm)]
-    lucir.main(flags + ["--stop-after", "0"])
+    flags = ["lucir.py", "--smoke", "--no-adaptive-lambda", "--out-dir", str(arm)]
+    assert run_script(*flags, "--stop-after", "0").returncode == 0  # a subprocess, as `part`: the same threads
     arm0 = torch.load(arm / "checkpoint.pt", weights_only=False)
     assert arm0["phase"] == phase0["phase"] == 0 and arm0["model"].keys() == phase0["model"].keys()
     assert all(torch.equal(arm0["model"][k], phase0["model"][k]) for k in phase0["model"])
@@ -187,7 +189,7 @@ def test_smoke_end_to_end_and_resume(tmp_path):
     timing = ("phase_s", "train_img_per_s")
     assert {k: v for k, v in arm0["rows"][0].items() if k not in timing} == \
         {k: v for k, v in phase0["rows"][0].items() if k not in timing}
-    lucir.main(flags + ["--resume"])
+    assert run_script(*flags, "--resume").returncode == 0
     rows = [json.loads(line) for line in (arm / "metrics.jsonl").read_text().splitlines()]
     ref_rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert rows[1]["lambda"] == 5.0 and ref_rows[1]["lambda"] == pytest.approx(5 * math.sqrt(2))

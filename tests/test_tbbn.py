@@ -307,7 +307,8 @@ def test_paired_smoke_and_resume(tmp_path, monkeypatch):
     first = run_script("tbbn.py", "--smoke", "--out-dir", str(part), "--stop-after", "0")
     assert first.returncode == 0, first.stderr
     assert not (part / "results.json").exists()
-    tbbn.main(["--smoke", "--device", "cpu", "--norm", "bn", "--out-dir", str(bn0), "--stop-after", "0"])
+    first_bn = run_script("tbbn.py", "--smoke", "--norm", "bn", "--out-dir", str(bn0), "--stop-after", "0")
+    assert first_bn.returncode == 0, first_bn.stderr  # a subprocess too: the same threads, the same float sums
     ckpt = {n: torch.load(d / "checkpoint.pt", weights_only=False) for n, d in (("bn", bn0), ("tbbn", part))}
     assert ckpt["bn"]["phase"] == ckpt["tbbn"]["phase"] == 0
     assert all(torch.equal(v, ckpt["tbbn"]["model"][k]) for k, v in ckpt["bn"]["model"].items())
