@@ -44,26 +44,23 @@ Usage:
     python cim.py --no-cim ...                        # FOSTER alone
     python cim.py --smoke [--paired]                  # tiny end-to-end run on generated data, CPU
 
-Which model is scored: FOSTER keeps one model per phase, the single-backbone student distilled from the two-
-backbone teacher; the next phase grows from it. The official code's accuracy curve is taken from the teacher and
-logs the student as "darknet eval" (papers.md 4.4, unverified reading). We score the student (the model a user
-keeps, the memory-bounded one) and log the teacher beside it (`teacher_acc_per_phase`).
+Scored model: FOSTER keeps one model a phase, the single-backbone student distilled from the two-backbone teacher,
+and grows the next phase from it. The official accuracy curve seems to come from the teacher, the student only
+logged (papers.md 4.4, unverified); we score the student (the model kept, memory-bounded) and log the teacher
+(`teacher_acc_per_phase`).
 
 Deviations:
-- The effective-number class weights count the true images of a new class; PyCIL's `getlen` returns the sum of
-  their positions (papers.md 4.5), negligible for beta >= 0.95 and 750+ images a class. Old classes count
-  floor(M / known) as in the code.
-- Large-image path: CAMs and boxes are computed on the evaluation view (resize 256, centre crop 224) and, in
-  training, the box is applied to the augmented crop at the same position; the code compresses the image
-  before its augmentation. Small-image path (tinyimagenet, synthetic): compression before augmentation, exact.
-- AutoAugment / ColorJitter only on the large-image path (official); the small-image path keeps the shared
-  padded crop + flip (tinyimagenet is our protocol, not the paper's).
-- The rational activation (P degree 5, Q degree 4, Q = 1 + sum |b_j| |x|^j, the `rational-activations` "A"
-  version) is written here; its ReLU-initial coefficients are our least-squares fit on [-3, 3] (max error 0.03).
-- The meta batches cycle through the phase data when it runs out (the code's `iterator.next()` would stop).
-- Static shapes: the last partial batch of an epoch wraps around the shuffled order (CUDA graphs).
-- `--paired` runs both arms in full: they do not share the base phase, since CIM already differs there (the
-  rational parameters train and new-class images are compressed at random from epoch 40).
+- Effective-number class weights count a new class's true images (PyCIL `getlen` sums their positions, papers.md
+  4.5; negligible for beta >= 0.95); old classes count floor(M / known) as in the code.
+- Large images: CAMs and boxes are found on the evaluation view (resize 256, centre crop 224) and applied to the
+  augmented crop at the same position; the code compresses before augmenting. Small images: exact.
+- ColorJitter + AutoAugment only on the large-image path (official); small images keep padded crop + flip.
+- The rational activation (P degree 5, safe Q = 1 + sum_j |b_j| |x|^j of degree 4, `rational-activations`
+  version A) is written here; its ReLU-initial coefficients are our least-squares fit on [-3, 3] (error <= 0.03).
+- Meta batches cycle through the phase data (the code's iterator would stop); the last partial batch of an epoch
+  wraps around (static shapes for CUDA graphs).
+- `--paired` runs both arms in full: CIM already differs in the base phase (rationals train; new images are
+  compressed at random from epoch 40), so no base phase is shared.
 """
 import argparse
 import copy
@@ -98,7 +95,7 @@ DATASET_DEFAULTS = {
     "synthetic": dict(data_dir="", backbone="resnet32", base_classes=10, increment=5, memory_total=100, beta1=0.95),
 }
 SMOKE = dict(dataset="synthetic", image_size=16, batch_size=8, lr=0.02, epochs=2, boost_epochs=2, compress_epochs=2,
-             cam_interval=1, meta_batch_size=8)
+             cam_interval=1, meta_batch_size=4, meta_iters_per_class=0.2)
 # ReLU-initial rational coefficients (ours: least squares on [-3, 3], max |error| 0.030; tests/test_cim.py)
 RELU_NUMERATOR = (0.02997, 0.61699, 2.37296, 3.05863, 1.51874, 0.25143)   # a_0 .. a_5
 RELU_DENOMINATOR = (1.19073, 4.39714, 0.9076, 0.34694)                     # b_1 .. b_4
