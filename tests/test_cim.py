@@ -260,3 +260,23 @@ def test_bench_step_runs():
     from common.bench import main as bench
     rows = bench(["--scripts", "cim", "--steps", "1", "--warmup", "1", "--batch-size", "2", "--device", "cpu"])
     assert rows[0][0] == "cim" and rows[0][2] > 0
+
+
+@pytest.mark.parametrize("path", ["small", "file"])
+def test_batch_fn_sees_each_batch_with_its_indices(path, food_dir):
+    """common.data.train_batches(batch_fn=...): the hook CIM compresses with gets every batch's dataset indices,
+    on the device path (before augmentation) and on the file path (after the transform)."""
+    from common.data import train_batches
+    data = load_dataset("synthetic", "", torch.device("cpu"), image_size=8) if path == "small" else \
+        load_dataset("food101", str(food_dir), torch.device("cpu"), image_size=8)
+    seen = []
+
+    def batch_fn(x, idx):
+        seen.append(idx.clone())
+        return torch.zeros_like(x)
+    indices = torch.arange(0, len(data.train_y), 2)
+    for x, y in train_batches(data, indices, 2, torch.device("cpu"), 0, batch_fn, cim.autoaugment):
+        assert torch.equal(y, data.train_y[seen[-1]])
+        if path == "file":  # after the transform: the batch itself is what batch_fn returned
+            assert (x == 0).all()
+    assert set(torch.cat(seen).tolist()) == set(indices.tolist())
