@@ -11,30 +11,32 @@ tasks), seed-1993 class order, fixed memory 2020 (per-class budget floor(2020 / 
 224 px, RandomResizedCrop + flip + ColorJitter + AutoAugment (ImageNet policy); base 200 epochs, FOSTER boosting
 170 and compression 130 epochs, SGD lr 0.1 cosine, momentum 0.9, weight decay 5e-4, batch 256; beta1 0.95,
 beta2 0.97, T = 2; CIM: eta 4, tau 0.6, CAMs every 40 epochs, mask model trained by bilevel optimisation.
-"N" counts all tasks, the base one included (LFS: equal splits; LFH: B50, papers.md 4.2).
+N: learning from scratch (LFS) = N equal tasks; learning from half (LFH) = B50 then N phases (papers.md 4.2).
 
-Average incremental accuracy (top-1 %, CNN, base phase included). Paper: poster tables [FOSTER / FOSTER w/ CIM];
-ours: `--paired`, both arms of one command, same seed, data and class order; CNN of the kept single-backbone model.
+Average incremental accuracy (top-1 %, CNN, base phase included). Paper: poster tables, FOSTER / FOSTER w/ CIM.
+Ours: `python cim.py --paired <flags>`, both arms in one command (same seed, data, class order), the kept model.
 C1a, learning from scratch:
-| setting               | paper FOSTER / CIM | ours FOSTER / CIM | wall | GPU | date | cim.py flags                  |
-|-----------------------|--------------------|-------------------|------|-----|------|-------------------------------|
-| Food-101 N=5          | 75.03 / 76.44      | not run yet       |      |     |      | --paired --base-classes 21 --increment 20 |
-| Food-101 N=10         | 72.72 / 74.85      | not run yet       |      |     |      | --paired                      |
-| Food-101 N=20         | 66.73 / 70.20      | not run yet       |      |     |      | --paired --base-classes 6 --increment 5 |
-| ImageNet-100 N=5      | 79.93 / 80.58      | not run yet       |      |     |      | --paired --dataset imagenet100 --base-classes 20 --increment 20 |
-| ImageNet-100 N=10     | 76.55 / 77.94      | not run yet       |      |     |      | --paired --dataset imagenet100 |
-| ImageNet-100 N=20     | 74.49 / 75.23      | not run yet       |      |     |      | --paired --dataset imagenet100 --base-classes 5 --increment 5 |
-| Tiny-ImageNet N=10    | (not in paper)     | not run yet       |      |     |      | --paired --dataset tinyimagenet |
+| setting            | paper FOSTER / CIM | ours FOSTER / CIM | wall | GPU | date | flags (after --paired) |
+|--------------------|--------------------|-------------------|------|-----|------|------------------------|
+| Food-101 N=5       | 75.03 / 76.44      | not run yet | | | | --base-classes 21 --increment 20 |
+| Food-101 N=10      | 72.72 / 74.85      | not run yet | | | | (none)                         |
+| Food-101 N=20      | 66.73 / 70.20      | not run yet | | | | --base-classes 6 --increment 5 |
+| ImageNet-100 N=5   | 79.93 / 80.58      | not run yet | | | | --dataset imagenet100 --base-classes 20 --increment 20 |
+| ImageNet-100 N=10  | 76.55 / 77.94      | not run yet | | | | --dataset imagenet100          |
+| ImageNet-100 N=20  | 74.49 / 75.23      | not run yet | | | | --dataset imagenet100 --base-classes 5 --increment 5 |
+| Tiny-ImageNet N=10 | (not in paper)     | not run yet | | | | --dataset tinyimagenet         |
 C1b, learning from half (B50; the exact Food-101 base split is unverified, papers.md 4.2):
-| Food-101 B51, 5 ph.   | 79.08 / 79.76      | not run yet       |      |     |      | --paired --base-classes 51 --increment 10 |
-| Food-101 B51, 10 ph.  | 75.07 / 76.86      | not run yet       |      |     |      | --paired --base-classes 51 --increment 5 |
-| ImageNet-100 B50, 5   | 80.07 / 80.93      | not run yet       |      |     |      | --paired --dataset imagenet100 --base-classes 50 --increment 10 |
-| ImageNet-100 B50, 10  | 77.54 / 78.66      | not run yet       |      |     |      | ... --base-classes 50 --increment 5 |
-| ImageNet-100 B50, 25  | 72.40 / 75.74      | not run yet       |      |     |      | ... --base-classes 50 --increment 2 |
+| Food-101 N=5       | 79.08 / 79.76      | not run yet | | | | --base-classes 51 --increment 10 |
+| Food-101 N=10      | 75.07 / 76.86      | not run yet | | | | --base-classes 51 --increment 5 |
+| Food-101 N=25      | 68.08 / 70.50      | not run yet | | | | --base-classes 51 --increment 2 |
+| ImageNet-100 N=5   | 80.07 / 80.93      | not run yet | | | | --dataset imagenet100 --base-classes 50 --increment 10 |
+| ImageNet-100 N=10  | 77.54 / 78.66      | not run yet | | | | --dataset imagenet100 --base-classes 50 --increment 5 |
+| ImageNet-100 N=25  | 72.40 / 75.74      | not run yet | | | | --dataset imagenet100 --base-classes 50 --increment 2 |
 C2, ImageNet-1000 from scratch, average / last:
-| M=20k N=5             | 69.21/64.88 / 69.93/66.05 | not run yet |   |     |      | --paired --dataset imagenet --base-classes 200 --increment 200 |
-| M=20k N=10            | 68.34/60.14 / 69.53/62.07 | not run yet |   |     |      | --paired --dataset imagenet   |
-| M=5k N=10             | 54.72/44.96 / 59.48/50.83 | not run yet |   |     |      | --paired --dataset imagenet --memory-total 5000 |
+| M=20k N=5          | 69.21/64.88 / 69.93/66.05 | not run yet | | | | --dataset imagenet --base-classes 200 --increment 200 |
+| M=20k N=10         | 68.34/60.14 / 69.53/62.07 | not run yet | | | | --dataset imagenet             |
+| M=5k N=5           | 57.19/49.42 / 61.37/54.46 | not run yet | | | | ... --increment 200 --memory-total 5000 |
+| M=5k N=10          | 54.72/44.96 / 59.48/50.83 | not run yet | | | | --dataset imagenet --memory-total 5000 |
 Exemplars per class (poster, object-size table): 34.8 to 39.4 with CIM against 20; ours: metrics.jsonl
 `exemplars_mean/min/max` after every phase.
 
@@ -64,6 +66,7 @@ Deviations:
 """
 import argparse
 import copy
+import itertools
 import math
 import os
 import time
@@ -120,16 +123,13 @@ def parse_args(argv=None):
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=200, help="base-phase epochs (official init_epochs 200)")
     g.add_argument("--boost-epochs", type=int, default=170, help="FOSTER boosting epochs (official incre_epochs)")
-    g.add_argument("--compress-epochs", type=int, default=130, help="FOSTER compression epochs (official "
-                   "compression_epochs)")
+    g.add_argument("--compress-epochs", type=int, default=130, help="FOSTER compression epochs (official: 130)")
     g.add_argument("--batch-size", type=int, default=256, help="batch size (official: 256)")
     g.add_argument("--lr", type=float, default=0.1, help="SGD learning rate, cosine (official theta_lr 0.1)")
-    g.add_argument("--milestones", type=int, nargs="+", default=None, help="lr /10 at these epochs instead of "
-                   "the cosine schedule (official: cosine)")
+    g.add_argument("--milestones", type=int, nargs="+", default=None, help="lr /10 at these epochs (official: cosine)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (official: 0.9)")
     g.add_argument("--weight-decay", type=float, default=5e-4, help="(official: 5e-4; compression uses none)")
-    g.add_argument("--no-autoaugment", action="store_true", help="large images: drop ColorJitter + AutoAugment "
-                   "(official: on)")
+    g.add_argument("--no-autoaugment", action="store_true", help="drop ColorJitter + AutoAugment (official: on)")
     g = p.add_argument_group("FOSTER host")
     g.add_argument("--beta1", type=float, default=None, help="effective-number beta, boosting (official: 0.95 "
                    "Food-101, 0.97 ImageNet)")
@@ -137,20 +137,16 @@ def parse_args(argv=None):
     g.add_argument("--kd-temperature", type=float, default=2.0, help="KD temperature T (official: 2)")
     g = p.add_argument_group("CIM")
     g.add_argument("--no-cim", action="store_true", help="FOSTER alone (the paired baseline)")
-    g.add_argument("--eta", type=float, default=4.0, help="compression ratio: 1/eta the pixels outside the box "
-                   "(official compress_ratio 4)")
+    g.add_argument("--eta", type=float, default=4.0, help="1/eta the pixels outside the box (official: 4)")
     g.add_argument("--tau", type=float, default=0.6, help="CAM threshold of the box (official mask_threshold)")
-    g.add_argument("--cam-interval", type=int, default=40, help="recompute CAMs and boxes every N epochs "
-                   "(official cam_update_interval)")
+    g.add_argument("--cam-interval", type=int, default=40, help="new CAMs and boxes every N epochs (official: 40)")
     g.add_argument("--random-compress-step", type=float, default=0.1, help="new images compressed with prob. "
                    "step * floor(epoch / interval) (official randombbxblur_prob_incre)")
     g.add_argument("--meta-batch-size", type=int, default=16, help="mask-level batch (official meta_batch_size)")
     g.add_argument("--meta-iters-per-class", type=float, default=0.5, help="mask-level iterations an epoch per "
                    "new class (official num_meta_iters_per_cls)")
-    g.add_argument("--meta-lr", type=float, default=0.01, help="Adam lr of the rational parameters, cosine "
-                   "(official phi_lr)")
-    g.add_argument("--lr-ratio", type=float, default=0.1, help="virtual step size = current lr x ratio "
-                   "(official lr_ratio)")
+    g.add_argument("--meta-lr", type=float, default=0.01, help="Adam lr of the rationals, cosine (official: 0.01)")
+    g.add_argument("--lr-ratio", type=float, default=0.1, help="virtual step = current lr x ratio (official: 0.1)")
     g.add_argument("--reg-coef", type=float, default=0.1, help="weight of the mean squared CAM (official)")
     g.add_argument("--div-coef", type=float, default=0.2, help="weight of the rational branch's CE (official)")
     g.add_argument("--max-meta-grad-norm", type=float, default=1.0, help="clip of the rational gradient, x sqrt(2) "
@@ -488,7 +484,9 @@ def run_stage(model, step_model, data, train_idx, ctx, args, device, *, epochs, 
             model.eval()
             inner_lr = optimizer.param_groups[0]["lr"] * args.lr_ratio
             plain = make_batch_fn(ctx["box_table"], ctx["always"], ctx["new_mask"], 0.0, args.eta)
-            batches = meta_batches(data, train_idx, args, device, plain, ctx["tf"])
+            batches = itertools.chain.from_iterable(  # cycles through the phase data (official: would stop)
+                train_batches(data, train_idx, args.meta_batch_size, device, args.workers, plain, ctx["tf"])
+                for _ in itertools.count())
             losses = [meta_step(model, meta["optimizer"], next(batches), next(batches), weights, num_old, inner_lr,
                                 args, meta["max_norm"]) for _ in range(meta["iters"])]
             meta["scheduler"].step()
@@ -499,15 +497,10 @@ def run_stage(model, step_model, data, train_idx, ctx, args, device, *, epochs, 
         if not math.isfinite(loss_sum) or (meta is not None and meta["iters"] and not math.isfinite(meta_loss)):
             raise UserError(f"loss is NaN in {label} epoch {epoch + 1}; the last finished phase stays in the "
                             "checkpoint (try a lower --lr or --meta-lr, or --no-amp)")
-        progress.update(epoch + 1, f"loss {loss_sum / steps:.3f} train-acc {100 * correct / (steps * args.batch_size):.1f}"
-                        + (f" meta {meta_loss:.3f}" if meta is not None else "") +
-                        f" {seen / (time.time() - start):.0f} img/s")
+        acc = 100 * correct / (steps * args.batch_size)
+        progress.update(epoch + 1, f"loss {loss_sum / steps:.3f} train-acc {acc:.1f}"
+                        f"{f' meta {meta_loss:.3f}' if meta else ''} {seen / (time.time() - start):.0f} img/s")
     return seen / (time.time() - start)
-
-
-def meta_batches(data, train_idx, args, device, batch_fn, tf):
-    while True:  # cycles through the phase data (the official iterator would stop)
-        yield from train_batches(data, train_idx, args.meta_batch_size, device, args.workers, batch_fn, tf)
 
 
 def bench_step(args, device):
