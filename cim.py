@@ -202,7 +202,7 @@ def budget_prefix(costs: torch.Tensor, budget: float) -> int:
 # ----------------------------------------------------------------------------------------------- mask model
 def rational(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """Pade activation P(x) / Q(x), P of degree 5, safe Q(x) = 1 + sum_j |b_j| |x|^j >= 1 (version A)."""
-    xf = x.float().clamp(-1e4, 1e4)  # x^5 must not overflow float32 (inf / inf); |x| > 1e4 is never a BN output
+    xf = x.float().clamp(-1e4, 1e4)  # so x^5 stays finite in float32 (else inf / inf = NaN)
     p = numerator[-1].expand_as(xf)
     for a in numerator.flip(0)[1:]:
         p = p * xf + a
