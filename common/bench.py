@@ -16,7 +16,7 @@ import torch
 
 from common.graph import CapturedStep
 
-SCRIPTS = ("lucir", "tbbn", "bsce")
+SCRIPTS = ("lucir", "tbbn", "bsce", "cim")
 
 
 def time_steps(step, inputs, steps, device) -> float:

@@ -447,15 +447,18 @@ class _Files(torch.utils.data.Dataset):
 _LOADERS = {}
 
 
-def _file_batches(data, split, train, batch_size, workers, order, stream="eval"):
+def _file_batches(data, split, train, batch_size, workers, order, stream="eval", train_transform=None):
     """Batches of decoded, transformed images in `order` through a DataLoader kept for the whole run
-    (persistent workers, pinned memory). Train: RandomResizedCrop + flip; test: resize 256 / centre crop 224.
+    (persistent workers, pinned memory). Train: RandomResizedCrop + flip, or the PIL transforms
+    `train_transform(image_size)` returns; test: resize 256 / centre crop 224.
     One loader per `stream`: two streams iterated at the same time (TBBN's current and exemplar parts) must
     never share one, or each would reset the other's order."""
-    key = (id(data), split, train, stream, batch_size, workers)
+    key = (id(data), split, train, stream, batch_size, workers, train_transform)
     if key not in _LOADERS:
         import torchvision.transforms as T
-        tf = T.Compose(([T.RandomResizedCrop(data.image_size), T.RandomHorizontalFlip()] if train else
+        augment = train_transform(data.image_size) if train_transform else \
+            [T.RandomResizedCrop(data.image_size), T.RandomHorizontalFlip()]
+        tf = T.Compose((augment if train else
                         [T.Resize(int(data.image_size * 256 / 224)), T.CenterCrop(data.image_size)]) +
                        [T.ToTensor(), T.Normalize(data.mean, data.std)])
         files, labels = (data.train_files, data.train_y) if split == "train" else (data.test_files, data.test_y)
@@ -470,12 +473,15 @@ def _file_batches(data, split, train, batch_size, workers, order, stream="eval")
 
 
 def train_batches(data: Data, indices: torch.Tensor, batch_size: int, device: torch.device, workers: int = 0,
-                  augmentation: str = "crop", stream: str = "train"):
+                  augmentation: str = "crop", stream: str = "train", batch_fn=None, train_transform=None):
     """One epoch of augmented (x, y) batches of exactly `batch_size` over a shuffled `indices`.
 
     Small images: `augmentation` "crop" (padded random crop + flip) or "resized-crop" (`random_resized_crop`);
-    large images: RandomResizedCrop + flip in the DataLoader. `stream` names the batch stream: streams iterated
-    side by side need different names (each gets its own DataLoader).
+    large images: RandomResizedCrop + flip in the DataLoader, or the PIL transforms `train_transform(image_size)`
+    returns. `stream` names the batch stream: streams iterated side by side need different names (each gets its
+    own DataLoader). Optional `batch_fn(x, idx) -> x` edits each batch given its dataset indices (a device
+    tensor): before the augmentation on the small-image path (x: uint8 NHWC), after the transform on the file
+    path (x: normalised float NCHW).
 
     Static shapes (for CUDA graphs): the last partial batch is filled by wrapping around to the start of the
     permutation, so each sample is seen at least once an epoch and ceil(n / batch_size) steps are taken.
@@ -490,13 +496,17 @@ def train_batches(data: Data, indices: torch.Tensor, batch_size: int, device: to
         y_all = data.train_y.to(device)[idx]
         for s in range(steps):
             sl = idx[s * batch_size:(s + 1) * batch_size]
-            yield to_input(AUGMENTATIONS[augmentation](data.train_x[sl]), data).contiguous(
-                memory_format=torch.channels_last), \
+            x = data.train_x[sl] if batch_fn is None else batch_fn(data.train_x[sl], sl)
+            yield to_input(AUGMENTATIONS[augmentation](x), data).contiguous(memory_format=torch.channels_last), \
                 y_all[s * batch_size:(s + 1) * batch_size]
     else:
-        for x, y in _file_batches(data, "train", True, batch_size, workers, indices[perm].tolist(), stream):
-            yield x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last), \
-                y.to(device, non_blocking=True)
+        order = indices[perm]
+        for s, (x, y) in enumerate(_file_batches(data, "train", True, batch_size, workers, order.tolist(), stream,
+                                                 train_transform)):
+            x = x.to(device, non_blocking=True)
+            if batch_fn is not None:
+                x = batch_fn(x, order[s * batch_size:(s + 1) * batch_size].to(device))
+            yield x.contiguous(memory_format=torch.channels_last), y.to(device, non_blocking=True)
 
 
 def eval_batches(data: Data, indices: torch.Tensor, device: torch.device, split: str = "test",

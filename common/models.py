@@ -56,10 +56,13 @@ class CifarResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x):
+    def forward_features(self, x):
+        """The last feature maps (N, 64, H/4, W/4), before pooling (as timm models' forward_features)."""
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(self.pool(x).flatten(1))
+        return self.layer3(self.layer2(self.layer1(x)))
+
+    def forward(self, x):
+        return self.fc(self.pool(self.forward_features(x)).flatten(1))
 
 
 @register_model
