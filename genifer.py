@@ -750,7 +750,7 @@ def run(args, shared_base=None):
             epochs = args.gan_epochs_first if phase == 0 else args.gan_epochs
             gan_ips = train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, device,
                                 f"task {phase}")
-        gan_s = time.time() - phase_start - train_s
+            gan_s = time.time() - phase_start - train_s
         model.eval()
         result = evaluate(lambda x: model(x)[:2], data, splits, phase, device, None, args.workers)
         row = {"phase": phase, "known_classes": first, "total_classes": total, **result, "memory_size": 0,

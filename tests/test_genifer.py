@@ -279,8 +279,14 @@ def test_smoke_paired_no_replay_vs_genifer(paired_run):
 
 
 def test_resume_matches_and_no_old_real_image_is_read(paired_run, tmp_path, monkeypatch):
-    """--stop-after 1 then --resume gives the numbers of the paired run's Genifer arm; every batch the classifier
-    and GAN loaders draw holds only the current task's classes, tasks in order (exemplar-free)."""
+    """Resume from task 0 (the pair's shared task-0 checkpoint: what --stop-after 0 leaves), --stop-after 1,
+    --resume: the numbers of the paired run's Genifer arm; every batch the classifier and GAN loaders draw holds
+    only the current task's classes, tasks in order (exemplar-free)."""
+    out = tmp_path / "resumed"
+    out.mkdir()
+    state = torch.load(paired_run[0] / "task0.pt", weights_only=False)
+    state["args"]["out_dir"] = str(out)
+    torch.save(state, out / "checkpoint.pt")
     seen = []
 
     def recording(loader):
@@ -290,10 +296,11 @@ def test_resume_matches_and_no_old_real_image_is_read(paired_run, tmp_path, monk
         return wrapped
     monkeypatch.setattr(genifer, "train_batches", recording(genifer.train_batches))
     monkeypatch.setattr(genifer, "gan_batches", recording(genifer.gan_batches))
-    flags = ["--smoke", "--out-dir", str(tmp_path / "resumed"), "--device", "cpu"]
-    assert genifer.main(flags + ["--stop-after", "1"]) is None
+    flags = ["--smoke", "--out-dir", str(out), "--device", "cpu"]
     with pytest.raises(genifer.UserError):
         genifer.main(flags)  # an unfinished run is never overwritten without --resume
+    assert genifer.main(flags + ["--resume", "--stop-after", "1"]) is None
+    assert len(open(out / "metrics.jsonl").readlines()) == 2
     res = genifer.main(flags + ["--resume"])
     ref = json.load(open(paired_run[0] / "genifer" / "results.json"))
     assert res["acc_matrix"] == ref["acc_matrix"]
@@ -303,4 +310,5 @@ def test_resume_matches_and_no_old_real_image_is_read(paired_run, tmp_path, monk
         task = [t for t, (a, b) in enumerate(splits) if ((labels >= a) & (labels < b)).all()]
         assert len(task) == 1 and len(labels) > 0
         tasks.append(task[0])
-    assert tasks == sorted(tasks) and tasks[-1] == 2 and tasks.count(2) == 4  # task 2: 4 classifier epochs, no GAN
+    epochs = state["args"]["epochs"]  # task 1: classifier epochs + GAN epochs; task 2: classifier epochs only
+    assert tasks == [1] * (epochs + state["args"]["gan_epochs"]) + [2] * epochs
