@@ -79,7 +79,7 @@ DATASET_DEFAULTS = {
     "synthetic": dict(data_dir="", backbone="resnet32", base_classes=10, increment=5, epochs=4, milestones=[3],
                       gan_epochs_first=2, gan_epochs=2, g_channels=[32, 16, 16, 8]),
 }
-SMOKE = dict(dataset="synthetic", gan_batch_size=16, latent_dim=32, label_dim=16, d_width=32, inc_lr=1e-3)  # few steps: a larger RAdam lr
+SMOKE = dict(dataset="synthetic", gan_batch_size=16, latent_dim=32, label_dim=16, d_width=32, inc_lr=1e-3)
 # Settings an arm of a pair may change without changing task 0 (which the arms then share).
 ARM_KEYS = ("no_replay", "out_dir", "paired") + RUN_ONLY_FLAGS
 STAGES = {"stage3": "layer2", "stage4": "layer3", "stage5": "layer4"}  # official backbones.py stage names
@@ -91,37 +91,32 @@ def parse_args(argv=None):
     g.add_argument("--dataset", default="cifar100", help="cifar100 (official config) | tinyimagenet | cub200 | "
                    "synthetic | cifar100-synthetic (generated, CIFAR-100's shapes, for timing)")
     g.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
-    g.add_argument("--backbone", default=None, help="timm ResNet name (official config: ResNet-18, 3x3 stem and "
-                   "no max-pool at 32 px) or resnet32")
+    g.add_argument("--backbone", default=None, help="timm ResNet (official: ResNet-18, 3x3 stem, no max-pool)")
     g.add_argument("--base-classes", type=int, default=None, help="classes of task 0 (official config: 50)")
     g.add_argument("--increment", type=int, default=None, help="new classes a task (official config: 10)")
-    g.add_argument("--memory-per-class", type=int, default=0, help="exemplars: Genifer keeps none (must be 0)")
-    g.add_argument("--memory-total", type=int, default=None, help="exemplars: Genifer keeps none (must be unset)")
-    g.add_argument("--class-order-seed", type=int, default=1993, help="class order seed (official config lists "
-                   "the seed-1993 order)")
+    g.add_argument("--memory-per-class", type=int, default=0, help="Genifer keeps no exemplars: must be 0")
+    g.add_argument("--memory-total", type=int, default=None, help="Genifer keeps no exemplars: must be unset")
+    g.add_argument("--class-order-seed", type=int, default=1993, help="(official config: the seed-1993 order)")
     g = p.add_argument_group("classifier optimisation")
     g.add_argument("--epochs", type=int, default=None, help="epochs a task (official config: 100)")
     g.add_argument("--batch-size", type=int, default=32, help="classifier batch (official config: 32)")
     g.add_argument("--lr", type=float, default=0.1, help="task 0, SGD Nesterov (official pretrain config: 0.1)")
     g.add_argument("--inc-lr", type=float, default=1e-4, help="tasks >= 1, RAdam (official config: 1e-4)")
-    g.add_argument("--milestones", type=int, nargs="+", default=None, help="lr x --lr-gamma at these epochs "
-                   "(official config: 30 60 80)")
+    g.add_argument("--milestones", type=int, nargs="+", default=None, help="lr x --lr-gamma at (official: 30 60 80)")
     g.add_argument("--lr-gamma", type=float, default=0.2, help="(official config: scheduler_factor 0.2)")
     g.add_argument("--momentum", type=float, default=0.9, help="task 0 SGD momentum (official learner.py: 0.9)")
     g.add_argument("--weight-decay", type=float, default=5e-4, help="(official learner.py default: 5e-4)")
     g = p.add_argument_group("method")
-    g.add_argument("--ce-weight", type=float, default=0.02, help="CE on real new samples (official: "
-                   "ce_coefficient 0.02)")
-    g.add_argument("--kd-weight", type=float, default=0.98, help="KD on generated samples (official: coefficient)")
-    g.add_argument("--feat-weight", type=float, default=1.0, help="L2 distance of stage features (official: "
-                   "feat_coefficient 1.0)")
+    g.add_argument("--ce-weight", type=float, default=0.02, help="CE, real new samples (official: ce_coefficient)")
+    g.add_argument("--kd-weight", type=float, default=0.98, help="KD, generated samples (official: coefficient)")
+    g.add_argument("--feat-weight", type=float, default=1.0, help="feature L2 (official: feat_coefficient 1.0)")
     g.add_argument("--kd-temperature", type=float, default=1.0, help="(official: temperature 1)")
     g.add_argument("--replay-fraction", type=float, default=0.5, help="generated share of a classifier batch "
                    "(official: prev_curr_ratio 0.5)")
-    g.add_argument("--feat-layer", default="stage4", choices=sorted(STAGES), help="features matched by D and "
-                   "distilled (official: stage4 = layer3 output)")
-    g.add_argument("--no-replay", action="store_true", help="paired baseline: the distillation half of a batch is "
-                   "real new data, no generator (papers.md 5.4)")
+    g.add_argument("--feat-layer", default="stage4", choices=sorted(STAGES), help="features D judges and KD "
+                   "distils (official: stage4 = layer3 output)")
+    g.add_argument("--no-replay", action="store_true", help="baseline: the distilled half of a batch is real new "
+                   "data, no generator (papers.md 5.4)")
     g.add_argument("--paired", nargs="?", const="replay", choices=["replay", "ada"], default=None, help="replay: "
                    "no replay vs Genifer (shared task 0); ada: Genifer without vs with ADA; writes paired.json")
     g = p.add_argument_group("GAN (generator, feature discriminator, ADA)")
@@ -132,15 +127,12 @@ def parse_args(argv=None):
     g.add_argument("--r1-gamma", type=float, default=0.5, help="(official: r1_gamma 0.5)")
     g.add_argument("--r1-interval", type=int, default=16, help="lazy R1 every N D steps (official: 16)")
     g.add_argument("--no-ada", action="store_true", help="no adaptive augmentation (ablation, papers.md 5.4)")
-    g.add_argument("--ada-target", type=float, default=0.5, help="target of E[sign D(real)] (official: "
-                   "dis_augmentation_p 0.5)")
+    g.add_argument("--ada-target", type=float, default=0.5, help="E[sign D(real)] (official: dis_augmentation_p)")
     g.add_argument("--ada-max", type=float, default=0.5, help="(official: max_dis_augmentation_p 0.5)")
     g.add_argument("--ada-interval", type=int, default=4, help="adjust p every N steps (official: 4)")
-    g.add_argument("--ada-ksteps", type=float, default=4, help="thousands of steps for p to move by 1 (official: "
-                   "dis_augmentation_nk_iter 4)")
-    g.add_argument("--ema-half-life-kimg", type=float, default=500, help="EMA generator half-life (official: 500, "
-                   "ramped up over the first quarter of training)")
-    g.add_argument("--gen-distill-weight", type=float, default=10, help="L1 to the previous G, times n_old/n_new "
+    g.add_argument("--ada-ksteps", type=float, default=4, help="k steps for p to move by 1 (official: 4)")
+    g.add_argument("--ema-half-life-kimg", type=float, default=500, help="EMA generator (official: 500, ramped up)")
+    g.add_argument("--gen-distill-weight", type=float, default=10, help="L1 to the previous G x n_old/n_new "
                    "(official: gen_coefficient 10, gen_dist_ada)")
     g.add_argument("--latent-dim", type=int, default=512, help="z and w size (official: latent_dim 512)")
     g.add_argument("--label-dim", type=int, default=256, help="label embedding (official generator: 256)")
@@ -327,43 +319,41 @@ def _gate(value, identity, p):
     return torch.where(keep.view(-1, *[1] * (value.dim() - 1)), value, identity)
 
 
-def _affine(a, b, c, d, tx, ty):
-    """Batched 3x3 matrices [[a, b, tx], [c, d, ty], [0, 0, 1]]."""
-    zero, one = torch.zeros_like(a), torch.ones_like(a)
-    return torch.stack([a, b, tx, c, d, ty, zero, zero, one], 1).view(-1, 3, 3)
-
-
-def _rot(t):
-    return _affine(t.cos(), -t.sin(), t.sin(), t.cos(), 0 * t, 0 * t)
+def _affine(n, device, sx=1.0, sy=1.0, tx=0.0, ty=0.0, angle=0.0):
+    """Batched 3x3 matrices: rotation by `angle` after scaling by (sx, sy), then translation (tx, ty)."""
+    sx, sy, tx, ty, angle = (v if torch.is_tensor(v) else torch.zeros(n, device=device) + v
+                             for v in (sx, sy, tx, ty, angle))  # scalars by kernels: capturable
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    return torch.stack([sx * cos, -sy * sin, tx, sx * sin, sy * cos, ty, zero, zero, zero + 1], 1).view(n, 3, 3)
 
 
 def geometric_matrix(n, p, ops, size, device):
     """ADA's inverse geometric transform (output -> input coordinates in [-1, 1]), composed in ADA's order with
     its strengths: flip, k*90 deg, integer shift <= 0.125 W, scale 2^N(0, 0.2), rotation U(-pi, pi) with
     p_rot = 1 - sqrt(1 - p) twice around anisotropy 2^N(0, 0.2), fractional shift N(0, 0.125 W)."""
-    one, mat = torch.ones(n, device=device), torch.eye(3, device=device).repeat(n, 1, 1)
-    def shift(t): return _affine(one, 0 * one, 0 * one, one, -2 * t[:, 0], -2 * t[:, 1])
+    def rand(*shape): return torch.rand(n, *shape, device=device)
+    def randn(*shape): return torch.randn(n, *shape, device=device)
+    def shift(t): return _affine(n, device, tx=-2 * t[:, 0], ty=-2 * t[:, 1])  # shifts in widths -> [-1, 1]
+    def rotate(): return _affine(n, device, angle=-_gate((rand() * 2 - 1) * math.pi, 0.0, p_rot))
+    mat, p_rot = torch.eye(3, device=device).repeat(n, 1, 1), 1 - (1 - torch.as_tensor(p, device=device)).sqrt()
     if "xflip" in ops:
-        mat = mat @ _affine(1 - 2 * _gate(torch.randint(0, 2, (n,), device=device).float(), 0.0, p), 0 * one,
-                            0 * one, one, 0 * one, 0 * one)
+        mat = mat @ _affine(n, device, sx=1 - 2 * _gate((rand() < 0.5).float(), 0.0, p))
     if "rotate90" in ops:
-        mat = mat @ _rot(-math.pi / 2 * _gate(torch.randint(0, 4, (n,), device=device).float(), 0.0, p))
+        mat = mat @ _affine(n, device, angle=-math.pi / 2 * _gate((rand() * 4).floor(), 0.0, p))
     if "xint" in ops:
-        mat = mat @ shift(torch.round(_gate((torch.rand(n, 2, device=device) * 2 - 1) * 0.125, 0.0, p) * size) / size)
+        mat = mat @ shift(torch.round(_gate((rand(2) * 2 - 1) * 0.125, 0.0, p) * size) / size)
     if "scale" in ops:
-        s = _gate(2 ** (torch.randn(n, device=device) * 0.2), 1.0, p)
-        mat = mat @ _affine(1 / s, 0 * s, 0 * s, 1 / s, 0 * s, 0 * s)
-    p_rot = 1 - (1 - torch.as_tensor(p, device=device)).clamp(min=0).sqrt()
-    def rotate(): return _rot(-_gate((torch.rand(n, device=device) * 2 - 1) * math.pi, 0.0, p_rot))
+        s = _gate(2 ** (randn() * 0.2), 1.0, p)
+        mat = mat @ _affine(n, device, sx=1 / s, sy=1 / s)
     if "rotate" in ops:
         mat = mat @ rotate()
     if "aniso" in ops:
-        s = _gate(2 ** (torch.randn(n, device=device) * 0.2), 1.0, p)
-        mat = mat @ _affine(1 / s, 0 * s, 0 * s, s, 0 * s, 0 * s)
+        s = _gate(2 ** (randn() * 0.2), 1.0, p)
+        mat = mat @ _affine(n, device, sx=1 / s, sy=s)
     if "rotate" in ops:
         mat = mat @ rotate()
     if "xfrac" in ops:
-        mat = mat @ shift(_gate(torch.randn(n, 2, device=device) * 0.125, 0.0, p))
+        mat = mat @ shift(_gate(randn(2) * 0.125, 0.0, p))
     return mat
 
 
@@ -539,14 +529,22 @@ def gan_batches(data, indices, batch_size, device, workers=0):
         yield to_input(data.train_x[idx[sl]], data).contiguous(memory_format=torch.channels_last), y_all[sl]
 
 
-def make_gan_steps(gan, features, prev_g, num_old, total, args, device):
+def make_gan_steps(gan, model, prev_g, num_old, total, args, device):
     """The D step (non-saturating loss, + lazy R1 in its R1 variant) and the G step (non-saturating loss + the
-    generator distillation L1), official genifer_trainer.prepare_next_training. For t > 0 the first half of D's
-    'real' batch is the previous EMA generator's images for the old-class half of z (official sample_d_inputs)."""
+    generator distillation L1), official genifer_trainer.prepare_next_training, against the stage features of a
+    frozen copy of `model` (eval mode). New Adam optimisers in `gan` (official: made each task). For t > 0 the first
+    half of D's 'real' batch is the previous EMA generator's images for the old-class half of z (sample_d_inputs)."""
     g, d, ada = gan["g"], gan["d"], gan["ada"]
     n_prev = args.gan_batch_size // 2 if prev_g is not None else 0
     lazy = args.r1_interval / (args.r1_interval + 1)  # official lazy_c: also scales D's lr and betas
     dist_factor = num_old / max(total - num_old, 1)  # official gen_dist_ada: n_prev_cls / n_new_cls
+    cap, frozen = device.type == "cuda", copy.deepcopy(model).eval().requires_grad_(False)
+    gan["opt_g"] = torch.optim.Adam(g.parameters(), lr=args.gan_lr, betas=(0.0, 0.99), capturable=cap)
+    gan["opt_d"] = torch.optim.Adam(d.parameters(), lr=args.gan_lr * lazy, betas=(0.0, 0.99 ** lazy), capturable=cap)
+
+    def features(x):
+        with autocast(device, not args.no_amp):
+            return stage_features(frozen.backbone, x.contiguous(memory_format=torch.channels_last), frozen.layer)[0]
 
     def d_step(x_real, y_real, z, y_fake, r1=False):
         gan["opt_d"].zero_grad(set_to_none=True)
@@ -590,22 +588,13 @@ def train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, d
     g, g_ema, ada = gan["g"], gan["g_ema"], gan["ada"]
     g.load_state_dict(g_ema.state_dict())
     ada.p.zero_()
-    frozen = copy.deepcopy(model).eval().requires_grad_(False)
-    amp = not args.no_amp
-
-    def features(x):
-        with autocast(device, amp):
-            return stage_features(frozen.backbone, x.contiguous(memory_format=torch.channels_last), frozen.layer)[0]
-    lazy, cap = args.r1_interval / (args.r1_interval + 1), device.type == "cuda"
-    gan["opt_g"] = torch.optim.Adam(g.parameters(), lr=args.gan_lr, betas=(0.0, 0.99), capturable=cap)
-    gan["opt_d"] = torch.optim.Adam(gan["d"].parameters(), lr=args.gan_lr * lazy, betas=(0.0, 0.99 ** lazy),
-                                    capturable=cap)
     steps = [CapturedStep(s, device, enabled=not args.no_graph, optimizer=gan[o]) for s, o in
-             zip(make_gan_steps(gan, features, prev_g, first, total, args, device), ("opt_d", "opt_d", "opt_g"))]
+             zip(make_gan_steps(gan, model, prev_g, first, total, args, device), ("opt_d", "opt_d", "opt_g"))]
     batch, per_epoch = args.gan_batch_size, len(train_idx) // args.gan_batch_size
     n_prev = batch // 2 if prev_g is not None else 0
     horizon = args.ema_half_life_kimg * 1000
-    ramp = horizon / (batch * epochs * per_epoch / 4)  # official: half-life reached after a quarter of training
+    # official ema_rampup counts epochs / 4 x the classifier loader's batches (32): half the GAN steps at 64
+    ramp = horizon / (batch * epochs / 4 * -(-len(train_idx) // args.batch_size))
     g_params, ema_params = list(g.parameters()), list(g_ema.parameters())
     progress, done, start = Progress(epochs, f"  {label} GAN epoch"), 0, time.time()
     sign_sum = torch.zeros((), device=device)
@@ -671,12 +660,7 @@ def bench_steps(args, device):
     x = torch.randn(args.batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(first, total, (args.batch_size,), device=device)
     model.train()
-    cap = device.type == "cuda"
-    gan["opt_g"] = torch.optim.Adam(gan["g"].parameters(), lr=args.gan_lr, betas=(0.0, 0.99), capturable=cap)
-    gan["opt_d"] = torch.optim.Adam(gan["d"].parameters(), lr=args.gan_lr, betas=(0.0, 0.99), capturable=cap)
-    frozen = copy.deepcopy(model).eval().requires_grad_(False)
-    d_step, r1_step, g_step = make_gan_steps(
-        gan, lambda im: stage_features(frozen.backbone, im, frozen.layer)[0], prev_g, first, total, args, device)
+    d_step, r1_step, g_step = make_gan_steps(gan, model, prev_g, first, total, args, device)
     b = args.gan_batch_size
     xg = torch.randn(b, 3, size, size, device=device)
     yg, z = torch.randint(first, total, (b,), device=device), torch.randn(b, args.latent_dim, device=device)
