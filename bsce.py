@@ -61,8 +61,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import (SHAPES, SMALL_IMAGE_DATASETS, apply_class_order, class_order, indices_of, load_dataset,
-                         phase_splits, train_batches)
+from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_subset_flags, apply_class_order, class_order,
+                         indices_of, load_dataset, phase_splits, subset_flags, train_batches)
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep
 from common.memory import (check_budget, class_means, exemplars_per_class, extract_features, memory_indices,
@@ -106,6 +106,7 @@ def parse_args(argv=None):
                    "cifar100-synthetic (generated, CIFAR-100's shapes, for timing; "
                    "abstract: CIFAR100, ImageNet-Subset, ImageNet)")
     g.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
+    add_subset_flags(g)  # --classes, --train-per-class, --image-size (laptop protocol, README)
     g.add_argument("--backbone", default=None, help="resnet32 (CIFAR) or a timm name (resnet18 for ImageNet); "
                    "papers.md 3.4")
     g.add_argument("--base-classes", type=int, default=None, help="classes of phase 0 (papers.md 3.4: 50 B50)")
@@ -354,7 +355,7 @@ def run(args, shared_base=None):
         raise UserError("--rebalance finetunes on the exemplars; it needs --memory-per-class > 0")
     arm = f"{args.host}_{args.loss}" + ("_rebalance" if args.rebalance else "") + ("_nomem" if memory_free else "")
     args.out_dir = args.out_dir or default_out_dir(f"bsce-{arm}", args)
-    data = load_dataset(args.dataset, args.data_dir, device, args.class_list)
+    data = load_dataset(args.dataset, args.data_dir, device, args.class_list, **subset_flags(args))
     splits = phase_splits(data.num_classes, args.base_classes, args.increment)
     check_budget(data.num_classes, args.memory_per_class, args.memory_total, allow_zero=True)
     order = class_order(data.num_classes, args.class_order_seed)

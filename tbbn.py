@@ -63,8 +63,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import (SHAPES, SMALL_IMAGE_DATASETS, apply_class_order, class_order, indices_of, load_dataset,
-                         phase_splits, train_batches)
+from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_subset_flags, apply_class_order, class_order,
+                         indices_of, load_dataset, phase_splits, subset_flags, train_batches)
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep
 from common.memory import (check_budget, class_means, exemplars_per_class, memory_indices, reduce_memory,
@@ -97,6 +97,7 @@ def parse_args(argv=None):
                    "cifar100-synthetic (generated, CIFAR-100's shapes, for timing; official scripts: "
                    "CIFAR-100, ImageNet-100)")
     g.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
+    add_subset_flags(g)  # --classes, --train-per-class, --image-size (laptop protocol, README)
     g.add_argument("--backbone", default=None, help="resnet32 (official CIFAR-100) or a timm name (resnet18 for "
                    "ImageNet-100, official)")
     g.add_argument("--base-classes", type=int, default=None, help="classes of task 0 (official --nc-first-task 10)")
@@ -385,7 +386,7 @@ def bench_step(args, device):
 def run(args, device, t0):
     """One host + norm run over all phases (= tasks); returns the results dict (also in results.json), or None
     after --stop-after."""
-    data = load_dataset(args.dataset, args.data_dir, device, args.class_list)
+    data = load_dataset(args.dataset, args.data_dir, device, args.class_list, **subset_flags(args))
     splits = phase_splits(data.num_classes, args.base_classes, args.increment)
     check_budget(data.num_classes, args.memory_per_class, args.memory_total)
     order = class_order(data.num_classes, args.class_order_seed)

@@ -75,8 +75,8 @@ def phase_splits(num_classes: int, base_classes: int, increment: int) -> list:
     if base_classes <= 0 or increment <= 0 or base_classes > num_classes or \
             (num_classes - base_classes) % increment:
         raise UserError(f"--base-classes {base_classes} plus phases of --increment {increment} do not add up to "
-                        f"the {num_classes} classes of the dataset; pick values with base + k*increment = "
-                        f"{num_classes}")
+                        f"the {num_classes} classes in use (the dataset's, or --classes); pick values with "
+                        f"base + k*increment = {num_classes}")
     bounds = list(range(base_classes, num_classes + 1, increment))
     return [(0, base_classes)] + [(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
@@ -136,7 +136,7 @@ def _read_images(paths, size):
             torch.empty(0, size, size, 3, dtype=torch.uint8)
 
 
-def _load_tinyimagenet(root):
+def _load_tinyimagenet(root, classes=None, train_per_class=None, image_size=None):
     folder = os.path.join(root, "tiny-imagenet-200")
     if not os.path.isdir(folder) and os.path.isfile(os.path.join(root, "wnids.txt")):
         folder = root
@@ -161,8 +161,14 @@ def _load_tinyimagenet(root):
         if len(parts) >= 2:
             test_paths.append(os.path.join(folder, "val", "images", parts[0]))
             test_labels.append(label_of[parts[1]])
-    return Data("tinyimagenet", len(wnids), torch.tensor(train_labels), torch.tensor(test_labels), IMAGENET_MEAN,
-                IMAGENET_STD, 64, _read_images(train_paths, 64), _read_images(test_paths, 64), class_names=wnids)
+    # --classes / --train-per-class before decoding, so a subset reads only its own files
+    keep_train = subset_indices(train_labels, train_paths, classes, train_per_class)
+    keep_test = subset_indices(test_labels, test_paths, classes, None)
+    size = image_size or 64
+    return Data("tinyimagenet", len(wnids), torch.tensor(train_labels)[keep_train],
+                torch.tensor(test_labels)[keep_test], IMAGENET_MEAN, IMAGENET_STD, size,
+                _read_images([train_paths[i] for i in keep_train], size),
+                _read_images([test_paths[i] for i in keep_test], size), class_names=wnids)
 
 
 def _image_folder(split_dir):
@@ -256,17 +262,88 @@ def synthetic(num_classes=20, train_per_class=24, test_per_class=8, size=32, see
                 test_x)
 
 
-def load_dataset(name: str, data_dir: str, device: torch.device, class_list=None) -> Data:
-    """Read a dataset (one-line UserError if it is missing); small images are moved to `device` as uint8."""
+# ----------------------------------------------------------------------------------------------- subsets
+def add_subset_flags(group):
+    """--classes, --train-per-class, --image-size: the same smaller problem in every script (laptop protocol,
+    README). They change the numbers, so they are protocol flags and results.json records them (in `args`)."""
+    group.add_argument("--classes", type=int, default=None, metavar="N", help="keep only the first N classes of "
+                       "the dataset's own sorted class list (Tiny-ImageNet: sorted wnids), before the class order "
+                       "is drawn; base + phases must add up to N (default: all classes)")
+    group.add_argument("--train-per-class", type=int, default=None, metavar="N", help="keep the first N training "
+                       "images of each class in sorted file-name order (CIFAR pickles: file order); the test set "
+                       "keeps every image of the kept classes (default: all)")
+    group.add_argument("--image-size", type=int, default=None, metavar="S", help="small-image datasets: resize to "
+                       "S x S on load (bilinear); large-image datasets: crop to S instead of 224 (default: the "
+                       "dataset's own size)")
+
+
+def subset_flags(args) -> dict:
+    """The keyword arguments of load_dataset that the subset flags set."""
+    return {k: getattr(args, k, None) for k in ("classes", "train_per_class", "image_size")}
+
+
+def subset_indices(labels, names=None, classes=None, per_class=None) -> list:
+    """Indices (ascending) kept by --classes N (labels < N: labels follow the dataset's sorted class list) and
+    --train-per-class K (the first K of each class in the order of `names`, or in file order without names)."""
+    labels = [int(y) for y in labels]
+    keep = [i for i, y in enumerate(labels) if classes is None or y < classes]
+    if per_class is not None:
+        by_class = {}
+        for i in sorted(keep, key=(lambda i: names[i]) if names else (lambda i: i)):
+            by_class.setdefault(labels[i], []).append(i)
+        keep = sorted(i for members in by_class.values() for i in members[:per_class])
+    return keep
+
+
+def resize_images(x_uint8: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """NHWC uint8 -> NHWC uint8 of size x size, bilinear (antialiased when shrinking, as PIL's BILINEAR)."""
+    out = []
+    for part in x_uint8.split(chunk):
+        x = torch.nn.functional.interpolate(part.permute(0, 3, 1, 2).float(), size=(size, size), mode="bilinear",
+                                            align_corners=False, antialias=True)
+        out.append(x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous())
+    return torch.cat(out) if out else x_uint8.new_empty(0, size, size, 3)
+
+
+def _apply_subset(data: Data, classes, train_per_class, image_size) -> Data:
+    if classes is not None and classes > data.num_classes:
+        raise UserError(f"--classes {classes}, but {data.name} has only {data.num_classes} classes")
+    train = subset_indices(data.train_y, data.train_files, classes, train_per_class)
+    test = subset_indices(data.test_y, None, classes)
+    data.train_y, data.test_y = data.train_y[train], data.test_y[test]
+    if data.on_device:
+        data.train_x, data.test_x = data.train_x[train], data.test_x[test]
+    else:
+        data.train_files, data.test_files = [data.train_files[i] for i in train], [data.test_files[i] for i in test]
+    if classes is not None:
+        data.num_classes, data.class_names = classes, data.class_names[:classes]
+    if image_size is not None and image_size != data.image_size:
+        if data.on_device:
+            data.train_x, data.test_x = resize_images(data.train_x, image_size), resize_images(data.test_x,
+                                                                                                image_size)
+        data.image_size = image_size  # large images: the crop size of the train and test transforms
+    return data
+
+
+def load_dataset(name: str, data_dir: str, device: torch.device, class_list=None, classes=None,
+                 train_per_class=None, image_size=None) -> Data:
+    """Read a dataset (one-line UserError if it is missing), keep the subset that --classes/--train-per-class
+    ask for, resize to --image-size; small images are moved to `device` as uint8."""
     if name not in DATASETS:
         raise UserError(f"unknown --dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    for flag, value, least in (("--classes", classes, 2), ("--train-per-class", train_per_class, 1),
+                               ("--image-size", image_size, 8)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} {value}: must be at least {least}")
     if "synthetic" not in name and not os.path.isdir(data_dir):
         raise UserError(f"{name}: --data-dir {data_dir} does not exist; expected {LAYOUTS[name]}")
-    data = {"cifar100": lambda: _load_cifar100(data_dir), "tinyimagenet": lambda: _load_tinyimagenet(data_dir),
+    data = {"cifar100": lambda: _load_cifar100(data_dir),
+            "tinyimagenet": lambda: _load_tinyimagenet(data_dir, classes, train_per_class, image_size),
             "imagenet100": lambda: _load_imagenet(data_dir, name, class_list),
             "imagenet": lambda: _load_imagenet(data_dir, name), "food101": lambda: _load_food101(data_dir),
             "cub200": lambda: _load_cub200(data_dir), "synthetic": synthetic,
             "cifar100-synthetic": lambda: synthetic(100, 500, 100, 32)}[name]()
+    data = _apply_subset(data, classes, train_per_class, image_size)
     if data.on_device:
         data.train_x, data.test_x = data.train_x.to(device), data.test_x.to(device)
     return data

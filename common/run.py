@@ -117,9 +117,12 @@ def autocast(device: torch.device, enabled: bool):
 
 # ----------------------------------------------------------------------------------------------- run folder
 def default_out_dir(method: str, args) -> str:
-    """results/<method>__<dataset>_B<base>_Inc<inc>__seed<seed>. A --smoke run's default folder holds only a
-    throw-away run on generated data, so a new --smoke run (without --resume) replaces it."""
-    path = os.path.join("results", f"{method}__{args.dataset}_B{args.base_classes}_Inc{args.increment}"
+    """results/<method>__<dataset>[_C<classes>_T<train-per-class>_S<image-size>]_B<base>_Inc<inc>__seed<seed>
+    (subset tags only where those flags are set). A --smoke run's default folder holds only a throw-away run on
+    generated data, so a new --smoke run (without --resume) replaces it."""
+    subset = "".join(f"_{tag}{getattr(args, key)}" for key, tag in
+                     (("classes", "C"), ("train_per_class", "T"), ("image_size", "S")) if getattr(args, key, None))
+    path = os.path.join("results", f"{method}__{args.dataset}{subset}_B{args.base_classes}_Inc{args.increment}"
                         f"__seed{args.seed}")
     if args.smoke and not args.resume and os.path.isdir(path):
         shutil.rmtree(path)
