@@ -18,11 +18,11 @@ The claim (abstract): generative feature-driven replay (with image-space augment
 the art without exemplars. Its numbers are unknown to us, so the table holds paired runs (papers.md 5.4): the same
 classifier update without replay (its distillation half is real new data) vs Genifer, same seed, data and order,
 one shared task 0. CNN top-1 %, average incremental accuracy includes task 0 (official `avg_inc_accuracy_0`).
-| setting (B50, 5 tasks) | no replay avg / last / forg | Genifer avg / last / forg | Genifer - no replay | wall | GPU |
-|------------------------|-----------------------------|---------------------------|---------------------|------|-----|
-| CIFAR-100              | not run yet                 | not run yet               | not run yet         |      |     |
-| CIFAR-100, ADA ablation| (Genifer without ADA) not run yet | not run yet         | not run yet         |      |     |
-| Tiny-ImageNet B100     | not run yet                 | not run yet               | not run yet         |      |     |
+| pair: arm A vs arm B (CNN top-1 %)  | A avg / last / forg | B avg / last / forg | B - A       | wall | GPU | date |
+|-------------------------------------|---------------------|---------------------|-------------|------|-----|------|
+| CIFAR-100 B50: no replay vs Genifer | not run yet         | not run yet         | not run yet |      |     |      |
+| CIFAR-100 B50: Genifer no ADA vs ADA| not run yet         | not run yet         | not run yet |      |     |      |
+| Tiny-ImageNet B100: no replay vs G. | not run yet         | not run yet         | not run yet |      |     |      |
 Commands: `python genifer.py --data-dir data --paired [ada] [--dataset tinyimagenet]` (paired.json holds the row).
 
 Usage:
@@ -45,6 +45,10 @@ Deviations:
   stages (512, 512, 256, 128, 64, 32 channels), as the official large generator is not in the release.
 - Mixed precision: the classifier's feature pass runs in bf16 autocast on CUDA; G and D stay fp32 (R1 needs
   second derivatives). CIFAR normalisation: the official (0.507, 0.487, 0.441) / (0.267, 0.256, 0.276).
+- The no-replay baseline is ours (papers.md 5.4 names it): same batches, losses and weights, its distilled half
+  being the other real half of the batch. In a pair it reuses Genifer's task 0 (classifier and RNG state after
+  task 0's GAN), so a no-replay run alone differs from its paired twin. The R1 and ADA step counters restart each
+  task (official: one global step counter). ResNet-18 is timm's (same layers as torchvision's).
 """
 import argparse
 import copy
@@ -57,8 +61,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import (SHAPES, SMALL_IMAGE_DATASETS, apply_class_order, class_order, indices_of, load_dataset,
-                         phase_splits, to_input, train_batches)
+from common.data import (SHAPES, add_subset_flags, apply_class_order, class_order, indices_of, load_dataset,
+                         phase_splits, subset_flags, to_input, train_batches)
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep
 from common.models import count_parameters, create_backbone, to_channels_last
@@ -77,7 +81,7 @@ DATASET_DEFAULTS = {
     "tinyimagenet": {**_CIFAR, "base_classes": 100, "g_channels": [512, 256, 128, 64, 32]},
     "cub200": {**_CIFAR, "base_classes": 100, "g_channels": [512, 512, 256, 128, 64, 32]},
     "synthetic": dict(data_dir="", backbone="resnet32", base_classes=10, increment=5, epochs=4, milestones=[3],
-                      gan_epochs_first=2, gan_epochs=2, g_channels=[32, 16, 16, 8]),
+                      gan_epochs_first=1, gan_epochs=1, g_channels=[32, 16, 16, 8]),
 }
 SMOKE = dict(dataset="synthetic", gan_batch_size=16, latent_dim=32, label_dim=16, d_width=32, inc_lr=1e-3)
 # Settings an arm of a pair may change without changing task 0 (which the arms then share).
@@ -91,6 +95,7 @@ def parse_args(argv=None):
     g.add_argument("--dataset", default="cifar100", help="cifar100 (official config) | tinyimagenet | cub200 | "
                    "synthetic | cifar100-synthetic (generated, CIFAR-100's shapes, for timing)")
     g.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
+    add_subset_flags(g)  # --classes, --train-per-class, --image-size (laptop protocol, README)
     g.add_argument("--backbone", default=None, help="timm ResNet (official: ResNet-18, 3x3 stem, no max-pool)")
     g.add_argument("--base-classes", type=int, default=None, help="classes of task 0 (official config: 50)")
     g.add_argument("--increment", type=int, default=None, help="new classes a task (official config: 10)")
@@ -237,7 +242,8 @@ class Generator(nn.Module):
         n_up = len(channels) - 1
         base = image_size >> n_up
         if base < 1 or base << n_up != image_size:
-            raise UserError(f"--g-channels: {len(channels)} resolutions cannot reach {image_size} px by doubling")
+            raise UserError(f"--g-channels: {len(channels)} resolutions cannot reach {image_size} px by doubling; "
+                            "give one channel count per resolution")
         self.num_classes, self.latent_dim = num_classes, latent_dim
         self.embed = EqualLinear(num_classes, label_dim)
         self.mapping = nn.ModuleList([EqualLinear(latent_dim + label_dim, latent_dim, lr_mul=0.01),
@@ -681,7 +687,7 @@ def run(args, shared_base=None):
         raise UserError("--gan-batch-size must be even and --replay-fraction in (0, 1)")
     arm = "no_replay" if args.no_replay else ("genifer_no_ada" if args.no_ada else "genifer")
     args.out_dir = args.out_dir or default_out_dir(f"genifer-{arm}", args)
-    data = load_dataset(args.dataset, args.data_dir, device, args.class_list)
+    data = load_dataset(args.dataset, args.data_dir, device, args.class_list, **subset_flags(args))
     if args.dataset == "cifar100":
         data.mean, data.std = GENIFER_CIFAR_MEAN, GENIFER_CIFAR_STD
     splits = phase_splits(data.num_classes, args.base_classes, args.increment)
