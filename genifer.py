@@ -80,7 +80,7 @@ DATASET_DEFAULTS = {
     "cifar100": _CIFAR, "cifar100-synthetic": {**_CIFAR, "data_dir": ""},  # generated, CIFAR shapes (timing)
     "tinyimagenet": {**_CIFAR, "base_classes": 100, "g_channels": [512, 256, 128, 64, 32]},
     "cub200": {**_CIFAR, "base_classes": 100, "g_channels": [512, 512, 256, 128, 64, 32]},
-    "synthetic": dict(data_dir="", backbone="resnet32", base_classes=10, increment=5, epochs=4, milestones=[3],
+    "synthetic": dict(data_dir="", backbone="resnet32", base_classes=10, increment=5, epochs=5, milestones=[4],
                       gan_epochs_first=1, gan_epochs=1, g_channels=[32, 16, 16, 8]),
 }
 SMOKE = dict(dataset="synthetic", gan_batch_size=16, latent_dim=32, label_dim=16, d_width=32, inc_lr=1e-3)
@@ -600,7 +600,7 @@ def train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, d
     n_prev = batch // 2 if prev_g is not None else 0
     horizon = args.ema_half_life_kimg * 1000
     # official ema_rampup counts epochs / 4 x the classifier loader's batches (32): half the GAN steps at 64
-    ramp = horizon / (batch * epochs / 4 * -(-len(train_idx) // args.batch_size))
+    ramp = horizon / max(batch * epochs / 4 * -(-len(train_idx) // args.batch_size), 1)
     g_params, ema_params = list(g.parameters()), list(g_ema.parameters())
     progress, done, start = Progress(epochs, f"  {label} GAN epoch"), 0, time.time()
     sign_sum = torch.zeros((), device=device)

@@ -262,7 +262,7 @@ def test_smoke_paired_no_replay_vs_genifer(paired_run):
     for arm, res in arms.items():
         check_schema(res, arm)
     assert arms["no_replay"]["acc_matrix"][0] == arms["genifer"]["acc_matrix"][0]  # one shared task 0
-    assert arms["genifer"]["acc_per_phase"][0] > 20  # task 0 learns (chance 10%)
+    assert arms["genifer"]["acc_per_phase"][0] > 30  # task 0 learns (chance 10%)
     g = arms["genifer"]
     assert g["generator_bytes"] == 4 * g["generator_parameters"] > 0
     assert g["exemplars_in_generator_bytes"] == g["generator_bytes"] // (32 * 32 * 3)
