@@ -48,8 +48,12 @@ Deviations and our design choices (the paper's details beyond the loss are unkno
 - --rebalance, our design after LUCIR's CBF (papers.md 1.1): after herding, the classifier weights (and biases;
   not the cosine scale) are finetuned on the class-balanced exemplar set of all seen classes (backbone and BN
   frozen, 20 epochs, lr 0.01 /10 at 10) with the phase's loss; equal counts make BSCE equal CE there.
-- Equal class counts (the balanced base phase) run the plain CE, which BSCE equals exactly; so both arms of a
-  pair share one base phase (--paired trains it once and reuses it), as style.md 3.3.9 recommends.
+- The base phase is trained with plain CE in every run and arm, on every dataset: the claims concern the
+  incremental phases, and on balanced data (CIFAR) BSCE equals CE exactly; with unequal class counts (ImageNet
+  732-1300 images a class, CUB, Food) a BSCE base phase would mix a long-tail effect into B - A. So both arms
+  of a pair share one base phase (--paired trains it once and reuses it), as style.md 3.3.9 recommends.
+  Incremental phases with equal counts run the plain CE too (identical value, cheaper).
+- Fixed total memory (--memory-total): ceil(total / seen) exemplars a class, as LUCIR's and FACIL's code.
 - The last partial batch of an epoch wraps around the shuffled order (static shapes for CUDA graphs).
 """
 import argparse
@@ -64,7 +68,7 @@ import torch.nn.functional as F
 from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_subset_flags, apply_class_order, class_order,
                          indices_of, load_dataset, phase_splits, subset_flags, train_batches)
 from common.evaluation import evaluate, results_from_rows
-from common.graph import CapturedStep
+from common.graph import CapturedStep, graph_used
 from common.memory import (check_budget, class_means, exemplars_per_class, extract_features, memory_indices,
                            reduce_memory, select_exemplars)
 from common.models import count_parameters, create_backbone, to_channels_last
@@ -253,14 +257,14 @@ def imprint_weights(model: Net, data, first: int, total: int, device, workers=0)
 
 
 # ----------------------------------------------------------------------------------------------- training
-def make_step(model, old_model, optimizer, counts, num_old, lam, args, device):
-    """One training step in plain PyTorch: classification term (CE or BSCE with the phase's fixed `counts`) plus
-    the host's distillation on the unadjusted outputs, backward, SGD. No host syncs (CapturedStep-safe);
-    returns (loss, correct) as one device tensor."""
+def make_step(model, old_model, optimizer, counts, num_old, lam, args, device, loss_name=None):
+    """One training step in plain PyTorch: classification term (`loss_name`, default --loss: CE or BSCE with the
+    phase's fixed `counts`) plus the host's distillation on the unadjusted outputs, backward, SGD. No host syncs
+    (CapturedStep-safe); returns (loss, correct) as one device tensor."""
     amp = not args.no_amp
     cosine_head = model.classifier.is_cosine
     k_hard = min(args.k_hard, len(counts) - num_old)
-    balanced = args.loss == "bsce" and bool((counts != counts[0]).any())  # equal counts: BSCE == CE exactly
+    balanced = (loss_name or args.loss) == "bsce" and bool((counts != counts[0]).any())  # equal counts: BSCE == CE
 
     def step(x, y):
         optimizer.zero_grad(set_to_none=True)
@@ -286,12 +290,13 @@ def make_step(model, old_model, optimizer, counts, num_old, lam, args, device):
 
 
 def train_phase(model, old_model, data, train_idx, counts, num_old, lam, args, device, *, epochs, lr, milestones,
-                params, freeze_bn=False, label=""):
-    """One phase (or the rebalancing stage): SGD with step decay; returns (training images/s, seconds)."""
+                params, freeze_bn=False, label="", loss_name=None):
+    """One phase (or the rebalancing stage): SGD with step decay; returns (training images/s, seconds, the last
+    epoch's mean loss)."""
     optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
     stage = Stage(args, label, model, optimizer, scheduler, epochs)  # in-phase checkpoints, resume, SIGTERM
-    step = make_step(model, old_model, optimizer, counts.to(device), num_old, lam, args, device)
+    step = make_step(model, old_model, optimizer, counts.to(device), num_old, lam, args, device, loss_name)
     captured = CapturedStep(step, device, enabled=not args.no_graph, optimizer=optimizer)
     progress = Progress(epochs, f"  {label} epoch")
     for epoch in stage.epochs():
@@ -309,7 +314,8 @@ def train_phase(model, old_model, data, train_idx, counts, num_old, lam, args, d
                             "checkpoint (try a lower --lr, or --no-amp)")
         progress.update(epoch + 1, f"loss {loss_sum / steps:.3f} train-acc "
                         f"{100 * correct / (steps * args.batch_size):.1f} {stage.images_per_s():.0f} img/s")
-    return stage.images_per_s(), stage.train_s
+        stage.state["train_loss"] = loss_sum / steps  # kept in the in-phase checkpoint
+    return stage.images_per_s(), stage.train_s, stage.state["train_loss"]
 
 
 def build_model(args, device) -> Net:
@@ -364,9 +370,8 @@ def run(args, shared_base=None):
     ckpt = prepare_out_dir(args.out_dir, args.resume)  # only now: bad input has had its one-line error
     print(f"BSCE ({arm}): {args.dataset}, {len(splits) - 1} phases after B{args.base_classes}, out: {args.out_dir}")
     print_args(args)
-    base_counts = phase_class_counts(data.train_y, indices_of(data.train_y, 0, splits[0][1]), splits[0][1])
     base_key = {k: v for k, v in vars(args).items() if k not in ARM_KEYS}
-    share = shared_base is not None and bool((base_counts == base_counts[0]).all())  # else BSCE != CE in phase 0
+    share = shared_base is not None  # every arm trains its base phase with plain CE: one base phase for all
     memory, rows, start_phase = {}, [], 0
     if ckpt is None and share and os.path.exists(shared_base):
         ckpt = torch.load(shared_base, map_location="cpu", weights_only=True)
@@ -400,13 +405,14 @@ def run(args, shared_base=None):
         train_idx = torch.cat([indices_of(data.train_y, first, total), memory_indices(memory)])
         counts = phase_class_counts(data.train_y, train_idx, total)  # n_j of papers.md 3.2, from the phase's data
         params = [p for p in model.parameters() if p.requires_grad]
-        ips, train_s = train_phase(model, old_model, data, train_idx, counts, first, lam, args, device,
-                                   epochs=args.epochs, lr=args.lr, milestones=args.milestones, params=params,
-                                   label=f"phase {phase}")
+        ips, train_s, train_loss = train_phase(
+            model, old_model, data, train_idx, counts, first, lam, args, device, epochs=args.epochs, lr=args.lr,
+            milestones=args.milestones, params=params, label=f"phase {phase}",
+            loss_name=args.loss if phase > 0 else "ce")  # base phase: plain CE in every arm (shared by a pair)
 
         # Herding on the new classes with the current model; a fixed memory shrinks the old classes.
         model.eval()
-        m = exemplars_per_class(total, args.memory_per_class, args.memory_total)
+        m = exemplars_per_class(total, args.memory_per_class, args.memory_total, rounding="ceil")  # as LUCIR
         means = None
         if not memory_free:
             memory = reduce_memory(memory, m)
@@ -419,7 +425,7 @@ def run(args, shared_base=None):
                 head.requires_grad_(True)
             model.backbone.requires_grad_(False)
             balanced_idx = memory_indices(memory)
-            _, rebalance_s = train_phase(
+            _, rebalance_s, _ = train_phase(
                 model, old_model, data, balanced_idx, phase_class_counts(data.train_y, balanced_idx, total), first,
                 lam, args, device, epochs=args.rebalance_epochs, lr=args.rebalance_lr,
                 milestones=args.rebalance_milestones, freeze_bn=True, label=f"phase {phase} rebalance",
@@ -431,7 +437,8 @@ def run(args, shared_base=None):
                "memory_size": sum(len(v) for v in memory.values()), "exemplars_per_class": m,
                "class_counts": counts.tolist(), "count_old_mean": counts[:first].float().mean().item() if first
                else None, "count_new_mean": counts[first:].float().mean().item(), "lambda": lam,
-               "train_s": train_s, "rebalance_s": rebalance_s, "phase_s": time.time() - phase_start,
+               "train_loss": train_loss, "train_s": train_s, "rebalance_s": rebalance_s,
+               "phase_s": time.time() - phase_start,
                "train_img_per_s": ips}
         rows.append(row)
         nme = f"{row['nme_acc']:>6.2f}" if means is not None else f"{'-':>6}"
@@ -449,7 +456,8 @@ def run(args, shared_base=None):
 
     return finish_run(args, "bsce", data, order, device, __file__, t0, results_from_rows(rows), arm=arm,
                       host=args.host, loss=args.loss, rebalance=args.rebalance,
-                      incremental_train_s=sum(r["train_s"] + r["rebalance_s"] for r in rows[1:]))
+                      incremental_train_s=sum(r["train_s"] + r["rebalance_s"] for r in rows[1:]),
+                      graph=graph_used(not args.no_graph, device))
 
 
 # papers.md 3.5: (arm A, arm B) of each claim, as flag overrides; B - A is reported.

@@ -9,7 +9,11 @@ Official code: hshustc/CVPR19_Incremental_Learning @ e5a90ae (cifar100-class-inc
 Protocol reproduced by the defaults: CIFAR-100, 50 base classes then 5 phases of 10, seed-1993 class order,
 20 exemplars per class chosen by herding (growing memory), ResNet-32 with the last ReLU removed and a cosine
 classifier, 160 epochs, SGD lr 0.1 (/10 at 80 and 120), momentum 0.9, weight decay 5e-4, batch 128,
-lambda_base 5, K=2, m=0.5, weight imprinting on, no class-balanced finetuning.
+lambda_base 5, K=2, m=0.5, weight imprinting on, no class-balanced finetuning. NME class means as the official
+CIFAR code computes them: the mean of the normalised features of each exemplar and of its colour-reversed copy
+(the code's "flipped" view is `[:,:,:,::-1]` on HWC arrays, i.e. RGB -> BGR; `--nme-view`; the ImageNet code uses
+no second view). A fixed total memory (`--memory-total`) gives ceil(total / seen) exemplars a class, as the
+official `--fix_budget`.
 
 Average incremental accuracy (top-1 %, base phase included; paper Figs. 5, 6):
 | setting                        | paper CNN / NME | ours CNN / NME | wall | GPU | date | flags                     |
@@ -35,10 +39,15 @@ Deviations:
 - Weight imprinting of new classes is code-only (official `--imprint_weights`, on in every run script).
 - The last partial batch of an epoch is filled by wrapping around the shuffled order (static shapes for CUDA
   graphs): ceil(n/128) steps an epoch as in the official DataLoader, a few samples seen twice.
-- The margin-ranking loss uses a mask over old-class samples instead of selecting them (same value, no
+- Eq. 8: the paper sums over the K hard negatives; the code (and we) average over (#old samples x K) pairs
+  (nn.MarginRankingLoss). We use a mask over old-class samples instead of selecting them (same value, no
   data-dependent shapes); it is 0 when a batch holds no old-class sample, as in the official code.
+- CBF: the backbone is frozen (requires_grad off), so no backbone gradient is computed; the official ft_flag=2
+  computes them and leaves them unused (same result).
 - tinyimagenet, food101, cub200 are not in the paper: ResNet-18 (small-input stem for 64 px) with the CIFAR
   schedule for tinyimagenet and the ImageNet schedule for the others; base phase = about half the classes.
+  NME second view: tinyimagenet follows the CIFAR code (channels), food101 and cub200 the ImageNet code (none);
+  synthetic (smoke) mirrors (hflip): its classes are colour-coded, so a colour swap would show another class.
 """
 import argparse
 import copy
@@ -51,9 +60,9 @@ import torch.nn.functional as F
 from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_subset_flags, apply_class_order, class_order,
                          indices_of, load_dataset, phase_splits, subset_flags, train_batches)
 from common.evaluation import evaluate, results_from_rows
-from common.graph import CapturedStep
-from common.memory import (check_budget, class_means, exemplars_per_class, extract_features, memory_indices,
-                           reduce_memory, select_exemplars)
+from common.graph import CapturedStep, graph_used
+from common.memory import (NME_VIEWS, check_budget, class_means, exemplars_per_class, extract_features,
+                           memory_indices, reduce_memory, select_exemplars)
 from common.models import count_parameters, create_backbone, to_channels_last
 from common.run import (Progress, Stage, UserError, add_system_flags, autocast, check_resume_args, default_out_dir,
                         finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_main,
@@ -62,19 +71,19 @@ from common.run import (Progress, Stage, UserError, add_system_flags, autocast, 
 # Per-dataset defaults; a flag given on the command line wins. Sources: paper Sec. 4.1, official run.sh.
 DATASET_DEFAULTS = {
     "cifar100": dict(data_dir="data", backbone="resnet32", base_classes=50, increment=10, epochs=160,
-                     milestones=[80, 120], weight_decay=5e-4, lambda_base=5.0, cbf=False),
+                     milestones=[80, 120], weight_decay=5e-4, lambda_base=5.0, cbf=False, nme_view="channels"),
     "imagenet100": dict(data_dir="data/imagenet", backbone="resnet18", base_classes=50, increment=10, epochs=90,
-                        milestones=[30, 60], weight_decay=1e-4, lambda_base=10.0, cbf=False),
+                        milestones=[30, 60], weight_decay=1e-4, lambda_base=10.0, cbf=False, nme_view="none"),
     "imagenet": dict(data_dir="data/imagenet", backbone="resnet18", base_classes=500, increment=100, epochs=90,
-                     milestones=[30, 60], weight_decay=1e-4, lambda_base=10.0, cbf=True),
+                     milestones=[30, 60], weight_decay=1e-4, lambda_base=10.0, cbf=True, nme_view="none"),
     "tinyimagenet": dict(data_dir="data", backbone="resnet18", base_classes=100, increment=10, epochs=160,
-                         milestones=[80, 120], weight_decay=5e-4, lambda_base=5.0, cbf=False),
+                         milestones=[80, 120], weight_decay=5e-4, lambda_base=5.0, cbf=False, nme_view="channels"),
     "food101": dict(data_dir="data", backbone="resnet18", base_classes=51, increment=10, epochs=90,
-                    milestones=[30, 60], weight_decay=1e-4, lambda_base=10.0, cbf=False),
+                    milestones=[30, 60], weight_decay=1e-4, lambda_base=10.0, cbf=False, nme_view="none"),
     "cub200": dict(data_dir="data", backbone="resnet18", base_classes=100, increment=10, epochs=90,
-                   milestones=[30, 60], weight_decay=1e-4, lambda_base=10.0, cbf=False),
+                   milestones=[30, 60], weight_decay=1e-4, lambda_base=10.0, cbf=False, nme_view="none"),
     "synthetic": dict(data_dir="", backbone="resnet32", base_classes=10, increment=5, epochs=6, milestones=[5],
-                      weight_decay=5e-4, lambda_base=5.0, cbf=True),
+                      weight_decay=5e-4, lambda_base=5.0, cbf=True, nme_view="hflip"),  # colour-coded classes
 }
 # Average incremental accuracy, CNN / NME (paper Figs. 5, 6), keyed by (dataset, base classes, increment).
 PAPER_RESULTS = {("cifar100", 50, 10): (63.42, 63.12), ("cifar100", 50, 5): (60.18, 60.12),
@@ -121,6 +130,9 @@ def parse_args(argv=None):
     g.add_argument("--k-hard", type=int, default=2, help="K hardest new classes in Eq. 8 (Sec. 4.1: 2)")
     g.add_argument("--mr-weight", type=float, default=1.0, help="weight of Eq. 8 (official code --lw_mr 1)")
     g.add_argument("--no-imprint", action="store_true", help="skip weight imprinting (official code: on)")
+    g.add_argument("--nme-view", choices=NME_VIEWS, default=None, help="second view averaged into the NME class "
+                   "means: channels = colour channels reversed (official CIFAR code's \"flipped\" copy), none "
+                   "(official ImageNet code: D2 = D), hflip = mirrored image")
     g.add_argument("--cbf", action=argparse.BooleanOptionalAction, default=None, help="class-balanced "
                    "finetuning, Sec. 3.5 (official code: ImageNet-Full only)")
     g.add_argument("--cbf-epochs", type=int, default=20, help="CBF epochs (official code: 20)")
@@ -234,7 +246,8 @@ def make_step(model, old_model, optimizer, num_old, lam, args, device):
 
 def train_phase(model, old_model, data, train_idx, num_old, lam, args, device, *, epochs, lr, milestones, params,
                 freeze_bn=False, label=""):
-    """One phase (or the CBF stage): SGD with step decay on the loss of Eq. 9; returns training images/s."""
+    """One phase (or the CBF stage): SGD with step decay on the loss of Eq. 9; returns (training images/s, the
+    last epoch's mean loss)."""
     optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
     stage = Stage(args, label, model, optimizer, scheduler, epochs)  # in-phase checkpoints, resume, SIGTERM
@@ -256,7 +269,22 @@ def train_phase(model, old_model, data, train_idx, num_old, lam, args, device, *
                             "checkpoint (try a lower --lr, or --no-amp)")
         progress.update(epoch + 1, f"loss {loss_sum / steps:.3f} train-acc "
                         f"{100 * correct / (steps * args.batch_size):.1f} {stage.images_per_s():.0f} img/s")
-    return stage.images_per_s()
+        stage.state["train_loss"] = loss_sum / steps  # kept in the in-phase checkpoint
+    return stage.images_per_s(), stage.state["train_loss"]
+
+
+def class_balanced_finetuning(model, old_model, data, memory, num_old, lam, args, device, phase):
+    """CBF, Sec. 3.5 (official cbf_*.py, ft_flag=2): after herding, on the exemplars of all seen classes, the
+    old and new embeddings train with the phase's loss; backbone (no gradients at all), sigma and BN stay fixed."""
+    for head in model.classifier.heads:
+        head.requires_grad_(True)
+    model.backbone.requires_grad_(False)
+    try:
+        train_phase(model, old_model, data, memory_indices(memory), num_old, lam, args, device,
+                    epochs=args.cbf_epochs, lr=args.cbf_lr, milestones=args.cbf_milestones,
+                    params=list(model.classifier.heads.parameters()), freeze_bn=True, label=f"phase {phase} CBF")
+    finally:
+        model.backbone.requires_grad_(True)
 
 
 def bench_step(args, device):
@@ -327,28 +355,24 @@ def main(argv=None):
                 adaptive_lambda(args.lambda_base, first, total - first, args.lambda_rule)
         train_idx = torch.cat([indices_of(data.train_y, first, total), memory_indices(memory)])
         params = [p for p in model.parameters() if p.requires_grad]
-        ips = train_phase(model, old_model, data, train_idx, first, lam, args, device, epochs=args.epochs,
-                          lr=args.lr, milestones=args.milestones, params=params, label=f"phase {phase}")
+        ips, train_loss = train_phase(model, old_model, data, train_idx, first, lam, args, device,
+                                      epochs=args.epochs, lr=args.lr, milestones=args.milestones, params=params,
+                                      label=f"phase {phase}")
 
         # Herding on the new classes with the current model; fixed memory shrinks the old classes (Sec. 4.1).
         model.eval()
-        m = exemplars_per_class(total, args.memory_per_class, args.memory_total)
+        m = exemplars_per_class(total, args.memory_per_class, args.memory_total, rounding="ceil")  # official
         memory = reduce_memory(memory, m)
         memory.update(select_exemplars(model.backbone, data, range(first, total), m, device, args.workers))
-        means = class_means(model.backbone, data, memory, total, device, args.workers)
-
-        if args.cbf and phase > 0:  # Sec. 3.5; official cbf_*.py, ft_flag=2: after herding, on all exemplars,
-            for head in model.classifier.heads:  # old and new embeddings train; backbone, sigma and BN stay fixed
-                head.requires_grad_(True)
-            train_phase(model, old_model, data, memory_indices(memory), first, lam, args, device,
-                        epochs=args.cbf_epochs, lr=args.cbf_lr, milestones=args.cbf_milestones,
-                        params=list(model.classifier.heads.parameters()), freeze_bn=True,
-                        label=f"phase {phase} CBF")
+        means = class_means(model.backbone, data, memory, total, device, args.workers, view=args.nme_view)
+        if args.cbf and phase > 0:
+            class_balanced_finetuning(model, old_model, data, memory, first, lam, args, device, phase)
         model.eval()
         result = evaluate(model, data, splits, phase, device, means, args.workers)
         row = {"phase": phase, "known_classes": first, "total_classes": total, **result,
                "memory_size": sum(len(v) for v in memory.values()), "exemplars_per_class": m,
-               "lambda": lam, "sigma": model.classifier.sigma.item(), "phase_s": time.time() - phase_start,
+               "lambda": lam, "sigma": model.classifier.sigma.item(), "train_loss": train_loss,
+               "phase_s": time.time() - phase_start,
                "train_img_per_s": ips}
         rows.append(row)
         print(f"{phase:>5} {total:>7} {row['cnn_acc']:>6.2f} {row['nme_acc']:>6.2f} {row['phase_s']:>6.0f}s "
@@ -360,7 +384,8 @@ def main(argv=None):
             print(f"stopped after phase {phase} (--stop-after); continue with the same flags and --resume")
             return
 
-    finish_run(args, "lucir", data, order, device, __file__, t0, results_from_rows(rows))
+    finish_run(args, "lucir", data, order, device, __file__, t0, results_from_rows(rows),
+               graph=graph_used(not args.no_graph, device))
 
 
 if __name__ == "__main__":

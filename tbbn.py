@@ -4,13 +4,17 @@ Paper: Sungmin Cha, Sungjun Cho, Dasol Hwang, Sunwon Hong, Moontae Lee, Taesup M
   Normalization for Exemplar-based Class-Incremental Learning", CVPR 2023, pp. 20127-20136 (arXiv 2201.12559 v3;
   v1/v2 titled "Task-Balanced Batch Normalization for Exemplar-based Class-Incremental Learning"). The paper's
   body and tables were not available to us; the layer follows the abstracts and the official code.
-Official code: csm9493/TaskBalancedBN @ c4a939c (built on FACIL): src/networks/tbbn.py (the layer, after the
-  "debug" fix c3a5dee), src/networks/norm_layers.py (CustomSplitBatchNorm, ContinualNorm),
-  src/approach/incremental_learning.py (48 + 16 batches), finetuning.py (ER), ssil.py, src/run_cifar100.sh.
+Official code: csm9493/TaskBalancedBN @ c4a939c (built on FACIL): src/networks/tbbn.py (the layer; last changed
+  by the "debug" commit c3a5dee, which c4a939c did not touch), src/networks/norm_layers.py (CustomSplitBatchNorm,
+  ContinualNorm), src/approach/incremental_learning.py (48 + 16 batches, best-validation restore),
+  finetuning.py (ER), ssil.py, src/datasets/ (class order, validation split, transforms), src/run_cifar100.sh.
 
-Protocol reproduced by the defaults: CIFAR-100, B0 with 10 tasks of 10 classes, seed-1993 class order, 2000
-exemplars in total chosen by herding, ResNet-32 (FACIL), 160 epochs, SGD lr 0.1 (/10 at 80 and 120), momentum
-0.0, weight decay 1e-4, batches of 48 current samples followed by 16 exemplars, host ER, every BN a TBBN.
+Protocol reproduced by the defaults: CIFAR-100, B0 with 10 tasks of 10 classes, FACIL's seed-0 class order
+(np.random.seed(0), shuffle: 26, 86, 2, 55, 75, ...), 10% of each class held out for validation and the
+lowest-validation-loss epoch restored at the end of each task, augmentation Pad 4 + RandomResizedCrop 32 + flip,
+2000 exemplars in total chosen by herding (ceil(2000 / seen) a class, FACIL), ResNet-32 (FACIL), 160 epochs,
+SGD lr 0.1 (/10 at 80 and 120), momentum 0.0, weight decay 1e-4, batches of 48 current samples followed by 16
+exemplars, host ER, every BN a TBBN. ImageNet-100: the iCaRL (= seed-1993) order, ResNet-18, 100 epochs.
 
 The claim (abstracts): TBBN in place of BN reduces forgetting and raises the accuracy of exemplar-based hosts
 (ER, EEIL, LUCIR, SS-IL); inference is identical to BN. The paper's numbers are unknown to us, so the table holds
@@ -22,6 +26,7 @@ forgetting as papers.md 0.5; mean +- std over n seeds of each arm and of the pai
 | CIFAR-100, ER           | not run yet          | not run yet            | not run yet |   |      |     |      |
 | CIFAR-100, SS-IL        | not run yet          | not run yet            | not run yet |   |      |     |      |
 | ImageNet-100, ER        | not run yet          | not run yet            | not run yet |   |      |     |      |
+| Tiny-ImageNet, ER (ours) | not run yet         | not run yet            | not run yet |   |      |     |      |
 Commands: `python tbbn.py --paired [--host ssil] [--dataset imagenet100] --seed S` (paired.json holds the row).
 
 Usage:
@@ -31,9 +36,16 @@ Usage:
     python tbbn.py --smoke                               # tiny end-to-end run on generated data, CPU
 
 Deviations:
-- Class order: seed-1993 order (papers.md 0.1); the official runs shuffle with FACIL's --seed 0.
-- No 10% validation split and no best-validation-loss restore at the end of each task (FACIL does both): we
-  train on all training images and keep the last model.
+- Validation split: the same rule (round(10%) of each class, np.round) drawn with torch's generator, not
+  Python's random.sample, so the held-out images differ. FACIL's loaders also drop the last partial batch of
+  the validation and test sets (drop_last=True); we evaluate every image.
+- Random-resized crop runs batched on the device (common/data.py random_resized_crop): torchvision's box
+  sampling, bilinear resampling without PIL's antialiasing when a box larger than 32 px is shrunk.
+- The ImageNet-100 subset is LUCIR's seed-1993 draw (common/data.py); TBBN's data/imagenet100 folder is
+  prepared by the user, its class list is not in the repository.
+- tinyimagenet, food101, cub200, imagenet are not in the paper: ResNet-18 (small-input stem for 64 px), B0 with
+  10 tasks (food101: 11 + 9 x 10), FACIL's seed-0 shuffle, 2000 exemplars (imagenet: 20000), the CIFAR schedule
+  for tinyimagenet and the ImageNet-100 one for the others.
 - Partial batches: the official loop skips a batch whose size is not 48 + 16; we fill the last batch of a pass
   by wrapping around the shuffled order (static shapes for CUDA graphs). As officially, an epoch lasts as long
   as the longer stream; the shorter one restarts with a fresh shuffle (official: itertools.cycle, which
@@ -46,11 +58,11 @@ Deviations:
 - Batch flags: --batch-size is the total (64) and --batch-memory the exemplar part (default batch-size / 4, the
   official --batch-ratio 3); the current part is their difference. Task 0 has no exemplars: every step is
   batch-size current samples (official: the plain loader of batch 64).
-- Layer, running statistics: the tbbn.py we could read (commit 9261ac0) takes them, for t > 0, from the
-  re-assembled output; the "debug" commit c3a5dee switched to the balanced batch statistics (papers.md 2.1). We
-  implement that as an EMA per channel group (n/(n-1) with n = (B_c/r + B_p)*H*W), averaged over the r groups:
-  the form of the repository's commented-out "TBBN2" variant and of its t = 0 branch. (Our reading: the c4a939c
-  file itself was not available.) bf16 autocast of the layer on CUDA is untested here.
+- Layer, running statistics: none. src/networks/tbbn.py was last changed by c3a5dee (c4a939c touched only the
+  run scripts): for t > 0 an EMA per channel group of the balanced batch statistics (n/(n-1) with
+  n = (B_c/r + B_p)*H*W), averaged over the r groups; ours matches it (tests/test_tbbn.py builds the batch by
+  hand). Before c3a5dee (9261ac0) the statistics came from the re-assembled output. bf16 autocast of the layer on
+  CUDA is untested here.
 """
 import argparse
 import copy
@@ -59,14 +71,16 @@ import os
 import time
 from itertools import islice
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_subset_flags, apply_class_order, class_order,
-                         indices_of, load_dataset, phase_splits, subset_flags, train_batches)
+from common.data import (AUGMENTATIONS, SHAPES, SMALL_IMAGE_DATASETS, add_subset_flags, apply_class_order,
+                         class_order, eval_batches, indices_of, load_dataset, phase_splits, subset_flags,
+                         train_batches)
 from common.evaluation import evaluate, results_from_rows
-from common.graph import CapturedStep
+from common.graph import CapturedStep, graph_used
 from common.memory import (check_budget, class_means, exemplars_per_class, memory_indices, reduce_memory,
                            select_exemplars)
 from common.models import count_parameters, create_backbone, to_channels_last
@@ -77,13 +91,26 @@ from common.run import (Progress, UserError, add_system_flags, autocast, check_r
 HOSTS, NORMS = ("er", "ssil"), ("bn", "tbbn", "cn")
 # Per-dataset defaults; a flag given on the command line wins. Sources: official src/run_cifar100.sh and
 # src/run_imagenet100.sh (papers.md 2.2).
+# class_order_seed: FACIL shuffles the classes with --seed 0 unless its dataset config hard-codes an order
+# (imagenet100: the iCaRL list, which is the seed-1993 order). augmentation: FACIL's Pad(4) + RandomResizedCrop
+# + flip for the small-image datasets (dataset_config.py + data_loader.get_transforms).
 DATASET_DEFAULTS = {
     "cifar100": dict(data_dir="data", backbone="resnet32", base_classes=10, increment=10, memory_total=2000,
-                     epochs=160, milestones=[80, 120]),
+                     epochs=160, milestones=[80, 120], class_order_seed=0, augmentation="resized-crop"),
     "imagenet100": dict(data_dir="data/imagenet", backbone="resnet18", base_classes=10, increment=10,
-                        memory_total=2000, epochs=100, milestones=[40, 80]),
+                        memory_total=2000, epochs=100, milestones=[40, 80], class_order_seed=1993),
+    # not in the paper (stated protocol: B0 with 10 tasks, CIFAR schedule for 64 px, ImageNet schedule for the
+    # large images, FACIL's seed-0 shuffle, 2000 exemplars; 20000 = 20 a class at the end for ImageNet-1k)
+    "tinyimagenet": dict(data_dir="data", backbone="resnet18", base_classes=20, increment=20, memory_total=2000,
+                         epochs=160, milestones=[80, 120], class_order_seed=0, augmentation="resized-crop"),
+    "food101": dict(data_dir="data", backbone="resnet18", base_classes=11, increment=10, memory_total=2000,
+                    epochs=100, milestones=[40, 80], class_order_seed=0),
+    "cub200": dict(data_dir="data", backbone="resnet18", base_classes=20, increment=20, memory_total=2000,
+                   epochs=100, milestones=[40, 80], class_order_seed=0),
+    "imagenet": dict(data_dir="data/imagenet", backbone="resnet18", base_classes=100, increment=100,
+                     memory_total=20000, epochs=100, milestones=[40, 80], class_order_seed=0),
     "synthetic": dict(data_dir="", backbone="resnet32", base_classes=5, increment=5, memory_total=40, epochs=6,
-                      milestones=[5]),
+                      milestones=[5], class_order_seed=1993, augmentation="resized-crop"),
 }
 DATASET_DEFAULTS["cifar100-synthetic"] = {**DATASET_DEFAULTS["cifar100"], "data_dir": ""}  # speed runs (common/data.py)
 SMOKE = dict(dataset="synthetic", batch_size=32)
@@ -93,9 +120,9 @@ PAPER_RESULTS = {}  # the paper's tables were not available to us: no number fro
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("protocol (None = the --dataset default, printed at start-up)")
-    g.add_argument("--dataset", default="cifar100", help="cifar100 | imagenet100 | synthetic | "
-                   "cifar100-synthetic (generated, CIFAR-100's shapes, for timing; official scripts: "
-                   "CIFAR-100, ImageNet-100)")
+    g.add_argument("--dataset", default="cifar100", help="cifar100 | imagenet100 | tinyimagenet | food101 | "
+                   "cub200 | imagenet | synthetic | cifar100-synthetic (generated, CIFAR-100's shapes, for "
+                   "timing; official scripts: CIFAR-100, ImageNet-100)")
     g.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
     add_subset_flags(g)  # --classes, --train-per-class, --image-size (laptop protocol, README)
     g.add_argument("--backbone", default=None, help="resnet32 (official CIFAR-100) or a timm name (resnet18 for "
@@ -106,8 +133,14 @@ def parse_args(argv=None):
                    "(used instead of the fixed total unless --memory-total is given too)")
     g.add_argument("--memory-total", type=int, default=None, help="fixed total memory (official --num-exemplars "
                    "2000, herding)")
-    g.add_argument("--class-order-seed", type=int, default=1993, help="class order seed (papers.md 0.1; official: "
-                   "FACIL's seed-0 shuffle)")
+    g.add_argument("--class-order-seed", type=int, default=None, help="class order seed (official: FACIL's "
+                   "seed-0 shuffle on CIFAR-100, np.random.seed(0) + shuffle; the iCaRL = seed-1993 order on "
+                   "ImageNet-100)")
+    g.add_argument("--validation", type=float, default=0.1, help="fraction of each class's training images "
+                   "held out; the task ends with the epoch of lowest validation loss (FACIL: 0.1); 0 = off")
+    g.add_argument("--augmentation", choices=list(AUGMENTATIONS), default=None, help="small images: "
+                   "resized-crop = Pad 4, RandomResizedCrop, flip (official FACIL CIFAR-100) or crop = padded "
+                   "random crop, flip")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help="epochs a task (official: 160 CIFAR, 100 ImageNet)")
     g.add_argument("--batch-size", type=int, default=64, help="total batch, current + exemplars (official: 64)")
@@ -137,6 +170,10 @@ def parse_args(argv=None):
         args.memory_total = None
     if args.batch_memory is None:
         args.batch_memory = args.batch_size // 4  # official: B_p = B / (batch_ratio + 1), batch_ratio 3
+    if args.augmentation is None:  # large images: the DataLoader's RandomResizedCrop + flip (FACIL's too)
+        args.augmentation = "resized-crop"
+    if not 0 <= args.validation < 1:
+        raise UserError(f"--validation {args.validation} must be a fraction in [0, 1) (official: 0.1; 0 = off)")
     if args.host not in HOSTS:
         raise UserError(f"unknown --host {args.host!r}; choose one of {', '.join(HOSTS)}")
     if args.ssil_kd not in ("last", "all"):
@@ -308,18 +345,43 @@ def make_step(model, old_model, optimizer, splits, phase, n_current, args, devic
     return step
 
 
-def batch_stream(data, indices, batch_size, device, workers):
-    """Batches of exactly `batch_size` from `indices`, pass after pass with a fresh shuffle each time."""
+def batch_stream(data, indices, batch_size, device, args, stream):
+    """Batches of exactly `batch_size` from `indices`, pass after pass with a fresh shuffle each time; `stream`
+    names it, so the current and exemplar streams never share a DataLoader."""
     while True:
-        yield from train_batches(data, indices, batch_size, device, workers)
+        yield from train_batches(data, indices, batch_size, device, args.workers, args.augmentation, stream)
 
 
-def train_phase(model, old_model, data, splits, phase, memory, args, device):
+def validation_split(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """FACIL memory_dataset.get_data: round(fraction * n) random training images of every class are held out
+    (np.round, as FACIL). Returns the held-out mask. Own generator: the same split on --resume."""
+    held_out = torch.zeros(len(labels), dtype=torch.bool)
+    g = torch.Generator().manual_seed(seed)
+    for c in labels.unique().tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        held_out[idx[torch.randperm(len(idx), generator=g)[:int(np.round(len(idx) * fraction))]]] = True
+    return held_out
+
+
+@torch.no_grad()
+def validation_loss(model, data, val_idx, total, device, workers) -> float:
+    """FACIL's validation loss: CE over the seen classes on the task's held-out images, eval mode, no augmentation."""
+    model.eval()
+    loss = torch.zeros((), device=device)
+    for x, y in eval_batches(data, val_idx, device, "train", workers=workers):
+        loss += F.cross_entropy(model(x)[0][:, :total].float(), y, reduction="sum")
+    return loss.item() / len(val_idx)
+
+
+def train_phase(model, old_model, data, splits, phase, memory, held_out, args, device):
     """One task: SGD with step decay. Task 0: batches of `batch_size` current samples (official plain loader).
     Later tasks: `batch_size - batch_memory` current samples followed by `batch_memory` exemplars, two
-    streams zipped (official incremental_learning.train_epoch with --fix-batch). Returns training images/s."""
+    streams zipped (official incremental_learning.train_epoch with --fix-batch). With a validation split, the
+    model of the epoch with the lowest validation loss is restored at the end (FACIL train_loop).
+    Returns {training images/s, last epoch's mean loss, best validation loss and its epoch}."""
     first, total = splits[phase]
-    current_idx = indices_of(data.train_y, first, total)
+    all_current = indices_of(data.train_y, first, total)
+    current_idx, val_idx = all_current[~held_out[all_current]], all_current[held_out[all_current]]
     memory_idx = memory_indices(memory)
     n_current = args.batch_size - args.batch_memory if phase > 0 else args.batch_size
     steps = -(-len(current_idx) // n_current)
@@ -332,14 +394,15 @@ def train_phase(model, old_model, data, splits, phase, memory, args, device):
     captured = CapturedStep(step, device, enabled=not args.no_graph, optimizer=optimizer)
     progress = Progress(args.epochs, f"  phase {phase} epoch")
     seen, start = 0, time.time()
+    best = {"val_loss": math.inf, "best_epoch": None}
     for epoch in range(args.epochs):
         model.train()
         stats = torch.zeros(2, device=device)
-        current = batch_stream(data, current_idx, n_current, device, args.workers)
+        current = batch_stream(data, current_idx, n_current, device, args, "current")
         if phase == 0:
             batches = islice(current, steps)
         else:  # exemplars are cat'ed after the current samples: TBBN relies on this order
-            exemplars = batch_stream(data, memory_idx, args.batch_memory, device, args.workers)
+            exemplars = batch_stream(data, memory_idx, args.batch_memory, device, args, "memory")
             batches = ((torch.cat([xc, xm]), torch.cat([yc, ym])) for (xc, yc), (xm, ym) in
                        islice(zip(current, exemplars), steps))
         for x, y in batches:
@@ -351,9 +414,19 @@ def train_phase(model, old_model, data, splits, phase, memory, args, device):
             raise UserError(f"loss is NaN in phase {phase} epoch {epoch + 1}; the last finished phase stays in "
                             "the checkpoint (try a lower --lr, or --no-amp)")
         accuracy = 100 * correct / (steps * args.batch_size)
-        progress.update(epoch + 1, f"loss {loss_sum / steps:.3f} train-acc {accuracy:.1f} "
+        val = ""
+        if len(val_idx):
+            val_loss = validation_loss(model, data, val_idx, total, device, args.workers)
+            if val_loss < best["val_loss"]:  # FACIL: keep a copy of the best model so far
+                best = {"val_loss": val_loss, "best_epoch": epoch + 1,
+                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            val = f" val-loss {val_loss:.3f}"
+        progress.update(epoch + 1, f"loss {loss_sum / steps:.3f} train-acc {accuracy:.1f}{val} "
                         f"{seen / (time.time() - start):.0f} img/s")
-    return seen / (time.time() - start)
+    if "state" in best:  # FACIL: the task ends with the lowest-validation-loss model
+        model.load_state_dict(best.pop("state"))
+    return {"train_img_per_s": seen / (time.time() - start), "train_loss": loss_sum / steps,
+            "val_loss": best["val_loss"] if len(val_idx) else None, "best_epoch": best["best_epoch"]}
 
 
 def build_model(args, num_classes):
@@ -391,6 +464,7 @@ def run(args, device, t0):
     check_budget(data.num_classes, args.memory_per_class, args.memory_total)
     order = class_order(data.num_classes, args.class_order_seed)
     apply_class_order(data, order)
+    held_out = validation_split(data.train_y, args.validation, args.seed)  # FACIL: the same split for all tasks
     seed_everything(args.seed)
     model = to_channels_last(build_model(args, data.num_classes), device)  # checks --cn-groups before any output
     ckpt = prepare_out_dir(args.out_dir, args.resume)
@@ -415,21 +489,22 @@ def run(args, device, t0):
         old_model = copy.deepcopy(model).eval().requires_grad_(False) if args.host == "ssil" and phase else None
         r = set_task(model, phase, args.batch_size - args.batch_memory, args.batch_memory) \
             if args.norm == "tbbn" else 1
-        ips = train_phase(model, old_model, data, splits, phase, memory, args, device)
+        trained = train_phase(model, old_model, data, splits, phase, memory, held_out, args, device)
 
         # Herding on the new classes with the current model; the fixed total shrinks the old classes (FACIL).
         model.eval()
-        m = exemplars_per_class(total, args.memory_per_class, args.memory_total)
+        m = exemplars_per_class(total, args.memory_per_class, args.memory_total, rounding="ceil")  # FACIL: ceil
         memory = reduce_memory(memory, m)
-        memory.update(select_exemplars(model.backbone, data, range(first, total), m, device, args.workers))
+        memory.update(select_exemplars(model.backbone, data, range(first, total), m, device, args.workers,
+                                       candidates=~held_out))  # FACIL: exemplars from the training part
         means = class_means(model.backbone, data, memory, total, device, args.workers)
         result = evaluate(model, data, splits, phase, device, means, args.workers)
         row = {"phase": phase, "known_classes": first, "total_classes": total, **result,
                "memory_size": sum(len(v) for v in memory.values()), "exemplars_per_class": m, "tbbn_split": r,
-               "phase_s": time.time() - phase_start, "train_img_per_s": ips}
+               **trained, "phase_s": time.time() - phase_start}
         rows.append(row)
         print(f"{phase:>5} {total:>7} {r:>3} {row['cnn_acc']:>6.2f} {row['nme_acc']:>6.2f} {row['phase_s']:>6.0f}s "
-              f"{ips:>7.0f}")
+              f"{trained['train_img_per_s']:>7.0f}")
         write_metrics(args.out_dir, rows)
         save_checkpoint(args.out_dir, {"phase": phase, "model": model.state_dict(), "memory": memory,
                                        "rows": rows, "rng": rng_state(), "args": vars(args)})
@@ -440,7 +515,8 @@ def run(args, device, t0):
     return finish_run(args, "tbbn", data, order, device, __file__, t0, results_from_rows(rows), host=args.host,
                       norm=args.norm, batch={"current": args.batch_size - args.batch_memory,
                                              "memory": args.batch_memory},
-                      tbbn_split_per_phase=[r["tbbn_split"] for r in rows])
+                      tbbn_split_per_phase=[r["tbbn_split"] for r in rows],
+                      graph=graph_used(not args.no_graph, device))
 
 
 def main(argv=None):

@@ -4,8 +4,9 @@
     python -m common.bench --scripts lucir --steps 20 --batch-size 16   # small sizes (CPU, tests)
 
 Each script exposes `bench_step(args, device) -> (step, optimizer, inputs)`: the real step of an incremental
-phase (old model and all losses on) built from the script's own defaults. The same step function is timed
-eagerly and through common.graph.CapturedStep (which is eager on CPU), after warm-up, with a device sync
+phase (old model and all losses on) built from the script's own defaults; a script with several steps
+(genifer: classifier, D, D + lazy R1, G) exposes `bench_steps(args, device) -> [(name, step, optimizer,
+inputs)]`. The same step function is timed eagerly and through common.graph.CapturedStep (which is eager on CPU), after warm-up, with a device sync
 around the timed region. Prints images/s for both and their ratio.
 """
 import argparse
@@ -16,7 +17,7 @@ import torch
 
 from common.graph import CapturedStep
 
-SCRIPTS = ("lucir", "tbbn", "bsce")
+SCRIPTS = ("lucir", "tbbn", "bsce", "cim", "genifer")
 
 
 def time_steps(step, inputs, steps, device) -> float:
@@ -41,6 +42,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=20, help="untimed steps per mode before timing")
     p.add_argument("--batch-size", type=int, default=None, help="override each script's batch size")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--script-flags", default="", help="extra flags for each script, e.g. '--smoke' (tiny sizes)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -48,22 +50,27 @@ def main(argv=None):
     names = args.scripts or [s for s in SCRIPTS if importlib.util.find_spec(s) is not None]
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch "
           f"{torch.__version__}, {args.steps} timed steps after {args.warmup} warm-up steps")
-    print(f"{'script':<8} {'batch':>5} {'eager img/s':>12} {'graph img/s':>12} {'ratio':>6}")
+    print(f"{'script':<18} {'batch':>5} {'eager img/s':>12} {'graph img/s':>12} {'ratio':>6}")
     rows = []
     for name in names:
         module = importlib.import_module(name)
-        flags = ["--device", args.device] + (["--batch-size", str(args.batch_size)] if args.batch_size else [])
-        rates = []
+        flags = ["--device", args.device] + (["--batch-size", str(args.batch_size)] if args.batch_size else []) + \
+            args.script_flags.split()
+        rates = {}
         for graph in (False, True):
             torch.manual_seed(0)
             script_args = module.parse_args(flags + ([] if graph else ["--no-graph"]))
-            step, optimizer, inputs = module.bench_step(script_args, device)
-            runner = CapturedStep(step, device, enabled=graph, optimizer=optimizer)
-            time_steps(runner, inputs, args.warmup, device)
-            batch = inputs[0].shape[0]
-            rates.append(batch / time_steps(runner, inputs, args.steps, device))
-        rows.append((name, batch, rates[0], rates[1]))
-        print(f"{name:<8} {batch:>5} {rates[0]:>12.0f} {rates[1]:>12.0f} {rates[1] / rates[0]:>5.1f}x", flush=True)
+            steps = module.bench_steps(script_args, device) if hasattr(module, "bench_steps") else \
+                [(None, *module.bench_step(script_args, device))]
+            for step_name, step, optimizer, inputs in steps:
+                runner = CapturedStep(step, device, enabled=graph, optimizer=optimizer)
+                time_steps(runner, inputs, args.warmup, device)
+                batch = inputs[0].shape[0]
+                label = name if step_name is None else f"{name} {step_name}"
+                rates.setdefault(label, [batch]).append(batch / time_steps(runner, inputs, args.steps, device))
+        for label, (batch, eager, graph) in rates.items():
+            rows.append((label, batch, eager, graph))
+            print(f"{label:<18} {batch:>5} {eager:>12.0f} {graph:>12.0f} {graph / eager:>5.1f}x", flush=True)
     return rows
 
 

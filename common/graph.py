@@ -14,14 +14,24 @@ inputs into static buffers and replay. A change of any learning rate in `optimiz
 re-capture, since the graph holds the learning rate as a constant. Make a new CapturedStep when the model,
 the optimiser or the set of active classes changes (each phase). Warm-up, capture and replay run the same
 kernels on the same values, so captured and eager training agree (tests/test_graph.py, on CUDA).
+
+If a capture raises (an op that cannot be captured, an old driver), one line is printed and every CapturedStep
+of the process runs eagerly from then on; `graph_used(enabled, device)` then reports False for results.json.
 """
 import torch
+
+_capture_failed = []  # the first capture error of this process, if any
+
+
+def graph_used(enabled: bool, device: torch.device) -> bool:
+    """Whether training steps ran as captured CUDA graphs: asked for, on CUDA, and no capture failed."""
+    return enabled and device.type == "cuda" and not _capture_failed
 
 
 class CapturedStep:
     def __init__(self, step_fn, device: torch.device, enabled: bool = True, optimizer=None, warmup: int = 3):
         self.step_fn, self.optimizer = step_fn, optimizer
-        self.enabled = enabled and device.type == "cuda"
+        self.enabled = graph_used(enabled, device)
         self.warmup_left = warmup
         self.graph = self.static_inputs = self.static_outputs = self.graph_lrs = None
 
@@ -29,7 +39,7 @@ class CapturedStep:
         return tuple(float(g["lr"]) for g in self.optimizer.param_groups) if self.optimizer is not None else ()
 
     def __call__(self, *inputs):
-        if not self.enabled:
+        if not self.enabled or _capture_failed:
             return self.step_fn(*inputs)
         if self.graph is not None and self._lrs() != self.graph_lrs:
             self.graph = None  # learning rate changed: the old graph holds the old value
@@ -42,13 +52,23 @@ class CapturedStep:
             torch.cuda.current_stream().wait_stream(side)
             return out
         if self.graph is None:
-            self.static_inputs = [x.clone() for x in inputs]
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.static_outputs = self.step_fn(*self.static_inputs)
-            self.graph_lrs = self._lrs()
+            try:
+                self._capture(inputs)
+            except Exception as e:  # nothing ran during the failed capture: run this step eagerly, and all later
+                _capture_failed.append(repr(e))
+                self.enabled, self.graph = False, None
+                print(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                      "); training continues eagerly", flush=True)
+                return self.step_fn(*inputs)
         else:
             for static, x in zip(self.static_inputs, inputs):
                 static.copy_(x, non_blocking=True)
         self.graph.replay()
         return self.static_outputs
+
+    def _capture(self, inputs):
+        self.static_inputs = [x.clone() for x in inputs]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.static_outputs = self.step_fn(*self.static_inputs)
+        self.graph, self.graph_lrs = graph, self._lrs()

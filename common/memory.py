@@ -10,15 +10,21 @@ from common.data import eval_batches, indices_of
 from common.run import UserError
 
 
-def exemplars_per_class(seen_classes: int, memory_per_class: int, memory_total: int = None) -> int:
-    """Growing memory: `memory_per_class` for every class; fixed memory: floor(memory_total / seen)."""
+def exemplars_per_class(seen_classes: int, memory_per_class: int, memory_total: int = None,
+                        rounding: str = "floor") -> int:
+    """Growing memory: `memory_per_class` for every class; fixed memory: memory_total / seen, rounded down
+    ("floor": PyCIL) or up ("ceil": LUCIR official `ceil(2000/seen)`, FACIL exemplars_selection.py; the memory
+    then holds up to seen-1 exemplars more than memory_total)."""
+    if rounding not in ("floor", "ceil"):
+        raise ValueError(f"rounding must be floor or ceil, not {rounding!r}")
     if memory_total is not None:
-        return memory_total // seen_classes
+        return -(-memory_total // seen_classes) if rounding == "ceil" else memory_total // seen_classes
     return memory_per_class
 
 
 def check_budget(num_classes: int, memory_per_class: int, memory_total: int = None, allow_zero: bool = False):
-    """Fail before training if the budget cannot hold one exemplar per class at the end of the protocol."""
+    """Fail before training if the budget cannot hold one exemplar per class at the end of the protocol
+    (floor rounding: a total below the class count fails even where ceil would give 1 a class)."""
     per_class = exemplars_per_class(num_classes, memory_per_class, memory_total)
     if per_class < 1 and not (allow_zero and not memory_total):
         what = f"--memory-total {memory_total}" if memory_total is not None else \
@@ -56,9 +62,12 @@ def herding(features: torch.Tensor, m: int) -> torch.Tensor:
     return torch.stack(picked) if picked else torch.empty(0, dtype=torch.long, device=feats.device)
 
 
-def select_exemplars(feature_fn, data, classes, m: int, device, workers=0) -> dict:
-    """Herding for each class in `classes` with one batched feature pass; returns {class: indices (CPU)}."""
+def select_exemplars(feature_fn, data, classes, m: int, device, workers=0, candidates=None) -> dict:
+    """Herding for each class in `classes` with one batched feature pass; returns {class: indices (CPU)}.
+    `candidates`: a bool mask over the training set to choose from (e.g. without a held-out validation part)."""
     per_class = [indices_of(data.train_y, c, c + 1) for c in classes]
+    if candidates is not None:
+        per_class = [idx[candidates[idx]] for idx in per_class]
     if m <= 0 or not per_class:
         return {c: torch.empty(0, dtype=torch.long) for c in classes}
     feats = extract_features(feature_fn, data, torch.cat(per_class), device, "train", workers=workers)
@@ -78,16 +87,40 @@ def memory_indices(memory: dict) -> torch.Tensor:
     return torch.cat([memory[c] for c in sorted(memory)]) if memory else torch.empty(0, dtype=torch.long)
 
 
+NME_VIEWS = ("hflip", "channels", "none")
+
+
+def second_view(x: torch.Tensor, view: str, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)) -> torch.Tensor:
+    """The second view of a normalised NCHW batch for the NME class means: "hflip" mirrors the width; "channels"
+    reverses the colour channels of the raw image, then normalises it with the usual (RGB) mean and std (what
+    LUCIR's CIFAR code really computes: `prototypes[c][:,:,:,::-1]` on HWC uint8 arrays reverses the last axis,
+    the channel axis, before the transform); "none" is the image itself."""
+    if view == "hflip":
+        return x.flip(3)
+    if view == "channels":
+        mean, std = (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) for v in (mean, std))
+        return ((x * std + mean).flip(1) - mean) / std
+    return x
+
+
 @torch.no_grad()
-def class_means(feature_fn, data, memory: dict, num_classes: int, device, workers=0) -> torch.Tensor:
-    """NME class means (num_classes, D): per class, the mean of the L2-normalised features of its exemplars and
-    of their horizontally flipped copies, averaged and L2-normalised (LUCIR official code, compute_features /
-    class_means with the flipped set). A class without exemplars gets a zero mean (never nearest)."""
+def class_means(feature_fn, data, memory: dict, num_classes: int, device, workers=0, view: str = "hflip"):
+    """NME class means (num_classes, D): per class, the mean over its exemplars of (L2-normalised feature of the
+    image + L2-normalised feature of its second view) / 2, then L2-normalised (iCaRL; LUCIR official code,
+    class_means[..] = (D.alph + D2.alph) / 2). The second view (`second_view`): the official LUCIR CIFAR code
+    labels it "flipped" but reverses the colour channels ("channels"); its ImageNet code sets D2 = D ("none");
+    "hflip" mirrors the image, as the name "flipped" suggests. A class without exemplars gets a zero mean."""
+    if view not in NME_VIEWS:
+        raise ValueError(f"view must be one of {NME_VIEWS}, not {view!r}")
     idx = memory_indices(memory)
     feats = F.normalize(extract_features(feature_fn, data, idx, device, "train", workers=workers), dim=1)
-    flipped = F.normalize(extract_features(feature_fn, data, idx, device, "train", flip=True, workers=workers), dim=1)
+    if view == "none":
+        both = feats
+    else:
+        second = extract_features(lambda x: feature_fn(second_view(x, view, data.mean, data.std)), data, idx,
+                                  device, "train", workers=workers)
+        both = (feats + F.normalize(second, dim=1)) / 2
     labels = data.train_y[idx].to(device)
-    both = (feats + flipped) / 2
     sums = torch.zeros(num_classes, both.shape[1], device=device).index_add_(0, labels, both)
     counts = torch.zeros(num_classes, device=device).index_add_(0, labels, torch.ones_like(labels, dtype=torch.float))
     return F.normalize(sums / counts.clamp(min=1)[:, None], dim=1)

@@ -56,10 +56,13 @@ class CifarResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x):
+    def forward_features(self, x):
+        """The last feature maps (N, 64, H/4, W/4), before pooling (as timm models' forward_features)."""
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(self.pool(x).flatten(1))
+        return self.layer3(self.layer2(self.layer1(x)))
+
+    def forward(self, x):
+        return self.fc(self.pool(self.forward_features(x)).flatten(1))
 
 
 @register_model
@@ -73,7 +76,10 @@ def create_backbone(name: str, last_relu: bool = True, small_input: bool = False
     conv, the usual change for 32 and 64 px inputs; `last_relu=False` drops the ReLU after the last block."""
     if name == "resnet32":
         return timm.create_model("resnet32", num_classes=0, last_relu=last_relu)
-    try:
+    try:  # zero_init_last=False: the torchvision/LUCIR/FACIL ResNets start every BN with gamma 1 (timm's
+        # default zero-initialises the last BN of each block)
+        model = timm.create_model(name, pretrained=False, num_classes=0, zero_init_last=False)
+    except TypeError:  # a timm model without that argument
         model = timm.create_model(name, pretrained=False, num_classes=0)
     except RuntimeError:
         raise UserError(f"unknown --backbone {name!r}: resnet32 or a timm model name such as resnet18") from None

@@ -125,7 +125,7 @@ FLAG_RULES = {
     "margin": "nonneg", "r1_gamma": "nonneg", "eta": "positive", "tau": "prob", "beta1": "unit", "beta2": "unit",
     "ada_target": "prob", "ada_max": "prob", "random_compress_step": "prob", "ema_half_life_kimg": "positive",
     "meta_iters_per_class": "positive", "lr_ratio": "positive", "lr_gamma": "positive", "ada_ksteps": "positive",
-    "gan_epochs_first": "count",
+    "gan_epochs_first": "count", "validation": "unit",
 }
 FLAG_SUFFIX_RULES = (("epochs", "count"), ("batch_size", "count"), ("_interval", "count"), ("milestones",
                      "milestones"), ("lr", "positive"), ("_weight", "nonneg"), ("_coef", "nonneg"),

@@ -136,6 +136,10 @@ def test_smoke_paired_with_memory(paired_run):
         assert res["nme_acc_per_phase"][-1] > 50 and res["acc_per_phase"][-1] > 30  # learning (chance 5%)
     assert (arms["ce_rebalance"]["loss"], arms["bsce"]["loss"]) == ("ce", "bsce")
     assert arms["ce_rebalance"]["acc_matrix"][0] == arms["bsce"]["acc_matrix"][0]  # one shared base phase
+    rows = {a: [json.loads(line) for line in open(paired_run / a / "metrics.jsonl")] for a in arms}
+    assert rows["ce_rebalance"][0]["train_loss"] == rows["bsce"][0]["train_loss"]
+    assert rows["ce_rebalance"][1]["train_loss"] != rows["bsce"][1]["train_loss"]  # phase 1: the arms differ
+    assert all(res["graph"] is False for res in arms.values())                     # CPU: eager
     paired = json.load(open(paired_run / "paired.json"))
     assert paired["baseline"] == "ce_rebalance"
     assert paired["difference"]["bsce"]["avg_inc_acc"] == pytest.approx(
@@ -162,3 +166,107 @@ def test_resume_gives_the_numbers_of_an_uninterrupted_run(paired_run, tmp_path):
     res = bsce.main(flags + ["--resume"])
     ref = json.load(open(paired_run / "bsce" / "results.json"))
     assert res["acc_matrix"] == ref["acc_matrix"] and res["nme_acc_matrix"] == ref["nme_acc_matrix"]
+
+
+# ----------------------------------------------------------------------------------------------- wiring (issue 8)
+class TinyBackbone(torch.nn.Module):
+    num_features = 4
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).mean(dim=(2, 3))
+
+
+def tiny_pair(cosine, num_old=4, num_new=2):
+    torch.manual_seed(0)
+    model, old_model = bsce.Net(TinyBackbone(), cosine), bsce.Net(TinyBackbone(), cosine)
+    model.classifier.add_classes(num_old)
+    old_model.classifier.add_classes(num_old)
+    model.classifier.add_classes(num_new)
+    return model, old_model.eval().requires_grad_(False)
+
+
+COUNTS = torch.tensor([3, 5, 2, 4, 400, 300])  # strongly imbalanced: 4 old classes (exemplars), 2 new
+
+
+@pytest.mark.parametrize("host", ["icarl", "lucir"])
+def test_make_step_loss_is_the_sum_of_the_script_losses(host):
+    """The loss make_step optimises, against the script's own functions with non-default flags: BSCE with the
+    phase counts, plus the host's distillation on the unadjusted logits (a prior leaking into KD would show)."""
+    args = bsce.parse_args(["--smoke", "--device", "cpu", "--host", host, "--kd-weight", "0.6", "--kd-temperature",
+                            "3", "--mr-weight", "0.7", "--margin", "0.3", "--k-hard", "1"])
+    model, old_model = tiny_pair(host == "lucir")
+    x, y = torch.randn(8, 3, 2, 2), torch.tensor([0, 1, 4, 5, 2, 5, 4, 3])
+    model.train()
+    with torch.no_grad():
+        features = model.backbone(x)
+        logits = model.classifier(features)
+        expected = bsce.balanced_softmax_loss(logits, y, COUNTS)
+        if host == "icarl":
+            old_logits = old_model.classifier(old_model.backbone(x))
+            expected = expected + 0.6 * bsce.kd_loss(logits[:, :4], old_logits, 3.0)
+            prior = COUNTS.float().log()
+            leaked = bsce.balanced_softmax_loss(logits, y, COUNTS) + 0.6 * bsce.kd_loss(
+                logits[:, :4] + prior[:4], old_logits + prior[:4], 3.0)
+            assert abs(leaked.item() - expected.item()) > 1e-4  # the test can tell the two apart
+        else:
+            cosine = model.classifier.cosine(features)
+            expected = expected + 2.5 * bsce.less_forget_loss(features, old_model.backbone(x)) + \
+                0.7 * bsce.margin_ranking_loss(cosine, y, 4, 0.3, 1)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    loss = bsce.make_step(model, old_model, optimizer, COUNTS, 4, 2.5, args, torch.device("cpu"))(x, y)[0]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    ce = bsce.make_step(model, old_model, optimizer, COUNTS, 4, 2.5, args, torch.device("cpu"), "ce")(x, y)[0]
+    assert ce.item() != pytest.approx(loss.item())  # loss_name="ce" (the base phase) really is plain CE
+
+
+def test_evaluation_uses_the_raw_logits():
+    """After BSCE training with a strongly imbalanced prior, test-time predictions are the argmax of the raw
+    logits (the prior never reaches the test), and they differ from the prior-adjusted ones."""
+    from common.data import eval_batches
+    from common.evaluation import evaluate
+    args = bsce.parse_args(["--smoke", "--device", "cpu"])
+    data = synthetic(num_classes=6, train_per_class=4, test_per_class=6)
+    model, old_model = tiny_pair(False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    step = bsce.make_step(model, old_model, optimizer, COUNTS, 4, 0.0, args, torch.device("cpu"))
+    x, y = next(iter(bsce.train_batches(data, torch.arange(24), 24, torch.device("cpu"))))
+    for _ in range(20):
+        step(x, y)
+    model.eval()
+    result = evaluate(model, data, [(0, 4), (4, 6)], 1, torch.device("cpu"))
+    xt, yt = next(eval_batches(data, torch.arange(36), torch.device("cpu")))
+    with torch.no_grad():
+        raw = model.classifier(model.backbone(xt))
+    assert result["cnn_acc"] == pytest.approx(100 * (raw.argmax(1) == yt).float().mean().item())
+    adjusted = (raw + COUNTS.float().log()).argmax(1)
+    assert (adjusted != raw.argmax(1)).any()  # with the prior the predictions would differ
+
+
+def imbalanced_synthetic(*_, **__):
+    """The smoke data with unequal class counts (12 .. 24 training images a class), like ImageNet or Food."""
+    data = synthetic(num_classes=20, train_per_class=24)
+    keep = torch.cat([torch.nonzero(data.train_y == c).flatten()[:12 + (c * 7) % 13] for c in range(20)])
+    data.train_x, data.train_y = data.train_x[keep], data.train_y[keep]
+    return data
+
+
+def test_pair_shares_a_ce_base_phase_with_unequal_counts(tmp_path, monkeypatch, capsys):
+    """--paired loss on data with unequal class counts: one base phase, trained with CE, shared by both arms
+    (identical phase-0 rows); phase 1 differs (CE vs BSCE)."""
+    monkeypatch.setattr(bsce, "load_dataset", imbalanced_synthetic)
+    out = tmp_path / "pair"
+    bsce.main(["--smoke", "--device", "cpu", "--paired", "loss", "--epochs", "1", "--milestones", "1",
+               "--increment", "10", "--out-dir", str(out)])
+    assert "base phase shared with the other arm" in capsys.readouterr().out
+    rows = {a: [json.loads(line) for line in open(out / a / "metrics.jsonl")] for a in ("ce", "bsce")}
+    assert len(set(rows["ce"][0]["class_counts"])) > 1  # the base phase really has unequal counts
+    timing = ("phase_s", "train_s", "train_img_per_s")
+    assert {k: v for k, v in rows["ce"][0].items() if k not in timing} == \
+        {k: v for k, v in rows["bsce"][0].items() if k not in timing}
+    base = torch.load(out / "base_phase.pt", weights_only=False)
+    assert base["rows"][0]["train_loss"] == rows["bsce"][0]["train_loss"]
+    assert rows["ce"][1]["train_loss"] != rows["bsce"][1]["train_loss"]

@@ -272,3 +272,73 @@ def test_tinyimagenet_loader_on_real_images(tmp_path):
     assert data.num_classes == 2 and data.train_x.shape[1:] == (64, 64, 3) and len(data.train_x) >= 2
     assert data.test_x.shape == (len(keep), 64, 64, 3) and data.train_x.float().std() > 10
     assert data.test_y.tolist() == [sorted(chosen).index(line.split("\t")[1]) for line in keep]
+
+
+# ------------------------------------------------------------------------------------------------ issue 8
+def test_random_resized_crop_resamples_the_padded_image():
+    """FACIL's CIFAR-100 transform (Pad 4, RandomResizedCrop 32, flip) in batch: a full box is the bilinear resize
+    of the padded image; a box of the output size is an integer crop of it."""
+    from common.data import random_resized_crop
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (8, 8, 8, 3), dtype=torch.uint8)
+    padded = F.pad(x, (0, 0, 2, 2, 2, 2)).permute(0, 3, 1, 2).float()
+    full = random_resized_crop(x, padding=2, scale=(1, 1), ratio=(1, 1)).permute(0, 3, 1, 2)
+    resized = F.interpolate(padded, size=8, mode="bilinear", align_corners=False).round()
+    for i in range(len(x)):
+        assert torch.equal(full[i].float(), resized[i]) or torch.equal(full[i].float(), resized[i].flip(2)), i
+    crops = random_resized_crop(x, padding=2, scale=(64 / 144, 64 / 144), ratio=(1, 1)).permute(0, 3, 1, 2)
+    for i in range(len(x)):  # an 8 x 8 box of the 12 x 12 padded image
+        candidates = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(crops[i].float(), c) or torch.equal(crops[i].float(), c.flip(2))
+                   for c in candidates), i
+
+
+def test_exemplars_per_class_rounding():
+    assert exemplars_per_class(60, 20, 2000, rounding="ceil") == 34          # LUCIR/FACIL: ceil(2000 / 60)
+    assert exemplars_per_class(60, 20, 2000, rounding="floor") == 33         # PyCIL
+    assert exemplars_per_class(50, 20, 2000, rounding="ceil") == 40
+    assert exemplars_per_class(60, 20, rounding="ceil") == 20                # growing memory: no rounding
+
+
+def test_class_means_second_views():
+    """`channels` = the official LUCIR CIFAR view: colour channels of the raw image reversed, then normalised;
+    `none` = the ImageNet code's D2 = D."""
+    torch.manual_seed(0)
+    data = synthetic(num_classes=2, train_per_class=3, test_per_class=1)
+    data.mean, data.std = (0.2, 0.5, 0.7), (0.3, 0.2, 0.1)
+    weights = torch.randn(3, 4)
+
+    def feature_fn(x):  # depends on the channel order and values
+        return x.mean(dim=(2, 3)) @ weights
+    memory = {0: torch.tensor([0, 2]), 1: torch.tensor([4])}
+    for view in ("channels", "none"):
+        means = class_means(feature_fn, data, memory, 2, CPU, view=view)
+        for c, idx in memory.items():
+            raw = data.train_x[idx].permute(0, 3, 1, 2).float() / 255
+            mean, std = torch.tensor(data.mean).view(1, 3, 1, 1), torch.tensor(data.std).view(1, 3, 1, 1)
+            norm = lambda r: (r - mean) / std  # noqa: E731
+            first = F.normalize(feature_fn(norm(raw)), dim=1)
+            second = F.normalize(feature_fn(norm(raw.flip(1))), dim=1) if view == "channels" else first
+            expected = ((first + second) / 2).mean(0)
+            assert torch.allclose(means[c], expected / expected.norm(), atol=1e-5), (view, c)
+
+
+def test_timm_backbones_keep_gamma_one():
+    """torchvision/LUCIR/FACIL ResNets start every BN at gamma 1; timm zero-initialises the last BN of a block
+    unless told not to."""
+    model = create_backbone("resnet18")
+    gammas = [m.weight for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(gammas) == 20 and all(bool((g == 1).all()) for g in gammas)
+
+
+def test_two_file_streams_side_by_side_keep_their_own_samples(food_dir):
+    """Large-image path with workers: two streams of the same batch size iterated together (TBBN's current part
+    and exemplar part) must each yield only their own samples."""
+    data = load_dataset("food101", str(food_dir), CPU)
+    a, b = indices_of(data.train_y, 0, 1), indices_of(data.train_y, 1, 3)  # 2 and 4 images
+    for _ in range(2):
+        pairs = list(zip(train_batches(data, a, 1, CPU, workers=1, stream="current"),
+                         train_batches(data, b, 1, CPU, workers=1, stream="memory")))
+        assert len(pairs) == 2
+        for (_, ya), (_, yb) in pairs:
+            assert ya.tolist() == [0] and yb.item() in (1, 2)

@@ -61,3 +61,28 @@ def test_bench_runs_on_cpu_and_prints_its_table(capsys):
     out = capsys.readouterr().out
     assert "eager img/s" in out and "lucir" in out
     assert rows[0][0] == "lucir" and rows[0][1] == 8 and rows[0][2] > 0 and rows[0][3] > 0
+
+
+def test_failed_capture_falls_back_to_eager_once(monkeypatch, capsys):
+    """A capture that raises (an op that cannot be captured, an old driver) prints one line, runs that step and
+    every later one eagerly, in every CapturedStep of the process, and graph_used() reports False."""
+    import common.graph as graph
+    monkeypatch.setattr(graph, "_capture_failed", [])
+    device = torch.device("cpu")
+    model, optimizer, step = make_training(device)
+    runner = CapturedStep(step, device, optimizer=optimizer, warmup=0)
+    runner.enabled = True  # pretend to be on CUDA, with a capture that fails
+
+    def failing_capture(inputs):
+        raise RuntimeError("operation not permitted when stream is capturing\ndetails")
+    monkeypatch.setattr(runner, "_capture", failing_capture)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = runner(x, y)
+    assert torch.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "capture failed" in out and "eagerly" in out
+    assert not runner.enabled and runner(x, y) is not None and capsys.readouterr().out == ""
+    assert graph.graph_used(True, torch.device("cuda")) is False
+    other = CapturedStep(step, torch.device("cuda"), enabled=True)
+    assert not other.enabled

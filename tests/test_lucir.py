@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from common.data import synthetic
 from conftest import run_script
+import lucir
 from lucir import (CosineClassifier, LUCIRNet, adaptive_lambda, imprint_weights, less_forget_loss,
                    margin_ranking_loss)
 
@@ -75,7 +77,75 @@ RESULT_KEYS = {"method", "finished", "args", "class_order", "normalization", "ba
                "wall_s", "torch", "device", "git_commit", "script_sha256"}
 
 
-def test_smoke_end_to_end_and_resume(tmp_path):
+class TinyBackbone(nn.Module):
+    """Mean colour -> linear -> BN: a backbone with weights and BN statistics, fast on CPU."""
+    num_features = 4
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(3, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(self.linear(x.mean(dim=(2, 3))))
+
+
+def tiny_models(num_old=4, num_new=2):
+    torch.manual_seed(0)
+    model = LUCIRNet(TinyBackbone())
+    model.classifier.add_classes(num_old)
+    old_model = LUCIRNet(TinyBackbone()).eval().requires_grad_(False)
+    old_model.classifier.add_classes(num_old)
+    model.classifier.add_classes(num_new)
+    model.classifier.heads[0].requires_grad_(False)
+    return model, old_model
+
+
+def test_make_step_loss_is_the_sum_of_the_script_losses():
+    """Eq. 9 as make_step assembles it, against the script's own loss functions with non-default flags (a flag
+    that is parsed but ignored, a wrong lambda or wrong counts would show)."""
+    args = lucir.parse_args(["--smoke", "--device", "cpu", "--mr-weight", "0.7", "--margin", "0.3", "--k-hard", "1"])
+    model, old_model = tiny_models()
+    x = torch.randn(8, 3, 4, 4)
+    y = torch.tensor([0, 1, 4, 5, 2, 5, 4, 3])  # old samples (< 4) and new ones
+    model.train()
+    with torch.no_grad():
+        features = model.backbone(x)
+        cosine = model.classifier.cosine(features)
+        expected = (F.cross_entropy(model.classifier.sigma * cosine, y)
+                    + 2.5 * less_forget_loss(features, old_model.backbone(x))
+                    + 0.7 * margin_ranking_loss(cosine, y, 4, 0.3, 1))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    loss, correct = lucir.make_step(model, old_model, optimizer, 4, 2.5, args, torch.device("cpu"))(x, y)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert margin_ranking_loss(cosine, y, 4, 0.3, 1).item() > 0 and expected.item() != pytest.approx(
+        (F.cross_entropy(model.classifier.sigma * cosine, y) + 2.5 * less_forget_loss(features, old_model.backbone(x))
+         + 0.7 * margin_ranking_loss(cosine, y, 4, 0.5, 2)).item())  # the flags change the value
+
+
+def test_cbf_trains_the_heads_only_without_backbone_gradients():
+    """CBF (Sec. 3.5, official ft_flag=2): heads change; backbone weights, BN statistics and sigma do not, and no
+    backbone gradient is even computed."""
+    args = lucir.parse_args(["--smoke", "--device", "cpu", "--cbf-epochs", "2", "--cbf-lr", "0.5"])
+    data = synthetic(num_classes=6, train_per_class=4, test_per_class=1)
+    model, old_model = tiny_models()
+    memory = {c: torch.nonzero(data.train_y == c).flatten()[:2] for c in range(6)}
+    backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    heads_before = [h.detach().clone() for h in model.classifier.heads]
+    sigma_before = model.classifier.sigma.item()
+    grads = []
+    for p in model.backbone.parameters():
+        p.register_hook(lambda g: grads.append(g))
+    lucir.class_balanced_finetuning(model, old_model, data, memory, 4, 2.0, args, torch.device("cpu"), 1)
+    assert grads == [] and all(p.grad is None for p in model.backbone.parameters())
+    assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in backbone_before.items())
+    assert all(not torch.equal(a, b) for a, b in zip(heads_before, model.classifier.heads))  # old heads too
+    assert model.classifier.sigma.item() == sigma_before
+    assert all(p.requires_grad for p in model.backbone.parameters())  # the next phase trains the backbone again
+
+
+def test_smoke_end_to_end_and_resume(tmp_path, monkeypatch):
+    # one thread: six short runs stay fast on a shared 2-core machine (OpenMP threads spin under contention)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     full, part = tmp_path / "full", tmp_path / "part"
     done = run_script("lucir.py", "--smoke", "--out-dir", str(full))
     assert done.returncode == 0, done.stderr
@@ -90,6 +160,7 @@ def test_smoke_end_to_end_and_resume(tmp_path):
     first = run_script("lucir.py", "--smoke", "--out-dir", str(part), "--stop-after", "0")
     assert first.returncode == 0, first.stderr
     assert not (part / "results.json").exists() and (part / "checkpoint.pt").exists()
+    phase0 = torch.load(part / "checkpoint.pt", weights_only=False)
     again = run_script("lucir.py", "--smoke", "--out-dir", str(part))   # no --resume: refused, nothing touched
     assert again.returncode == 2 and "--resume" in again.stderr
     resumed = run_script("lucir.py", "--smoke", "--out-dir", str(part), "--resume")
@@ -104,6 +175,25 @@ def test_smoke_end_to_end_and_resume(tmp_path):
     assert finished.returncode == 2 and "finished run" in finished.stderr
     changed = run_script("lucir.py", "--smoke", "--out-dir", str(part), "--resume", "--lr", "0.5")
     assert changed.returncode == 2 and "lr" in changed.stderr
+    assert results["graph"] is False                                      # CPU: eager
+
+    # a pair of arms that differ only in an incremental-phase setting (Fig. 8: adaptive weight off): the phase-0
+    # checkpoints are identical, phase 1 differs (the flag reaches the training step)
+    arm = tmp_path / "arm"
+    flags = ["lucir.py", "--smoke", "--no-adaptive-lambda", "--out-dir", str(arm)]
+    assert run_script(*flags, "--stop-after", "0").returncode == 0  # a subprocess, as `part`: the same threads
+    arm0 = torch.load(arm / "checkpoint.pt", weights_only=False)
+    assert arm0["phase"] == phase0["phase"] == 0 and arm0["model"].keys() == phase0["model"].keys()
+    assert all(torch.equal(arm0["model"][k], phase0["model"][k]) for k in phase0["model"])
+    assert all(torch.equal(arm0["memory"][c], phase0["memory"][c]) for c in phase0["memory"])
+    timing = ("phase_s", "train_img_per_s")
+    assert {k: v for k, v in arm0["rows"][0].items() if k not in timing} == \
+        {k: v for k, v in phase0["rows"][0].items() if k not in timing}
+    assert run_script(*flags, "--resume").returncode == 0
+    rows = [json.loads(line) for line in (arm / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["lambda"] == 5.0 and ref_rows[1]["lambda"] == pytest.approx(5 * math.sqrt(2))
+    assert rows[1]["train_loss"] != ref_rows[1]["train_loss"] and rows[1]["sigma"] != ref_rows[1]["sigma"]
 
 
 @pytest.mark.parametrize("flags, message", [

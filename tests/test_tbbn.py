@@ -8,7 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import run_script
 
-from tbbn import (ContinualNorm2d, TaskBalancedBatchNorm2d, build_model, parse_args, split_factor, ssil_loss,
+import tbbn
+from common.data import apply_class_order, class_order, indices_of, synthetic
+from tbbn import (ContinualNorm2d, Net, TaskBalancedBatchNorm2d, build_model, parse_args, split_factor, ssil_loss,
                   swap_norm)
 
 
@@ -174,6 +176,104 @@ RESULT_KEYS = {"method", "finished", "args", "class_order", "normalization", "ba
                "git_commit", "script_sha256"}
 
 
+def test_defaults_follow_facil_order_validation_and_augmentation():
+    """Official runs: FACIL's cifar100 order under --seed 0 is np.random.seed(0) then np.random.shuffle of the
+    class list (memory_dataset.get_data); imagenet100 hard-codes the iCaRL list (= the seed-1993 order)."""
+    import numpy as np
+    args = parse_args(["--device", "cpu"])
+    assert args.class_order_seed == 0 and args.validation == 0.1 and args.augmentation == "resized-crop"
+    np.random.seed(0)
+    facil = list(range(100))
+    np.random.shuffle(facil)
+    assert class_order(100, args.class_order_seed)[:10] == facil[:10] == [26, 86, 2, 55, 75, 93, 16, 73, 54, 95]
+    assert parse_args(["--device", "cpu", "--dataset", "imagenet100"]).class_order_seed == 1993
+    for name in ("tinyimagenet", "food101", "cub200", "imagenet"):
+        assert parse_args(["--device", "cpu", "--dataset", name]).backbone == "resnet18"
+
+
+def test_all_norm_arms_start_from_identical_weights():
+    """The arms of a pair differ only in the normalisation layer: same initial weights (timm's ResNet-18 must not
+    zero-initialise the last BN of a block in the bn arm while the swapped layers start at gamma 1)."""
+    states = {}
+    for norm in ("bn", "tbbn", "cn"):
+        torch.manual_seed(0)
+        states[norm] = build_model(parse_args(["--dataset", "imagenet100", "--device", "cpu", "--norm", norm]),
+                                   100).state_dict()
+    for norm in ("tbbn", "cn"):
+        assert states[norm].keys() == states["bn"].keys()
+        assert all(torch.equal(states[norm][k], states["bn"][k]) for k in states["bn"]), norm
+
+
+class TinyBackbone(nn.Module):
+    num_features = 4
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("host", ["er", "ssil"])
+def test_make_step_loss_equals_the_host_loss(host):
+    """The loss make_step optimises is the host's own loss on the batch (ER: CE over the seen classes; SS-IL:
+    ssil_loss with the current/exemplar split and --ssil-kd)."""
+    torch.manual_seed(0)
+    args = parse_args(["--smoke", "--device", "cpu", "--host", host, "--ssil-kd", "all"])
+    splits, phase, n_current = [(0, 2), (2, 4), (4, 6)], 2, 5
+    model, old_model = Net(TinyBackbone(), 8), Net(TinyBackbone(), 8).eval()
+    x = torch.randn(8, 3, 2, 2)
+    y = torch.tensor([4, 5, 4, 4, 5, 0, 3, 1])
+    model.train()
+    with torch.no_grad():
+        logits = model(x)[0][:, :6]
+        expected = ssil_loss(logits, old_model(x)[0], y, n_current, splits, phase, "all") if host == "ssil" \
+            else F.cross_entropy(logits, y)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss = tbbn.make_step(model, old_model, optimizer, splits, phase, n_current, args, torch.device("cpu"))(x, y)[0]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    if host == "ssil":  # --ssil-kd reaches the step: "last" is a different value here
+        assert expected.item() != pytest.approx(ssil_loss(logits, old_model(x)[0], y, n_current, splits, phase,
+                                                          "last").item())
+
+
+def test_batches_end_with_exemplars_and_the_best_validation_epoch_is_restored(monkeypatch):
+    """Every incremental step: the last --batch-memory rows are exemplars, the others current-task samples (none
+    held out for validation). At the end of the task, the model of the epoch with the lowest validation loss is
+    restored (FACIL train_loop)."""
+    args = parse_args(["--dataset", "synthetic", "--device", "cpu", "--epochs", "3", "--milestones", "2",
+                       "--batch-size", "12", "--batch-memory", "4"])
+    data = synthetic(num_classes=6, train_per_class=10, test_per_class=1)
+    apply_class_order(data, class_order(6, 1993))
+    splits, phase = [(0, 3), (3, 6)], 1
+    held_out = tbbn.validation_split(data.train_y, 0.1, 0)
+    assert held_out.sum() == 6 and all(held_out[data.train_y == c].sum() == 1 for c in range(6))  # round(1.0)
+    assert torch.equal(held_out, tbbn.validation_split(data.train_y, 0.1, 0))               # same on --resume
+    memory = {c: indices_of(data.train_y, c, c + 1)[:3] for c in range(3)}
+    model = Net(TinyBackbone(), 6)
+    batches = []
+
+    def fake_make_step(model, old_model, optimizer, splits, phase, n_current, args, device):
+        def step(x, y):
+            batches.append(y.clone())
+            with torch.no_grad():
+                model.head.bias.add_(1.0)  # epoch e ends with bias = e * steps
+            return torch.zeros(2)
+        return step
+    monkeypatch.setattr(tbbn, "make_step", fake_make_step)
+    val_losses = iter([3.0, 1.0, 2.0])
+    monkeypatch.setattr(tbbn, "validation_loss", lambda *a: next(val_losses))
+    before = model.head.bias.clone()
+    out = tbbn.train_phase(model, None, data, splits, phase, memory, held_out, args, torch.device("cpu"))
+    steps = len(batches) // 3
+    assert steps == 4  # ceil(27 current training images / 8) (9 exemplars / 4: 3)
+    for y in batches:
+        assert len(y) == 12 and ((y[:8] >= 3) & (y[:8] < 6)).all() and (y[8:] < 3).all()
+    assert out["best_epoch"] == 2 and out["val_loss"] == 1.0
+    torch.testing.assert_close(model.head.bias, before + 2 * steps)  # the state after epoch 2, not epoch 3
+
+
 def test_paired_smoke_and_resume(tmp_path, monkeypatch):
     # one thread: four short runs stay fast on a shared 2-core machine (OpenMP threads spin under contention)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -193,13 +293,28 @@ def test_paired_smoke_and_resume(tmp_path, monkeypatch):
         assert summary["difference"]["tbbn"][key] == pytest.approx(arms["tbbn"][key] - arms["bn"][key])
     assert "tbbn - bn" in paired.stdout and summary["baseline"] == "bn"
 
-    # a standalone TBBN run, stopped after phase 1 and resumed, ends with the paired arm's numbers (bit-identical)
-    part = tmp_path / "part"
-    first = run_script("tbbn.py", "--smoke", "--out-dir", str(part), "--stop-after", "1")
+    rows = {n: [json.loads(line) for line in (tmp_path / "pair" / n / "metrics.jsonl").read_text().splitlines()]
+            for n in ("bn", "tbbn")}
+    timing = ("phase_s", "train_img_per_s")
+    assert {k: v for k, v in rows["bn"][0].items() if k not in timing} == \
+        {k: v for k, v in rows["tbbn"][0].items() if k not in timing}
+    assert rows["bn"][1]["train_loss"] != rows["tbbn"][1]["train_loss"]  # phase 1: the norm layer matters
+    assert all(r["best_epoch"] is not None for r in rows["tbbn"]) and arms["tbbn"]["graph"] is False
+
+    # standalone runs stopped after phase 0: both arms' phase-0 checkpoints are identical; the TBBN one, resumed,
+    # ends with the paired arm's numbers (bit-identical)
+    part, bn0 = tmp_path / "part", tmp_path / "bn0"
+    first = run_script("tbbn.py", "--smoke", "--out-dir", str(part), "--stop-after", "0")
     assert first.returncode == 0, first.stderr
     assert not (part / "results.json").exists()
+    first_bn = run_script("tbbn.py", "--smoke", "--norm", "bn", "--out-dir", str(bn0), "--stop-after", "0")
+    assert first_bn.returncode == 0, first_bn.stderr  # a subprocess too: the same threads, the same float sums
+    ckpt = {n: torch.load(d / "checkpoint.pt", weights_only=False) for n, d in (("bn", bn0), ("tbbn", part))}
+    assert ckpt["bn"]["phase"] == ckpt["tbbn"]["phase"] == 0
+    assert all(torch.equal(v, ckpt["tbbn"]["model"][k]) for k, v in ckpt["bn"]["model"].items())
+    assert all(torch.equal(v, ckpt["tbbn"]["memory"][c]) for c, v in ckpt["bn"]["memory"].items())
     resumed = run_script("tbbn.py", "--smoke", "--out-dir", str(part), "--resume")
-    assert resumed.returncode == 0 and "resumed after phase 1" in resumed.stdout, resumed.stderr
+    assert resumed.returncode == 0 and "resumed after phase 0" in resumed.stdout, resumed.stderr
     res = json.loads((part / "results.json").read_text())
     for key in ("acc_per_phase", "nme_acc_per_phase", "acc_matrix", "nme_acc_matrix"):
         assert res[key] == arms["tbbn"][key], key
@@ -229,3 +344,13 @@ def test_bad_flags_in_process():
         build_model(parse_args(["--smoke", "--device", "cpu", "--norm", "cn", "--cn-groups", "5"]), 20)
     args = parse_args(["--smoke", "--device", "cpu", "--memory-per-class", "3"])  # growing memory
     assert args.memory_total is None and args.memory_per_class == 3 and args.batch_memory == 8
+
+
+def test_runs_on_tiny_imagenet(tiny_imagenet_dir, tmp_path):
+    """--dataset tinyimagenet (the real dataset we ship): its stated protocol with tiny sizes, end to end."""
+    tbbn.main(["--dataset", "tinyimagenet", "--data-dir", str(tiny_imagenet_dir), "--device", "cpu",
+               "--base-classes", "1", "--increment", "1", "--memory-total", "3", "--epochs", "1",
+               "--milestones", "1", "--batch-size", "4", "--batch-memory", "1", "--out-dir", str(tmp_path / "t")])
+    res = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert res["backbone"] == "resnet18" and len(res["acc_per_phase"]) == 3
+    assert res["args"]["class_order_seed"] == 0 and res["args"]["augmentation"] == "resized-crop"

@@ -1,0 +1,663 @@
+"""CIM: Class-Incremental Exemplar Compression for Class-Incremental Learning, on a FOSTER host.
+
+Paper: Zilin Luo, Yaoyao Liu, Bernt Schiele, Qianru Sun, CVPR 2023 (equations and tables from the authors' poster,
+  materials/poster.pdf in the official repository; papers.md 4).
+Official code: xfflzl/CIM-CIL @ ae113e9 (models/foster.py, models/base.py::_gen_bbx / _construct_exemplar /
+  _reduce_exemplar, convs/resnet.py, utils/transform.py, cim-*.json); built on FOSTER (Wang et al., ECCV 2022)
+  and PyCIL.
+
+Protocol of the defaults (cim-food101.json): Food-101 learned from scratch, 11 classes then 9 phases of 10 (10
+tasks), seed-1993 class order, fixed memory 2020 (per-class budget floor(2020 / seen) full images), ResNet-18 at
+224 px, RandomResizedCrop + flip + ColorJitter + AutoAugment (ImageNet policy); base 200 epochs, FOSTER boosting
+170 and compression 130 epochs, SGD lr 0.1 cosine, momentum 0.9, weight decay 5e-4, batch 256; beta1 0.95,
+beta2 0.97, T = 2; CIM: eta 4, tau 0.6, CAMs every 40 epochs, mask model trained by bilevel optimisation.
+N: learning from scratch (LFS) = N equal tasks; learning from half (LFH) = B50 then N phases (papers.md 4.2).
+
+Average incremental accuracy (top-1 %, CNN, base phase included). Paper: poster tables, FOSTER / FOSTER w/ CIM.
+Ours: `python cim.py --paired <flags>`, both arms in one command (same seed, data, class order), the kept model.
+C1a, learning from scratch:
+| setting            | paper FOSTER / CIM | ours FOSTER / CIM | wall | GPU | date | flags (after --paired) |
+|--------------------|--------------------|-------------------|------|-----|------|------------------------|
+| Food-101 N=5       | 75.03 / 76.44      | not run yet | | | | --base-classes 21 --increment 20 |
+| Food-101 N=10      | 72.72 / 74.85      | not run yet | | | | (none)                         |
+| Food-101 N=20      | 66.73 / 70.20      | not run yet | | | | --base-classes 6 --increment 5 |
+| ImageNet-100 N=5   | 79.93 / 80.58      | not run yet | | | | --dataset imagenet100 --base-classes 20 --increment 20 |
+| ImageNet-100 N=10  | 76.55 / 77.94      | not run yet | | | | --dataset imagenet100          |
+| ImageNet-100 N=20  | 74.49 / 75.23      | not run yet | | | | --dataset imagenet100 --base-classes 5 --increment 5 |
+| Tiny-ImageNet N=10 | (not in paper)     | not run yet | | | | --dataset tinyimagenet         |
+C1b, learning from half (B50; the exact Food-101 base split is unverified, papers.md 4.2):
+| Food-101 N=5       | 79.08 / 79.76      | not run yet | | | | --base-classes 51 --increment 10 |
+| Food-101 N=10      | 75.07 / 76.86      | not run yet | | | | --base-classes 51 --increment 5 |
+| Food-101 N=25      | 68.08 / 70.50      | not run yet | | | | --base-classes 51 --increment 2 |
+| ImageNet-100 N=5   | 80.07 / 80.93      | not run yet | | | | --dataset imagenet100 --base-classes 50 --increment 10 |
+| ImageNet-100 N=10  | 77.54 / 78.66      | not run yet | | | | --dataset imagenet100 --base-classes 50 --increment 5 |
+| ImageNet-100 N=25  | 72.40 / 75.74      | not run yet | | | | --dataset imagenet100 --base-classes 50 --increment 2 |
+C2, ImageNet-1000 from scratch, average / last:
+| M=20k N=5          | 69.21/64.88 / 69.93/66.05 | not run yet | | | | --dataset imagenet --base-classes 200 --increment 200 |
+| M=20k N=10         | 68.34/60.14 / 69.53/62.07 | not run yet | | | | --dataset imagenet             |
+| M=5k N=5           | 57.19/49.42 / 61.37/54.46 | not run yet | | | | ... --increment 200 --memory-total 5000 |
+| M=5k N=10          | 54.72/44.96 / 59.48/50.83 | not run yet | | | | --dataset imagenet --memory-total 5000 |
+Exemplars per class (poster, object-size table): 34.8 to 39.4 with CIM against 20; ours: metrics.jsonl
+`exemplars_mean/min/max` after every phase.
+
+Usage:
+    python cim.py --data-dir data                     # Food-101, FOSTER w/ CIM (the official config)
+    python cim.py --paired --dataset imagenet100 --data-dir /path/to/imagenet   # FOSTER vs FOSTER w/ CIM
+    python cim.py --no-cim ...                        # FOSTER alone
+    python cim.py --smoke [--paired]                  # tiny end-to-end run on generated data, CPU
+
+Scored model: FOSTER keeps one model a phase, the single-backbone student distilled from the two-backbone teacher,
+and grows the next phase from it. The official accuracy curve seems to come from the teacher, the student only
+logged (papers.md 4.4, unverified); we score the student (the model kept, memory-bounded) and log the teacher
+(`teacher_acc_per_phase`).
+
+Deviations:
+- Effective-number class weights count a new class's true images (PyCIL `getlen` sums their positions, papers.md
+  4.5; negligible for beta >= 0.95); old classes count floor(M / known) as in the code.
+- Large images: CAMs and boxes are found on the evaluation view (resize 256, centre crop 224) and applied to the
+  augmented crop at the same position; the code compresses before augmenting. Small images: exact.
+- ColorJitter + AutoAugment only on the large-image path (official); small images keep padded crop + flip.
+- The rational activation (P degree 5, safe Q = 1 + sum_j |b_j| |x|^j of degree 4, `rational-activations`
+  version A) is written here; its ReLU-initial coefficients are our least-squares fit on [-3, 3] (error <= 0.03).
+- Meta batches cycle through the phase data (the code's iterator would stop); the last partial batch of an epoch
+  wraps around (static shapes for CUDA graphs).
+- `--paired` runs both arms in full: CIM already differs in the base phase (rationals train; new images are
+  compressed at random from epoch 40), so no base phase is shared.
+"""
+import argparse
+import copy
+import itertools
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_subset_flags, apply_class_order, class_order,
+                         eval_batches, indices_of, load_dataset, phase_splits, subset_flags, train_batches)
+from common.evaluation import evaluate, results_from_rows
+from common.graph import CapturedStep
+from common.memory import check_budget, exemplars_per_class, herding
+from common.models import count_parameters, create_backbone, to_channels_last
+from common.run import (Progress, UserError, add_system_flags, autocast, check_resume_args, default_out_dir,
+                        finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_main,
+                        save_checkpoint, seed_everything, set_rng_state, setup_device, write_metrics, write_paired)
+
+# Per-dataset defaults (cim-*.json); a flag given on the command line wins. tinyimagenet and synthetic are ours.
+DATASET_DEFAULTS = {
+    "food101": dict(data_dir="data", backbone="resnet18", base_classes=11, increment=10, memory_total=2020,
+                    beta1=0.95),
+    "imagenet100": dict(data_dir="data/imagenet", backbone="resnet18", base_classes=10, increment=10,
+                        memory_total=2000, beta1=0.97),
+    "imagenet": dict(data_dir="data/imagenet", backbone="resnet18", base_classes=100, increment=100,
+                     memory_total=20000, beta1=0.97),
+    "tinyimagenet": dict(data_dir="data", backbone="resnet18", base_classes=20, increment=20, memory_total=4000,
+                         beta1=0.97),
+    "synthetic": dict(data_dir="", backbone="resnet32", base_classes=10, increment=5, memory_total=100, beta1=0.95),
+}
+SMOKE = dict(dataset="synthetic", image_size=16, batch_size=8, lr=0.02, epochs=2, boost_epochs=2, compress_epochs=2,
+             cam_interval=1, meta_batch_size=4, meta_iters_per_class=0.2)
+# ReLU-initial rational coefficients (ours: least squares on [-3, 3], max |error| 0.030; tests/test_cim.py)
+RELU_NUMERATOR = (0.02997, 0.61699, 2.37296, 3.05863, 1.51874, 0.25143)   # a_0 .. a_5
+RELU_DENOMINATOR = (1.19073, 4.39714, 0.9076, 0.34694)                     # b_1 .. b_4
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    g = p.add_argument_group("protocol (None = the --dataset default, printed at start-up)")
+    g.add_argument("--dataset", default="food101", help="food101 | imagenet100 | imagenet | tinyimagenet | "
+                   "synthetic (official configs: Food-101, ImageNet-100, ImageNet-1000)")
+    g.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
+    add_subset_flags(g)
+    g.add_argument("--backbone", default=None, help="timm name (official: resnet18; small-input stem for 64 px)")
+    g.add_argument("--base-classes", type=int, default=None, help="classes of phase 0 (official init_cls: 11 "
+                   "Food-101, 10 ImageNet-100, 100 ImageNet)")
+    g.add_argument("--increment", type=int, default=None, help="new classes a phase (official: 10, 10, 100)")
+    g.add_argument("--memory-total", type=int, default=None, help="fixed total memory in full images, budget "
+                   "floor(M / seen) a class (official memory_size: 2020, 2000, 20000; the paper also 5000)")
+    g.add_argument("--memory-per-class", type=int, default=20, help="unused (CIM's memory is fixed); kept for "
+                   "the shared flag set (official memory_per_class 20)")
+    g.add_argument("--class-order-seed", type=int, default=1993, help="class order seed (official: 1993)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=200, help="base-phase epochs (official init_epochs 200)")
+    g.add_argument("--boost-epochs", type=int, default=170, help="FOSTER boosting epochs (official incre_epochs)")
+    g.add_argument("--compress-epochs", type=int, default=130, help="FOSTER compression epochs (official: 130)")
+    g.add_argument("--batch-size", type=int, default=256, help="batch size (official: 256)")
+    g.add_argument("--lr", type=float, default=0.1, help="SGD learning rate, cosine (official theta_lr 0.1)")
+    g.add_argument("--milestones", type=int, nargs="+", default=None, help="lr /10 at these epochs (official: cosine)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (official: 0.9)")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="(official: 5e-4; compression uses none)")
+    g.add_argument("--no-autoaugment", action="store_true", help="drop ColorJitter + AutoAugment (official: on)")
+    g = p.add_argument_group("FOSTER host")
+    g.add_argument("--beta1", type=float, default=None, help="effective-number beta, boosting (official: 0.95 "
+                   "Food-101, 0.97 ImageNet)")
+    g.add_argument("--beta2", type=float, default=0.97, help="effective-number beta, compression (official 0.97)")
+    g.add_argument("--kd-temperature", type=float, default=2.0, help="KD temperature T (official: 2)")
+    g = p.add_argument_group("CIM")
+    g.add_argument("--no-cim", action="store_true", help="FOSTER alone (the paired baseline)")
+    g.add_argument("--eta", type=float, default=4.0, help="1/eta the pixels outside the box (official: 4)")
+    g.add_argument("--tau", type=float, default=0.6, help="CAM threshold of the box (official mask_threshold)")
+    g.add_argument("--cam-interval", type=int, default=40, help="new CAMs and boxes every N epochs (official: 40)")
+    g.add_argument("--random-compress-step", type=float, default=0.1, help="new images compressed with prob. "
+                   "step * floor(epoch / interval) (official randombbxblur_prob_incre)")
+    g.add_argument("--meta-batch-size", type=int, default=16, help="mask-level batch (official meta_batch_size)")
+    g.add_argument("--meta-iters-per-class", type=float, default=0.5, help="mask-level iterations an epoch per "
+                   "new class (official num_meta_iters_per_cls)")
+    g.add_argument("--meta-lr", type=float, default=0.01, help="Adam lr of the rationals, cosine (official: 0.01)")
+    g.add_argument("--lr-ratio", type=float, default=0.1, help="virtual step = current lr x ratio (official: 0.1)")
+    g.add_argument("--reg-coef", type=float, default=0.1, help="weight of the mean squared CAM (official)")
+    g.add_argument("--div-coef", type=float, default=0.2, help="weight of the rational branch's CE (official)")
+    g.add_argument("--max-meta-grad-norm", type=float, default=1.0, help="clip of the rational gradient, x sqrt(2) "
+                   "after the base phase (official max_phi_grad_norm)")
+    g.add_argument("--paired", action="store_true", help="run FOSTER then FOSTER w/ CIM into --out-dir/{foster,"
+                   "foster_cim}/ and write --out-dir/paired.json")
+    add_system_flags(p)
+    return resolve_defaults(p.parse_args(argv), DATASET_DEFAULTS, SMOKE)
+
+
+# ----------------------------------------------------------------------------------------------- compression
+def compress_images(x: torch.Tensor, boxes: torch.Tensor, eta: float) -> torch.Tensor:
+    """Poster Fig. 2 / official utils/transform.py: nearest down by sqrt(eta) a side and back up, with the box
+    (y0, x0, y1, x1; rows y0..y1-1) kept at full resolution. x: (N, C, H, W), any dtype; a full box = identity."""
+    n, _, h, w = x.shape
+    small = (int(h / math.sqrt(eta)), int(w / math.sqrt(eta)))
+    coarse = F.interpolate(F.interpolate(x.float(), size=small, mode="nearest"), size=(h, w), mode="nearest")
+    rows = torch.arange(h, device=x.device)[None, :, None]
+    cols = torch.arange(w, device=x.device)[None, None, :]
+    b = boxes.to(x.device)[:, :, None, None]
+    inside = (rows >= b[:, 0]) & (rows < b[:, 2]) & (cols >= b[:, 1]) & (cols < b[:, 3])
+    return torch.where(inside[:, None], x, coarse.to(x.dtype))
+
+
+def compression_cost(boxes: torch.Tensor, h: int, w: int, eta: float) -> torch.Tensor:
+    """Memory cost in full images (poster): box fraction + (1/eta) * the rest."""
+    frac = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).float() / (h * w)
+    return frac + (1 - frac) / eta
+
+
+def cam_boxes(cams: torch.Tensor, size: tuple, tau: float) -> torch.Tensor:
+    """Official _gen_bbx: min-max normalise each CAM (N, h, w), bilinear up to `size`, threshold (> tau), tight
+    box (y0, x0, y1, x1). An empty mask gives the full image (no compression)."""
+    cams = cams - cams.amin((1, 2), keepdim=True)
+    cams = cams / cams.amax((1, 2), keepdim=True).clamp(min=1e-12)
+    mask = F.interpolate(cams[:, None].float(), size=size, mode="bilinear")[:, 0] > tau
+    rows, cols = mask.any(2), mask.any(1)
+
+    def span(m, n):
+        first = m.float().argmax(1)
+        last = n - m.flip(1).float().argmax(1)
+        empty = ~m.any(1)
+        return torch.where(empty, 0, first), torch.where(empty, n, last)
+    (y0, y1), (x0, x1) = span(rows, size[0]), span(cols, size[1])
+    return torch.stack([y0, x0, y1, x1], 1).long()
+
+
+def budget_prefix(costs: torch.Tensor, budget: float) -> int:
+    """Length of the longest prefix whose cumulative cost fits the budget (official: stop when it exceeds)."""
+    return int((costs.cumsum(0) <= budget + 1e-6).sum())
+
+
+# ----------------------------------------------------------------------------------------------- mask model
+def rational(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """Pade activation P(x) / Q(x), P of degree 5, safe Q(x) = 1 + sum_j |b_j| |x|^j >= 1 (version A)."""
+    xf = x.float().clamp(-1e4, 1e4)  # so x^5 stays finite in float32 (else inf / inf = NaN)
+    p = numerator[-1].expand_as(xf)
+    for a in numerator.flip(0)[1:]:
+        p = p * xf + a
+    ax, power, q = xf.abs(), 1.0, 1.0
+    for b in denominator:  # products, not pow: pow's second derivative is NaN at 0 (0 * 0^-1)
+        power = power * ax
+        q = q + b.abs() * power
+    return (p / q).to(x.dtype)
+
+
+class RationalReLU(nn.Module):
+    """A ReLU of the backbone; in rational mode (the mask model, official convs/resnet.py) a learnable rational
+    activation initialised to approximate ReLU. Its parameters (names contain `ratl`) are the mask model's phi."""
+
+    def __init__(self):
+        super().__init__()
+        self.ratl_numerator = nn.Parameter(torch.tensor(RELU_NUMERATOR))
+        self.ratl_denominator = nn.Parameter(torch.tensor(RELU_DENOMINATOR))
+        self.rational = False
+
+    def forward(self, x):
+        return rational(x, self.ratl_numerator, self.ratl_denominator) if self.rational else F.relu(x)
+
+
+def add_rationals(module: nn.Module) -> nn.Module:
+    for name, child in module.named_children():
+        if isinstance(child, nn.ReLU):
+            setattr(module, name, RationalReLU())
+        else:
+            add_rationals(child)
+    return module
+
+
+def set_rational(model: nn.Module, on: bool):
+    for m in model.modules():
+        if isinstance(m, RationalReLU):
+            m.rational = on
+
+
+def linear(in_features: int, out_features: int) -> nn.Linear:
+    fc = nn.Linear(in_features, out_features)  # PyCIL SimpleLinear: kaiming uniform (linear gain), zero bias
+    nn.init.kaiming_uniform_(fc.weight, nonlinearity="linear")
+    nn.init.zeros_(fc.bias)
+    return fc
+
+
+# ----------------------------------------------------------------------------------------------- FOSTER host
+class FosterNet(nn.Module):
+    """One backbone (base model, student) or two (boosting teacher: frozen old + new, FOSTER). `fc` reads the
+    concatenated features; the teacher also has `fe_fc` (new backbone's own head) and the frozen `old_fc`."""
+
+    def __init__(self, backbones, num_classes, old_fc=None):
+        super().__init__()
+        self.backbones = nn.ModuleList(backbones)
+        dim = backbones[0].num_features
+        self.fc = linear(dim * len(backbones), num_classes)
+        self.fe_fc = linear(dim, num_classes) if len(backbones) > 1 else None
+        self.old_fc = old_fc
+
+    def outputs(self, x):
+        """(logits, features, final feature maps concatenated over the backbones)."""
+        maps = torch.cat([b.forward_features(x) for b in self.backbones], 1).float()
+        features = maps.mean((2, 3))
+        return self.fc(features), features, maps
+
+    def forward(self, x):
+        logits, features, _ = self.outputs(x)
+        return logits, features
+
+
+def grow(student: FosterNet, total: int) -> FosterNet:
+    """FOSTER boosting model (PyCIL FOSTERNet.update_fc): the kept model's backbone frozen beside a copy of it,
+    fc widened with the old rows in the old feature columns, the old fc kept frozen for KD."""
+    old_fc = copy.deepcopy(student.fc).requires_grad_(False)
+    teacher = FosterNet([student.backbones[0], copy.deepcopy(student.backbones[0])], total, old_fc)
+    known, dim = student.fc.out_features, student.fc.in_features
+    with torch.no_grad():
+        teacher.fc.weight[:known, :dim] = student.fc.weight
+        teacher.fc.bias[:known] = student.fc.bias
+    for n, p in teacher.backbones[0].named_parameters():  # official: old backbone frozen, its rationals not
+        p.requires_grad_("ratl" in n)
+    return teacher
+
+
+def new_student(teacher: FosterNet, total: int) -> FosterNet:
+    """FOSTER compression: a single backbone initialised from the old one, old fc rows copied (copy_fc)."""
+    student = FosterNet([copy.deepcopy(teacher.backbones[0]).requires_grad_(True)], total)
+    with torch.no_grad():
+        student.fc.weight[:teacher.old_fc.out_features] = teacher.old_fc.weight
+        student.fc.bias[:teacher.old_fc.out_features] = teacher.old_fc.bias
+    return student
+
+
+def effective_number_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
+    """Cui et al. 2019 as in FOSTER: w_c = (1 - beta) / (1 - beta^n_c), normalised to sum to the class count."""
+    w = (1 - beta) / (1 - beta ** counts.double())
+    return (w / w.sum() * len(counts)).float()
+
+
+def kd_loss(logits, teacher_logits, T):
+    """FOSTER _KD_loss: - sum softmax(t/T) * log_softmax(s/T), averaged over the batch (no T^2)."""
+    return -(F.softmax(teacher_logits / T, 1) * F.log_softmax(logits / T, 1)).sum(1).mean()
+
+
+def balanced_kd_loss(logits, teacher_logits, weights, T):
+    """FOSTER BKD: the teacher's softened distribution reweighted by the class weights, renormalised."""
+    soft = F.softmax(teacher_logits / T, 1) * weights
+    soft = soft / soft.sum(1, keepdim=True)
+    return -(soft * F.log_softmax(logits / T, 1)).sum(1).mean()
+
+
+def host_loss(model, x, y, weights, num_old, T):
+    """Base phase: CE. Boosting (FOSTER): CE(logits / w) + CE of the new backbone's head + KD on old logits."""
+    logits, features, _ = model.outputs(x)
+    if model.fe_fc is None:
+        return F.cross_entropy(logits, y), logits
+    dim = model.fe_fc.in_features
+    with torch.no_grad():
+        old_logits = model.old_fc(features[:, :-dim])
+    loss = F.cross_entropy(logits / weights, y) + F.cross_entropy(model.fe_fc(features[:, -dim:]), y)
+    return loss + kd_loss(logits[:, :num_old], old_logits, T), logits
+
+
+def make_step(model, optimizer, weights, num_old, args, device, teacher=None):
+    """Boosting / base step (host loss) or, with `teacher`, the compression step (balanced KD), in plain PyTorch:
+    no host syncs, so CapturedStep can capture it. Returns (loss, correct) as one device tensor."""
+    amp = not args.no_amp
+
+    def step(x, y):
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, amp):
+            if teacher is None:
+                loss, logits = host_loss(model, x, y, weights, num_old, args.kd_temperature)
+            else:
+                with torch.no_grad():
+                    teacher_logits = teacher(x)[0]
+                logits = model(x)[0]
+                loss = balanced_kd_loss(logits.float(), teacher_logits.float(), weights, args.kd_temperature)
+        loss.backward()
+        optimizer.step()
+        return torch.stack([loss.detach().float(), (logits.argmax(1) == y).float().sum()])
+    return step
+
+
+def meta_step(model, phi_optimizer, batch, next_batch, weights, num_old, inner_lr, args, max_norm):
+    """Mask level of the bilevel optimisation (papers.md 4.1; official foster.py): the rational branch gives CAMs
+    of the true class; a virtual SGD step of the backbone (fc and phi excluded) on the soft hybrid input
+    CAM * x + (1 - CAM) * downup(x); then Adam on phi for CE(fresh batch; theta+) + reg * mean CAM^2 + div * CE of
+    the rational branch. Only the rational parameters change (the model is in eval mode: BN stays)."""
+    (x, y), (x2, y2) = batch, next_batch
+    phi = [p for n, p in model.named_parameters() if "ratl" in n and p.requires_grad]
+    set_rational(model, True)
+    logits_r, _, maps = model.outputs(x)
+    set_rational(model, False)
+    div_loss = F.cross_entropy(logits_r, y)
+    cams = torch.einsum("nc,nchw->nhw", model.fc.weight[y].detach(), maps)
+    cams = cams - cams.amin((1, 2), keepdim=True)
+    cams = (cams / cams.amax((1, 2), keepdim=True).clamp(min=1e-12))[:, None]
+    reg_loss = (cams ** 2).mean()
+    cams = F.interpolate(cams, size=x.shape[2:], mode="bilinear")
+    hybrid = cams * x + (1 - cams) * compress_images(x, torch.zeros(len(x), 4, dtype=torch.long), args.eta)
+    inner_loss, _ = host_loss(model, hybrid, y, weights, num_old, args.kd_temperature)
+    fast = {n: p for n, p in model.named_parameters() if p.requires_grad and "ratl" not in n and "fc" not in n}
+    grads = torch.autograd.grad(inner_loss, list(fast.values()), create_graph=True)
+    fast = {n: p - inner_lr * g for (n, p), g in zip(fast.items(), grads)}
+    outer_logits = torch.func.functional_call(model, fast, (x2,))[0]
+    outer_loss = F.cross_entropy(outer_logits, y2) + args.div_coef * div_loss + args.reg_coef * reg_loss
+    for p, g in zip(phi, torch.autograd.grad(outer_loss, phi)):
+        p.grad = g
+    nn.utils.clip_grad_norm_(phi, max_norm)
+    phi_optimizer.step()
+    phi_optimizer.zero_grad(set_to_none=True)
+    return outer_loss.detach()
+
+
+# ----------------------------------------------------------------------------------------------- memory
+@torch.no_grad()
+def boxes_of(model, data, idx, tau, device, workers=0) -> torch.Tensor:
+    """CIM boxes (CPU, (N, 4)) of training images `idx`: the rational branch's CAM of the true class."""
+    model.eval()
+    set_rational(model, True)
+    out = []
+    for x, y in eval_batches(data, idx, device, "train", workers=workers):
+        _, _, maps = model.outputs(x)
+        out.append(cam_boxes(torch.einsum("nc,nchw->nhw", model.fc.weight[y], maps), x.shape[2:], tau).cpu())
+    set_rational(model, False)
+    return torch.cat(out) if out else torch.empty(0, 4, dtype=torch.long)
+
+
+@torch.no_grad()
+def compressed_features(model, data, idx, boxes, eta, device, workers=0) -> torch.Tensor:
+    model.eval()
+    out, start = [], 0
+    for x, _ in eval_batches(data, idx, device, "train", workers=workers):
+        out.append(model(compress_images(x, boxes[start:start + len(x)], eta))[1].float())
+        start += len(x)
+    return torch.cat(out) if out else torch.empty(0, device=device)
+
+
+def select_compressed(model, data, classes, boxes, budget, eta, device, workers=0) -> dict:
+    """Herding on the compressed images (official _construct_exemplar) while the cumulative cost fits the class
+    budget. Returns {class: (n, 5) rows (training index, y0, x0, y1, x1)}, herding order. `boxes`: (N_train, 4)."""
+    memory = {}
+    for c in classes:
+        idx = indices_of(data.train_y, c, c + 1)
+        feats = compressed_features(model, data, idx, boxes[idx], eta, device, workers)
+        order = herding(feats, min(len(idx), int(budget * eta) + 1)).cpu()  # at most eta * budget fit
+        keep = order[:budget_prefix(compression_cost(boxes[idx[order]], data.image_size, data.image_size, eta),
+                                    budget)]
+        memory[c] = torch.cat([idx[keep, None], boxes[idx[keep]]], 1)
+    return memory
+
+
+def reduce_compressed(memory: dict, budget: float, size: int, eta: float) -> dict:
+    """Official _reduce_exemplar: keep the herding-order prefix whose cumulative cost fits the new budget."""
+    return {c: rows[:budget_prefix(compression_cost(rows[:, 1:], size, size, eta), budget)]
+            for c, rows in memory.items()}
+
+
+def memory_rows(memory: dict) -> torch.Tensor:
+    return torch.cat([memory[c] for c in sorted(memory)]) if memory else torch.empty(0, 5, dtype=torch.long)
+
+
+@torch.no_grad()
+def nme_means(model, data, memory, total, eta, device, workers=0):
+    """NME class means from the features of the compressed exemplars (official: class mean of exemplar vectors)."""
+    rows = memory_rows(memory)
+    feats = F.normalize(compressed_features(model, data, rows[:, 0], rows[:, 1:], eta, device, workers), dim=1)
+    labels = data.train_y[rows[:, 0]].to(device)
+    sums = torch.zeros(total, feats.shape[1], device=device).index_add_(0, labels, feats)
+    return F.normalize(sums, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------- training
+def autoaugment(size):
+    import torchvision.transforms as T  # official utils/data.py: train transform of Food-101 and ImageNet
+    return [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ColorJitter(brightness=63 / 255),
+            T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)]
+
+
+def make_batch_fn(box_table, always, new_mask, prob, eta):
+    """Compress the memory exemplars always and new-class images with probability `prob` (official
+    randombbxblur), before augmentation (uint8 NHWC) or on the transformed batch (float NCHW)."""
+    def fn(x, idx):
+        full = torch.tensor([0, 0, 1 << 30, 1 << 30], device=x.device)
+        pick = always[idx] | (new_mask[idx] & (torch.rand(len(idx), device=x.device) < prob))
+        boxes = torch.where(pick[:, None], box_table[idx], full)
+        if x.dtype == torch.uint8:
+            return compress_images(x.permute(0, 3, 1, 2), boxes, eta).permute(0, 2, 3, 1).contiguous()
+        return compress_images(x, boxes, eta)
+    return fn
+
+
+def run_stage(model, step_model, data, train_idx, ctx, args, device, *, epochs, params, weight_decay, label,
+              weights=None, num_old=0, teacher=None, meta=None):
+    """One training stage (base, boosting or compression): SGD + cosine (or step decay), the captured step each
+    batch; with `meta`, CAM refresh every --cam-interval epochs and the mask-level steps after each epoch."""
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, 0.1) if args.milestones else \
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
+    captured = CapturedStep(make_step(step_model, optimizer, weights, num_old, args, device, teacher), device,
+                            enabled=not args.no_graph, optimizer=optimizer)
+    progress = Progress(epochs, f"  {label} epoch")
+    seen, start, meta_loss = 0, time.time(), float("nan")
+    for epoch in range(epochs):
+        if meta is not None and epoch and epoch % args.cam_interval == 0:  # official: refresh CAMs, raise prob
+            ctx["box_table"][ctx["new_idx"].to(device)] = boxes_of(model, data, ctx["new_idx"], args.tau, device,
+                                                                   args.workers).to(device)
+            ctx["prob"] = args.random_compress_step * (epoch // args.cam_interval)
+        step_model.train()
+        if teacher is None and model.fe_fc is not None:
+            model.backbones[0].eval()  # official FOSTER.train(): the old backbone's BN stays fixed
+        batch_fn = make_batch_fn(ctx["box_table"], ctx["always"], ctx["new_mask"], ctx["prob"], args.eta)
+        stats = torch.zeros(2, device=device)
+        for x, y in train_batches(data, train_idx, args.batch_size, device, args.workers, batch_fn=batch_fn,
+                                  train_transform=ctx["tf"]):
+            stats += captured(x, y)
+            seen += len(y)
+        if meta is not None:
+            model.eval()
+            inner_lr = optimizer.param_groups[0]["lr"] * args.lr_ratio
+            plain = make_batch_fn(ctx["box_table"], ctx["always"], ctx["new_mask"], 0.0, args.eta)
+            batches = itertools.chain.from_iterable(  # cycles through the phase data (official: would stop)
+                train_batches(data, train_idx, args.meta_batch_size, device, args.workers, stream="meta",
+                              batch_fn=plain, train_transform=ctx["tf"])
+                for _ in itertools.count())
+            losses = [meta_step(model, meta["optimizer"], next(batches), next(batches), weights, num_old, inner_lr,
+                                args, meta["max_norm"]) for _ in range(meta["iters"])]
+            meta["scheduler"].step()
+            meta_loss = torch.stack(losses).mean().item() if losses else float("nan")
+        scheduler.step()
+        loss_sum, correct = stats.tolist()  # one host sync per epoch
+        steps = -(-len(train_idx) // args.batch_size)
+        if not math.isfinite(loss_sum) or (meta is not None and meta["iters"] and not math.isfinite(meta_loss)):
+            raise UserError(f"loss is NaN in {label} epoch {epoch + 1}; the last finished phase stays in the "
+                            "checkpoint (try a lower --lr or --meta-lr, or --no-amp)")
+        acc = 100 * correct / (steps * args.batch_size)
+        progress.update(epoch + 1, f"loss {loss_sum / steps:.3f} train-acc {acc:.1f}"
+                        f"{f' meta {meta_loss:.3f}' if meta else ''} {seen / (time.time() - start):.0f} img/s")
+    return seen / (time.time() - start)
+
+
+def bench_step(args, device):
+    """The boosting step of the first incremental phase on generated inputs of the real shapes (for
+    `python -m common.bench`). Returns (step, optimizer, example inputs)."""
+    num_classes, size = SHAPES[args.dataset]
+    first, total = phase_splits(num_classes, args.base_classes, args.increment)[1]
+    model = to_channels_last(grow(build_model(args, first), total), device)
+    params = [p for n, p in model.named_parameters() if p.requires_grad and "ratl" not in n]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    weights = effective_number_weights(torch.tensor([args.memory_total // first] * first + [500] * (total - first)),
+                                       args.beta1).to(device)
+    x = torch.randn(args.batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, total, (args.batch_size,), device=device)
+    model.train()
+    return make_step(model, optimizer, weights, first, args, device), optimizer, (x, y)
+
+
+def build_model(args, num_classes) -> FosterNet:
+    small = args.dataset in SMALL_IMAGE_DATASETS and args.backbone != "resnet32"
+    backbone = add_rationals(create_backbone(args.backbone, small_input=small))  # official convs/resnet.py
+    if not hasattr(backbone, "forward_features"):
+        raise UserError(f"--backbone {args.backbone}: no forward_features (CIM needs the final feature maps)")
+    return FosterNet([backbone], num_classes)
+
+
+# ----------------------------------------------------------------------------------------------- main
+def run(args):
+    """One arm: all phases; returns the results dict (also in results.json), or None after --stop-after."""
+    t0 = time.time()
+    device = setup_device(args)
+    arm = "foster" if args.no_cim else "foster_cim"
+    if args.memory_total is None or args.memory_total < 1:
+        raise UserError("--memory-total must be >= 1 (CIM uses a fixed total memory)")
+    if args.eta < 1 or not 0 <= args.tau < 1:
+        raise UserError("--eta must be >= 1 and --tau in [0, 1)")
+    args.out_dir = args.out_dir or default_out_dir(f"cim-{arm}", args)
+    data = load_dataset(args.dataset, args.data_dir, device, args.class_list, **subset_flags(args))
+    splits = phase_splits(data.num_classes, args.base_classes, args.increment)
+    check_budget(data.num_classes, 0, args.memory_total)
+    order = class_order(data.num_classes, args.class_order_seed)
+    apply_class_order(data, order)
+    seed_everything(args.seed)
+    model = to_channels_last(build_model(args, splits[0][1]), device)
+    ckpt = prepare_out_dir(args.out_dir, args.resume)  # only now: bad input has had its one-line error
+    print(f"CIM ({arm}): {args.dataset}, {len(splits) - 1} phases after B{args.base_classes}, out: {args.out_dir}")
+    print_args(args)
+    memory, rows, start_phase = {}, [], 0
+    if ckpt is not None:
+        check_resume_args(ckpt["args"], vars(args))
+        model = to_channels_last(build_model(args, splits[ckpt["phase"]][1]), device)
+        model.load_state_dict(ckpt["model"])
+        memory, rows, start_phase = ckpt["memory"], ckpt["rows"], ckpt["phase"] + 1
+        set_rng_state(ckpt["rng"])
+        print(f"resumed after phase {ckpt['phase']} from {args.out_dir}")
+    print(f"backbone {args.backbone}: {count_parameters(model.backbones[0]):,} parameters")
+    print(f"{'phase':>5} {'classes':>7} {'CNN':>6} {'NME':>6} {'teacher':>7} {'ex/cls':>6} {'time':>7}")
+    tf = None if data.on_device or args.no_autoaugment else autoaugment
+    n_train, size = len(data.train_y), data.image_size
+
+    for phase in range(start_phase, len(splits)):
+        phase_start = time.time()
+        first, total = splits[phase]
+        new_idx = indices_of(data.train_y, first, total)
+        rows_mem = memory_rows(memory)
+        train_idx = torch.cat([new_idx, rows_mem[:, 0]])
+        ctx = {"box_table": torch.zeros(n_train, 4, dtype=torch.long, device=device), "prob": 0.0, "tf": tf,
+               "always": torch.zeros(n_train, dtype=torch.bool, device=device), "new_idx": new_idx,
+               "new_mask": torch.zeros(n_train, dtype=torch.bool, device=device)}
+        ctx["box_table"][:, 2:] = size
+        ctx["box_table"][rows_mem[:, 0].to(device)] = rows_mem[:, 1:].to(device)
+        ctx["always"][rows_mem[:, 0].to(device)] = not args.no_cim
+        ctx["new_mask"][new_idx.to(device)] = not args.no_cim
+        if phase == 0:
+            teacher, weights = model, None
+        else:  # FOSTER class weights: old classes count floor(M / known) (official samples_old_class)
+            counts = torch.tensor([args.memory_total // first] * first +
+                                  torch.bincount(data.train_y[new_idx] - first, minlength=total - first).tolist())
+            weights = effective_number_weights(counts, args.beta1).to(device)
+            teacher = to_channels_last(grow(model, total), device)
+        meta = None
+        if not args.no_cim:
+            phi = [p for n, p in teacher.named_parameters() if "ratl" in n and p.requires_grad]
+            epochs = args.epochs if phase == 0 else args.boost_epochs
+            meta_opt = torch.optim.Adam(phi, lr=args.meta_lr, weight_decay=args.weight_decay)
+            meta = {"optimizer": meta_opt, "scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(meta_opt, epochs),
+                    "iters": int((total - first) * args.meta_iters_per_class),
+                    "max_norm": args.max_meta_grad_norm * (1 if phase == 0 else math.sqrt(2))}
+        params = [p for n, p in teacher.named_parameters() if p.requires_grad and "ratl" not in n]
+        ips = run_stage(teacher, teacher, data, train_idx, ctx, args, device, params=params, label=f"phase {phase}",
+                        epochs=args.epochs if phase == 0 else args.boost_epochs, weight_decay=args.weight_decay,
+                        weights=weights, num_old=first, meta=meta)
+        if phase > 0:  # FOSTER compression: the kept single-backbone model, balanced KD from the teacher
+            teacher.eval()
+            model = to_channels_last(new_student(teacher, total), device)
+            weights2 = effective_number_weights(counts, args.beta2).to(device)
+            run_stage(teacher, model, data, train_idx, ctx, args, device, epochs=args.compress_epochs,
+                      params=[p for n, p in model.named_parameters() if "ratl" not in n], weight_decay=0.0,
+                      label=f"phase {phase} compression", weights=weights2, teacher=teacher)
+        # Boxes of the new classes from the teacher's rational branch, then herding under the class budget
+        budget = exemplars_per_class(total, None, args.memory_total, rounding="floor")  # PyCIL: floor(M / seen)
+        if not args.no_cim:
+            ctx["box_table"][new_idx.to(device)] = boxes_of(teacher, data, new_idx, args.tau, device,
+                                                            args.workers).to(device)
+        memory = reduce_compressed(memory, budget, size, args.eta)
+        memory.update(select_compressed(teacher, data, range(first, total), ctx["box_table"].cpu(), budget,
+                                        args.eta, device, args.workers))
+        model.eval()
+        teacher.eval()
+        means = nme_means(model, data, memory, total, args.eta, device, args.workers)
+        result = evaluate(model, data, splits, phase, device, means, args.workers)
+        teacher_acc = result["cnn_acc"] if phase == 0 else \
+            evaluate(teacher, data, splits, phase, device, None, args.workers)["cnn_acc"]
+        counts_per_class = [len(memory[c]) for c in range(total)]
+        cost = compression_cost(memory_rows(memory)[:, 1:], size, size, args.eta)
+        row = {"phase": phase, "known_classes": first, "total_classes": total, **result,
+               "teacher_acc": teacher_acc, "class_budget": budget, "memory_size": len(cost),
+               "memory_cost": cost.sum().item(), "exemplars_mean": sum(counts_per_class) / total,
+               "exemplars_min": min(counts_per_class), "exemplars_max": max(counts_per_class),
+               "phase_s": time.time() - phase_start, "train_img_per_s": ips}
+        rows.append(row)
+        print(f"{phase:>5} {total:>7} {row['cnn_acc']:>6.2f} {row['nme_acc']:>6.2f} {teacher_acc:>7.2f} "
+              f"{row['exemplars_mean']:>6.1f} {row['phase_s']:>6.0f}s")
+        write_metrics(args.out_dir, rows)
+        save_checkpoint(args.out_dir, {"phase": phase, "model": model.state_dict(), "memory": memory,
+                                       "rows": rows, "rng": rng_state(), "args": vars(args)})
+        if args.stop_after == phase and phase < len(splits) - 1:
+            print(f"stopped after phase {phase} (--stop-after); continue with the same flags and --resume")
+            return None
+
+    return finish_run(args, "cim", data, order, device, __file__, t0, results_from_rows(rows), arm=arm,
+                      cim=not args.no_cim, teacher_acc_per_phase=[r["teacher_acc"] for r in rows],
+                      exemplars_mean_per_phase=[r["exemplars_mean"] for r in rows], scored_model="student")
+
+
+def run_paired(args):
+    """FOSTER then FOSTER w/ CIM, same seed, data and class order, into sub-folders; writes paired.json."""
+    out = args.out_dir or default_out_dir("cim-paired", args)
+    os.makedirs(out, exist_ok=True)
+    arms = {}
+    for name, no_cim in (("foster", True), ("foster_cim", False)):
+        arm_args = argparse.Namespace(**{**vars(args), "no_cim": no_cim, "paired": False,
+                                         "out_dir": os.path.join(out, name)})
+        res = run(arm_args)
+        if res is None:  # --stop-after: continue later with --resume
+            return None
+        arms[name] = {**res, "exemplars_mean_last": res["exemplars_mean_per_phase"][-1]}
+    return write_paired(out, arms, "foster", extra_metrics=("exemplars_mean_last",), dataset=args.dataset,
+                        seed=args.seed)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    return run_paired(args) if args.paired else run(args)
+
+
+if __name__ == "__main__":
+    run_main(main)

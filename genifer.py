@@ -1,0 +1,798 @@
+"""Genifer: generative feature-driven image replay for exemplar-free class-incremental learning.
+
+Paper: Kevin Thandiackal et al., "Generative feature-driven image replay for continual learning", Image and Vision
+  Computing 150 (2024) 105187; arXiv 2106.05350 (v1: "Match What Matters: Generative Implicit Feature Replay").
+  Only the abstract was available to us; the method follows the official code (papers.md 5.2).
+Official code: kevthan/feature-driven-image-replay @ 79f6622 (genifer/trainers/genifer_trainer.py, learner.py,
+  model/conditional_eql_style_generator.py, conditional_eql_discriminator.py, layers.py, continual_model.py,
+  backbones.py, config/examples/*.json). It needs stylegan2-ada-pytorch (ADA) and an external radam.py.
+
+Protocol reproduced by the defaults (official config/examples): CIFAR-100, 50 base classes then 5 tasks of 10,
+seed-1993 class order, training seed 1212, no exemplars. Classifier: ResNet-18 with a 3x3 stem and no max-pool,
+100 epochs, batch 32, SGD Nesterov lr 0.1 on task 0, RAdam lr 1e-4 later, x0.2 at 30/60/80, weight decay 5e-4.
+After each task a conditional StyleGAN-like generator is trained adversarially against a discriminator that judges
+the stage-4 (layer3, 256x8x8) features of the frozen classifier (642 GAN epochs on task 0, 1026 later, batch 64,
+ADA, lazy R1); its EMA copy replays the old classes: loss 0.02 CE (real new) + 0.98 KD + 1.0 feature L2 (generated).
+
+The claim (abstract): generative feature-driven replay (with image-space augmentation) beats the previous state of
+the art without exemplars. Its numbers are unknown to us, so the table holds paired runs (papers.md 5.4): the same
+classifier update without replay (its distillation half is real new data) vs Genifer, same seed, data and order,
+one shared task 0. CNN top-1 %, average incremental accuracy includes task 0 (official `avg_inc_accuracy_0`).
+| pair: arm A vs arm B (CNN top-1 %)  | A avg / last / forg | B avg / last / forg | B - A       | wall | GPU | date |
+|-------------------------------------|---------------------|---------------------|-------------|------|-----|------|
+| CIFAR-100 B50: no replay vs Genifer | not run yet         | not run yet         | not run yet |      |     |      |
+| CIFAR-100 B50: Genifer no ADA vs ADA| not run yet         | not run yet         | not run yet |      |     |      |
+| Tiny-ImageNet B100: no replay vs G. | not run yet         | not run yet         | not run yet |      |     |      |
+Commands: `python genifer.py --data-dir data --paired [ada] [--dataset tinyimagenet]` (paired.json holds the row).
+
+Usage:
+    python genifer.py --data-dir data --paired           # no replay vs Genifer, shared task 0 (the claim)
+    python genifer.py --data-dir data                    # Genifer alone;  --no-ada: the augmentation ablation
+    python genifer.py --smoke --paired                   # tiny end-to-end run on generated data, CPU
+
+Deviations:
+- ADA is ours in torch (no stylegan2-ada code): same ops, strengths and adaptive rule, but one bilinear
+  grid_sample with reflection at the border (edge pixel repeated) instead of ADA's wavelet-filtered 2x upsampled
+  warp; p adapts from the mean sign of D(real) over the last --ada-interval D steps (official: a sliding window).
+- RAdam: torch.optim.RAdam with decoupled weight decay (lr * wd * param), as in the widely used radam.py
+  (LiyuanLucasLiu/RAdam, first steps SGD-like): the official radam.py is not in the release, so this is [unverified].
+- The GAN after the last task is skipped (nothing replays it). The no-replay arm trains no GAN at all.
+- Classifier epochs: the last partial real batch wraps around the shuffled order (static shapes for CUDA graphs);
+  as officially, a replay step uses the first 32 - 16 real images of a 32 batch. GAN epochs drop the last partial
+  batch, as the official loader. Large-image datasets (cub200) feed the GAN augmented crops (common.data loader).
+- tinyimagenet (64 px, 3x3 stem: layer3 is 256x16x16) and cub200 (224 px, standard stem, 256x14x14) are ours:
+  one more generator stage (4 -> 64) and discriminator block for 64 px; for 224 px a 7x7 constant and five 2x
+  stages (512, 512, 256, 128, 64, 32 channels), as the official large generator is not in the release.
+- Mixed precision: the classifier's feature pass runs in bf16 autocast on CUDA; G and D stay fp32 (R1 needs
+  second derivatives). CIFAR normalisation: the official (0.507, 0.487, 0.441) / (0.267, 0.256, 0.276).
+- The no-replay baseline is ours (papers.md 5.4 names it): same batches, losses and weights, its distilled half
+  being the other real half of the batch. In a pair it reuses Genifer's task 0 (classifier and RNG state after
+  task 0's GAN), so a no-replay run alone differs from its paired twin. The R1 and ADA step counters restart each
+  task (official: one global step counter). ResNet-18 is timm's (same layers as torchvision's).
+"""
+import argparse
+import copy
+import math
+import os
+import time
+from itertools import islice
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.data import (SHAPES, add_subset_flags, apply_class_order, class_order, indices_of, load_dataset,
+                         phase_splits, subset_flags, to_input, train_batches)
+from common.evaluation import evaluate, results_from_rows
+from common.graph import CapturedStep
+from common.models import count_parameters, create_backbone, to_channels_last
+from common.run import (RUN_ONLY_FLAGS, Progress, UserError, add_system_flags, autocast, check_resume_args,
+                        default_out_dir, finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state,
+                        run_main, save_checkpoint, seed_everything, set_rng_state, setup_device, write_metrics,
+                        write_paired)
+
+GENIFER_CIFAR_MEAN, GENIFER_CIFAR_STD = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)  # official constants.py
+# Per-dataset defaults; a flag given on the command line wins. CIFAR-100: official config/examples (papers.md 5.3);
+# the other rows are ours (no official config).
+_CIFAR = dict(data_dir="data", backbone="resnet18", base_classes=50, increment=10, epochs=100,
+              milestones=[30, 60, 80], gan_epochs_first=642, gan_epochs=1026, g_channels=[512, 256, 128, 64])
+DATASET_DEFAULTS = {
+    "cifar100": _CIFAR, "cifar100-synthetic": {**_CIFAR, "data_dir": ""},  # generated, CIFAR shapes (timing)
+    "tinyimagenet": {**_CIFAR, "base_classes": 100, "g_channels": [512, 256, 128, 64, 32]},
+    "cub200": {**_CIFAR, "base_classes": 100, "g_channels": [512, 512, 256, 128, 64, 32]},
+    "synthetic": dict(data_dir="", backbone="resnet32", base_classes=10, increment=5, epochs=5, milestones=[4],
+                      gan_epochs_first=1, gan_epochs=1, g_channels=[32, 16, 16, 8]),
+}
+SMOKE = dict(dataset="synthetic", gan_batch_size=16, latent_dim=32, label_dim=16, d_width=32, inc_lr=1e-3)
+# Settings an arm of a pair may change without changing task 0 (which the arms then share).
+ARM_KEYS = ("no_replay", "out_dir", "paired") + RUN_ONLY_FLAGS
+STAGES = {"stage3": "layer2", "stage4": "layer3", "stage5": "layer4"}  # official backbones.py stage names
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    g = p.add_argument_group("protocol (None = the --dataset default, printed at start-up)")
+    g.add_argument("--dataset", default="cifar100", help="cifar100 (official config) | tinyimagenet | cub200 | "
+                   "synthetic | cifar100-synthetic (generated, CIFAR-100's shapes, for timing)")
+    g.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
+    add_subset_flags(g)  # --classes, --train-per-class, --image-size (laptop protocol, README)
+    g.add_argument("--backbone", default=None, help="timm ResNet (official: ResNet-18, 3x3 stem, no max-pool)")
+    g.add_argument("--base-classes", type=int, default=None, help="classes of task 0 (official config: 50)")
+    g.add_argument("--increment", type=int, default=None, help="new classes a task (official config: 10)")
+    g.add_argument("--memory-per-class", type=int, default=0, help="Genifer keeps no exemplars: must be 0")
+    g.add_argument("--memory-total", type=int, default=None, help="Genifer keeps no exemplars: must be unset")
+    g.add_argument("--class-order-seed", type=int, default=1993, help="(official config: the seed-1993 order)")
+    g = p.add_argument_group("classifier optimisation")
+    g.add_argument("--epochs", type=int, default=None, help="epochs a task (official config: 100)")
+    g.add_argument("--batch-size", type=int, default=32, help="classifier batch (official config: 32)")
+    g.add_argument("--lr", type=float, default=0.1, help="task 0, SGD Nesterov (official pretrain config: 0.1)")
+    g.add_argument("--inc-lr", type=float, default=1e-4, help="tasks >= 1, RAdam (official config: 1e-4)")
+    g.add_argument("--milestones", type=int, nargs="+", default=None, help="lr x --lr-gamma at (official: 30 60 80)")
+    g.add_argument("--lr-gamma", type=float, default=0.2, help="(official config: scheduler_factor 0.2)")
+    g.add_argument("--momentum", type=float, default=0.9, help="task 0 SGD momentum (official learner.py: 0.9)")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="(official learner.py default: 5e-4)")
+    g = p.add_argument_group("method")
+    g.add_argument("--ce-weight", type=float, default=0.02, help="CE, real new samples (official: ce_coefficient)")
+    g.add_argument("--kd-weight", type=float, default=0.98, help="KD, generated samples (official: coefficient)")
+    g.add_argument("--feat-weight", type=float, default=1.0, help="feature L2 (official: feat_coefficient 1.0)")
+    g.add_argument("--kd-temperature", type=float, default=1.0, help="(official: temperature 1)")
+    g.add_argument("--replay-fraction", type=float, default=0.5, help="generated share of a classifier batch "
+                   "(official: prev_curr_ratio 0.5)")
+    g.add_argument("--feat-layer", default="stage4", choices=sorted(STAGES), help="features D judges and KD "
+                   "distils (official: stage4 = layer3 output)")
+    g.add_argument("--no-replay", action="store_true", help="baseline: the distilled half of a batch is real new "
+                   "data, no generator (papers.md 5.4)")
+    g.add_argument("--paired", nargs="?", const="replay", choices=["replay", "ada"], default=None, help="replay: "
+                   "no replay vs Genifer (shared task 0); ada: Genifer without vs with ADA; writes paired.json")
+    g = p.add_argument_group("GAN (generator, feature discriminator, ADA)")
+    g.add_argument("--gan-epochs-first", type=int, default=None, help="after task 0 (official pretrain_gan: 642)")
+    g.add_argument("--gan-epochs", type=int, default=None, help="after later tasks (official: n_iter 1026)")
+    g.add_argument("--gan-lr", type=float, default=0.0025, help="G and D Adam lr (official: gen_lr, disc_lr)")
+    g.add_argument("--gan-batch-size", type=int, default=64, help="(official: batch_size 64)")
+    g.add_argument("--r1-gamma", type=float, default=0.5, help="(official: r1_gamma 0.5)")
+    g.add_argument("--r1-interval", type=int, default=16, help="lazy R1 every N D steps (official: 16)")
+    g.add_argument("--no-ada", action="store_true", help="no adaptive augmentation (ablation, papers.md 5.4)")
+    g.add_argument("--ada-target", type=float, default=0.5, help="E[sign D(real)] (official: dis_augmentation_p)")
+    g.add_argument("--ada-max", type=float, default=0.5, help="(official: max_dis_augmentation_p 0.5)")
+    g.add_argument("--ada-interval", type=int, default=4, help="adjust p every N steps (official: 4)")
+    g.add_argument("--ada-ksteps", type=float, default=4, help="k steps for p to move by 1 (official: 4)")
+    g.add_argument("--ema-half-life-kimg", type=float, default=500, help="EMA generator (official: 500, ramped up)")
+    g.add_argument("--gen-distill-weight", type=float, default=10, help="L1 to the previous G x n_old/n_new "
+                   "(official: gen_coefficient 10, gen_dist_ada)")
+    g.add_argument("--latent-dim", type=int, default=512, help="z and w size (official: latent_dim 512)")
+    g.add_argument("--label-dim", type=int, default=256, help="label embedding (official generator: 256)")
+    g.add_argument("--g-channels", type=int, nargs="+", default=None, help="generator channels per resolution "
+                   "(official 32 px: 512 256 128 64)")
+    g.add_argument("--d-width", type=int, default=512, help="discriminator max channels (official: 512)")
+    add_system_flags(p)
+    p.set_defaults(seed=1212)  # official config: seed 1212
+    return resolve_defaults(p.parse_args(argv), DATASET_DEFAULTS, SMOKE)
+
+
+# ----------------------------------------------------------------------------------------------- classifier
+def stage_features(backbone: nn.Module, x: torch.Tensor, layer: str = "layer3"):
+    """(feature map after `layer`, pooled features) of a timm ResNet or common.models' CIFAR ResNet, stage by
+    stage (official backbones.py: stage4 = layer3 output)."""
+    b = backbone
+    x = getattr(b, "act1", getattr(b, "relu", None))(b.bn1(b.conv1(x)))
+    x = getattr(b, "maxpool", nn.Identity())(x)
+    fmap = None
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        if hasattr(b, name):
+            x = getattr(b, name)(x)
+            fmap = x if name == layer else fmap
+    return fmap, x.mean((2, 3))
+
+
+class GeniferNet(nn.Module):
+    """Backbone + one linear head over all seen classes (official: prev and curr readouts, concatenated; the
+    previous readout is initialised from the old model's concatenated readouts, i.e. the rows are copied)."""
+
+    def __init__(self, backbone: nn.Module, layer: str):
+        super().__init__()
+        self.backbone, self.layer, self.head = backbone, layer, None
+
+    def add_classes(self, n: int):
+        old, device = self.head, next(self.backbone.parameters()).device
+        self.head = nn.Linear(self.backbone.num_features, n + (old.out_features if old else 0)).to(device)
+        if old is not None:
+            with torch.no_grad():
+                self.head.weight[:old.out_features] = old.weight
+                self.head.bias[:old.out_features] = old.bias
+
+    def forward(self, x):
+        fmap, features = stage_features(self.backbone, x, self.layer)
+        return self.head(features.float()), features, fmap
+
+
+# ----------------------------------------------------------------------------------------------- GAN modules
+class EqualLinear(nn.Module):
+    """Equalised learning rate (official layers.EQLinear): weight ~ N(0, 1/lr_mul^2) used as w * lr_mul/sqrt(fan_in),
+    bias used as b * lr_mul, so Adam sees unit-scale parameters."""
+
+    def __init__(self, fan_in, fan_out, bias=True, bias_init=0.0, lr_mul=1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(fan_out, fan_in) / lr_mul)
+        self.bias = nn.Parameter(torch.full((fan_out,), float(bias_init))) if bias else None
+        self.weight_scale, self.lr_mul = lr_mul / fan_in ** 0.5, lr_mul
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.weight_scale, None if self.bias is None else self.bias * self.lr_mul)
+
+
+class EqualConv2d(nn.Module):
+    """Equalised 3x3 convolution (official layers.EQConv2d): weight ~ N(0, 1) used as w * sqrt(2 / fan_in)."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c_out, c_in, 3, 3))
+        self.bias = nn.Parameter(torch.zeros(c_out))
+        self.scale = (2 / (c_in * 9)) ** 0.5
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.scale, self.bias, padding=1)
+
+
+class StyleConv(nn.Module):
+    """Official StyleEQConv2dWithBias: x * scale(w) + shift(w) per input channel (scale bias 1, shift bias 0; AdaIN
+    without the normalisation), equalised 3x3 conv, + a learned per-channel strength (init 0) times N(0, 1) noise."""
+
+    def __init__(self, c_in, c_out, w_dim, noise=True):
+        super().__init__()
+        self.scale, self.shift = EqualLinear(w_dim, c_in, bias_init=1.0), EqualLinear(w_dim, c_in)
+        self.conv = EqualConv2d(c_in, c_out)
+        self.noise_strength = nn.Parameter(torch.zeros(1, c_out, 1, 1)) if noise else None
+
+    def forward(self, x, w, noise=None):
+        x = self.conv(x * self.scale(w)[:, :, None, None] + self.shift(w)[:, :, None, None])
+        if self.noise_strength is not None:
+            noise = torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device) if noise is None else noise
+            x = x + self.noise_strength * noise
+        return x
+
+
+class Generator(nn.Module):
+    """Conditional StyleGAN-like generator (official conditional_eql_style_generator.py): one-hot label ->
+    EqualLinear -> `label_dim`, concatenated with z, two mapping layers (lr x0.01, LeakyReLU 0.2) -> w; learned
+    constant; per resolution two style convs with noise, bilinear x2 between resolutions; one more style conv at
+    the top and a linear style conv to RGB without noise. Output in normalised image space."""
+
+    def __init__(self, num_classes, image_size, channels=(512, 256, 128, 64), latent_dim=512, label_dim=256):
+        super().__init__()
+        n_up = len(channels) - 1
+        base = image_size >> n_up
+        if base < 1 or base << n_up != image_size:
+            raise UserError(f"--g-channels: {len(channels)} resolutions cannot reach {image_size} px by doubling; "
+                            "give one channel count per resolution")
+        self.num_classes, self.latent_dim = num_classes, latent_dim
+        self.embed = EqualLinear(num_classes, label_dim)
+        self.mapping = nn.ModuleList([EqualLinear(latent_dim + label_dim, latent_dim, lr_mul=0.01),
+                                      EqualLinear(latent_dim, latent_dim, lr_mul=0.01)])
+        self.const = nn.Parameter(torch.ones(1, channels[0], base, base))
+        pairs = [(c, c) for c in channels[:1]]
+        for a, b in zip(channels[:-1], channels[1:]):
+            pairs += [(a, b), (b, b)]
+        self.convs = nn.ModuleList([StyleConv(a, b, latent_dim) for a, b in pairs])  # 7 at 32 px, as official
+        self.resolutions = [base << (i // 2) for i in range(len(pairs))]
+        self.to_rgb = StyleConv(channels[-1], 3, latent_dim, noise=False)
+
+    def sample_noise(self, n, device):
+        return [torch.randn(n, 1, r, r, device=device) for r in self.resolutions]
+
+    def forward(self, z, labels, noise=None):
+        w = torch.cat([z, self.embed(F.one_hot(labels, self.num_classes).float())], 1)
+        for layer in self.mapping:
+            w = F.leaky_relu(layer(w), 0.2)
+        x = self.const.expand(len(z), -1, -1, -1)
+        for i, conv in enumerate(self.convs):
+            x = F.leaky_relu(conv(x, w, None if noise is None else noise[i]), 0.2)
+            if i % 2 == 1:  # official: bilinear x2 after every second conv (UpsamplingBilinear2d)
+                x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+        return self.to_rgb(x, w)
+
+
+def minibatch_std(x, group_size=32):
+    """One extra channel: the std over groups of min(group_size, N) samples, averaged over channels and pixels
+    (official MinibatchStdLayer, groups strided over the batch)."""
+    n, c, h, w = x.shape
+    g = min(group_size, n)
+    y = x.reshape(g, -1, 1, c, h, w)
+    y = (y - y.mean(0)).square().mean(0).add(1e-8).sqrt().mean((2, 3, 4)).reshape(-1, 1, 1, 1)
+    return torch.cat([x, y.repeat(g, 1, h, w)], 1)
+
+
+class FeatureDiscriminator(nn.Module):
+    """D on the classifier's stage features (official conditional_eql_discriminator.py, stage 4): blocks of two
+    equalised convs and a 2x average pool down to 2x2 (256 -> 256 -> pool -> 512 -> 512 -> pool for 256x8x8),
+    minibatch std, a conv, a dense layer to `width`, a 128-d output projected on the embedded label / sqrt(128)."""
+
+    def __init__(self, num_classes, in_channels, in_size, width=512, cmap_dim=128):
+        super().__init__()
+        layers, c, res = [], in_channels, in_size
+        while res // 2 >= 2:  # block b: min(in_channels * 2^b, width) channels
+            out = min(in_channels << (len(layers) // 3), width)
+            layers += [EqualConv2d(c, out), EqualConv2d(out, out), nn.AvgPool2d(2)]
+            c, res = out, res // 2
+        self.blocks = nn.ModuleList(layers)
+        self.conv = EqualConv2d(c + 1, c)
+        self.dense = EqualLinear(c * res * res, c)
+        self.out = EqualLinear(c, cmap_dim)
+        self.project = EqualLinear(num_classes, cmap_dim, bias=False)
+        self.num_classes, self.cmap_dim = num_classes, cmap_dim
+
+    def forward(self, x, labels):
+        for layer in self.blocks:
+            x = layer(x) if isinstance(layer, nn.AvgPool2d) else F.leaky_relu(layer(x), 0.2)
+        x = F.leaky_relu(self.conv(minibatch_std(x)), 0.2)
+        x = self.out(F.leaky_relu(self.dense(x.flatten(1)), 0.2))
+        return (x * self.project(F.one_hot(labels, self.num_classes).float())).sum(1) / self.cmap_dim ** 0.5
+
+
+def r1_penalty(d_real: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al. 2018): mean over samples of ||grad_x D(x)||^2 at real inputs, differentiable."""
+    grad, = torch.autograd.grad(d_real.sum(), real, create_graph=True)
+    return grad.square().flatten(1).sum(1).mean()
+
+
+# ----------------------------------------------------------------------------------------------- ADA
+ADA_OPS = ("xflip", "rotate90", "xint", "scale", "rotate", "aniso", "xfrac",
+           "brightness", "contrast", "lumaflip", "hue", "saturation")  # official: every StyleGAN2-ADA 'bgc' op
+
+
+def _gate(value, identity, p):
+    """Per sample: `value` with probability p, else the identity value (no host sync)."""
+    keep = torch.rand(value.shape[0], device=value.device) < p
+    return torch.where(keep.view(-1, *[1] * (value.dim() - 1)), value, identity)
+
+
+def _affine(n, device, sx=1.0, sy=1.0, tx=0.0, ty=0.0, angle=0.0):
+    """Batched 3x3 matrices: rotation by `angle` after scaling by (sx, sy), then translation (tx, ty)."""
+    sx, sy, tx, ty, angle = (v if torch.is_tensor(v) else torch.zeros(n, device=device) + v
+                             for v in (sx, sy, tx, ty, angle))  # scalars by kernels: capturable
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    return torch.stack([sx * cos, -sy * sin, tx, sx * sin, sy * cos, ty, zero, zero, zero + 1], 1).view(n, 3, 3)
+
+
+def geometric_matrix(n, p, ops, size, device):
+    """ADA's inverse geometric transform (output -> input coordinates in [-1, 1]), composed in ADA's order with
+    its strengths: flip, k*90 deg, integer shift <= 0.125 W, scale 2^N(0, 0.2), rotation U(-pi, pi) with
+    p_rot = 1 - sqrt(1 - p) twice around anisotropy 2^N(0, 0.2), fractional shift N(0, 0.125 W)."""
+    def rand(*shape): return torch.rand(n, *shape, device=device)
+    def randn(*shape): return torch.randn(n, *shape, device=device)
+    def shift(t): return _affine(n, device, tx=-2 * t[:, 0], ty=-2 * t[:, 1])  # shifts in widths -> [-1, 1]
+    def rotate(): return _affine(n, device, angle=-_gate((rand() * 2 - 1) * math.pi, 0.0, p_rot))
+    mat, p_rot = torch.eye(3, device=device).repeat(n, 1, 1), 1 - (1 - torch.as_tensor(p, device=device)).sqrt()
+    if "xflip" in ops:
+        mat = mat @ _affine(n, device, sx=1 - 2 * _gate((rand() < 0.5).float(), 0.0, p))
+    if "rotate90" in ops:
+        mat = mat @ _affine(n, device, angle=-math.pi / 2 * _gate((rand() * 4).floor(), 0.0, p))
+    if "xint" in ops:
+        mat = mat @ shift(torch.round(_gate((rand(2) * 2 - 1) * 0.125, 0.0, p) * size) / size)
+    if "scale" in ops:
+        s = _gate(2 ** (randn() * 0.2), 1.0, p)
+        mat = mat @ _affine(n, device, sx=1 / s, sy=1 / s)
+    if "rotate" in ops:
+        mat = mat @ rotate()
+    if "aniso" in ops:
+        s = _gate(2 ** (randn() * 0.2), 1.0, p)
+        mat = mat @ _affine(n, device, sx=1 / s, sy=s)
+    if "rotate" in ops:
+        mat = mat @ rotate()
+    if "xfrac" in ops:
+        mat = mat @ shift(_gate(randn(2) * 0.125, 0.0, p))
+    return mat
+
+
+def warp(x, mat):
+    """Sample x at mat @ (output coordinates): bilinear, reflection at the border (ours; ADA pads by reflection)."""
+    grid = F.affine_grid(mat[:, :2, :].to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def colour_matrix(n, p, ops, device):
+    """ADA's colour transform (4x4, homogeneous RGB), in ADA's order: brightness + N(0, 0.2), contrast
+    x 2^N(0, 0.5), luma flip, hue rotation U(-pi, pi) about the luma axis, saturation 2^N(0, 1) off the axis."""
+    eye, a = torch.eye(4, device=device), 3 ** -0.5
+    v = torch.full((4,), a, device=device)
+    v[3] = 0  # the luma axis (fills only: no host-to-device copy inside a captured graph)
+    vv = torch.outer(v, v)
+    mat = eye.repeat(n, 1, 1)
+    if "brightness" in ops:
+        t = eye.repeat(n, 1, 1)
+        t[:, :3, 3] = _gate(torch.randn(n, device=device) * 0.2, 0.0, p)[:, None]
+        mat = t @ mat
+    if "contrast" in ops:
+        c = _gate(2 ** (torch.randn(n, device=device) * 0.5), 1.0, p)
+        mat = torch.diag_embed(torch.stack([c, c, c, torch.ones_like(c)], 1)) @ mat
+    if "lumaflip" in ops:
+        i = _gate(torch.randint(0, 2, (n,), device=device).float(), 0.0, p)
+        mat = (eye - 2 * vv * i[:, None, None]) @ mat
+    if "hue" in ops:  # Rodrigues: cos t I + sin t [v]x + (1 - cos t) v v^T on the RGB block
+        t = _gate((torch.rand(n, device=device) * 2 - 1) * math.pi, 0.0, p)[:, None, None]
+        cross = torch.zeros(4, 4, device=device)
+        cross[0, 2] = cross[1, 0] = cross[2, 1] = a
+        cross[0, 1] = cross[1, 2] = cross[2, 0] = -a
+        rot = t.cos() * eye + t.sin() * cross + (1 - t.cos()) * vv
+        rot[:, 3, 3] = 1
+        mat = rot @ mat
+    if "saturation" in ops:
+        s = _gate(2 ** torch.randn(n, device=device), 1.0, p)
+        mat = (vv + (eye - vv) * s[:, None, None]) @ mat
+    return mat
+
+
+class AdaptiveAugment(nn.Module):
+    """ADA (Karras et al. 2020) in torch: every op applied per sample with probability p (a device buffer, so no
+    host sync and one static graph); differentiable in the images. p follows E[sign D(real)] toward the target."""
+
+    def __init__(self, ops=ADA_OPS):
+        super().__init__()
+        self.ops = tuple(ops)
+        self.register_buffer("p", torch.zeros(()))
+
+    def forward(self, x):
+        n = x.shape[0]
+        if any(op in self.ops for op in ADA_OPS[:7]):
+            x = warp(x, geometric_matrix(n, self.p, self.ops, x.shape[-1], x.device))
+        if any(op in self.ops for op in ADA_OPS[7:]):
+            c = colour_matrix(n, self.p, self.ops, x.device).to(x.dtype)
+            x = torch.einsum("nij,njhw->nihw", c[:, :3, :3], x) + c[:, :3, 3, None, None]
+        return x
+
+    @torch.no_grad()
+    def adjust(self, mean_sign, target, interval, ksteps, p_max):
+        """Official update_ada: p += sign(r_t - target) * interval / (ksteps * 1000), clipped to [0, p_max]."""
+        self.p.copy_((self.p + torch.sign(mean_sign - target) * interval / (ksteps * 1000)).clamp(0, p_max))
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def classifier_losses(logits, old_logits, fmap, old_fmap, y_new, n_gen, num_old, temperature=1.0):
+    """Official get_modified_loss (KD_sep, single_L2) on a batch [n_gen replayed | real new]:
+    CE over all seen classes on the real new samples; KD = mean of -sum softmax(z_old / T) * log_softmax(z / T)
+    restricted to the old classes, on the replayed samples; L2 norm of the stage-feature difference, mean over the
+    replayed samples. Returns (ce, kd, feat)."""
+    ce = F.cross_entropy(logits[n_gen:], y_new)
+    target = F.softmax(old_logits[:n_gen, :num_old] / temperature, 1)
+    kd = -(target * F.log_softmax(logits[:n_gen] / temperature, 1)[:, :num_old]).sum(1).mean()
+    feat = (fmap[:n_gen] - old_fmap[:n_gen]).flatten(1).norm(dim=1).mean()
+    return ce, kd, feat
+
+
+def crop_flip(x, padding=4):
+    """RandomCrop(size, padding, edge mode) + horizontal flip on a float NCHW batch (official GAN replay aug)."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4, mode="replicate")
+    dy, dx = (torch.randint(0, 2 * padding + 1, (n, 1), device=x.device) for _ in range(2))
+    cols = torch.arange(w, device=x.device).expand(n, w)
+    cols = torch.where(torch.rand(n, 1, device=x.device) < 0.5, w - 1 - cols, cols) + dx
+    rows = torch.arange(h, device=x.device).expand(n, h) + dy
+    return padded[torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]] \
+        .permute(0, 3, 1, 2)
+
+
+# ----------------------------------------------------------------------------------------------- training
+def make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, args, device):
+    """One classifier step. Task 0: CE. Later: batch [replayed | real new] (official prev_curr_ratio), loss
+    0.02 CE + 0.98 KD + 1.0 feature L2 (learner.py: ce_coefficient * CE + the two weighted terms). Replayed =
+    the previous EMA generator's clamped, crop+flipped images of uniform old labels, or with --no-replay the
+    other part of the real batch. Returns [loss, ce, kd, feat, correct] (no host sync)."""
+    amp = not args.no_amp
+
+    def step(x, y):
+        optimizer.zero_grad(set_to_none=True)
+        if old_model is None:
+            with autocast(device, amp):
+                logits = model(x)[0]
+            loss = ce = F.cross_entropy(logits.float(), y)
+            kd = feat = torch.zeros((), device=device)
+            correct = (logits.argmax(1) == y).float().sum()
+        else:
+            n_gen = int(args.replay_fraction * len(x))
+            with torch.no_grad():
+                if prev_g is None:
+                    replay, x_new, y_new = x[len(x) - n_gen:], x[:len(x) - n_gen], y[:len(x) - n_gen]
+                else:
+                    z = torch.randn(n_gen, prev_g.latent_dim, device=device)
+                    fake = prev_g(z, torch.randint(0, num_old, (n_gen,), device=device))
+                    replay = crop_flip(torch.maximum(torch.minimum(fake, bounds[1]), bounds[0]))
+                    x_new, y_new = x[:len(x) - n_gen], y[:len(x) - n_gen]  # official: the first B - n_gen
+                x_in = torch.cat([replay.to(x.dtype), x_new]).contiguous(memory_format=torch.channels_last)
+                with autocast(device, amp):
+                    old_logits, _, old_fmap = old_model(x_in)  # official freeze_bn=false: train mode
+            with autocast(device, amp):
+                logits, _, fmap = model(x_in)
+            ce, kd, feat = classifier_losses(logits.float(), old_logits.float(), fmap.float(), old_fmap.float(),
+                                             y_new, n_gen, num_old, args.kd_temperature)
+            loss = args.ce_weight * ce + args.kd_weight * kd + args.feat_weight * feat
+            correct = (logits[n_gen:].argmax(1) == y_new).float().sum() * len(x) / len(y_new)
+        loss.backward()
+        optimizer.step()
+        return torch.stack([loss.detach(), ce.detach(), kd.detach(), feat.detach(), correct])
+    return step
+
+
+def train_classifier(model, old_model, prev_g, data, train_idx, num_old, bounds, args, device, label):
+    """One task of classifier training; returns images/s. Task 0 SGD Nesterov, later RAdam (official learner.py)."""
+    params = list(model.parameters())
+    if old_model is None:
+        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=True,
+                                    weight_decay=args.weight_decay)
+    else:  # decoupled decay as radam.py (deviations); capturable for CUDA graphs
+        optimizer = torch.optim.RAdam(params, lr=args.inc_lr, weight_decay=args.weight_decay,
+                                      decoupled_weight_decay=True, capturable=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=args.lr_gamma)
+    step = CapturedStep(make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, args, device),
+                        device, enabled=not args.no_graph, optimizer=optimizer)
+    progress, seen, start = Progress(args.epochs, f"  {label} epoch"), 0, time.time()
+    for epoch in range(args.epochs):
+        model.train()
+        if old_model is not None:
+            old_model.train()
+        stats = torch.zeros(5, device=device)
+        for x, y in train_batches(data, train_idx, args.batch_size, device, args.workers):
+            stats += step(x, y)
+            seen += len(y)
+        scheduler.step()
+        steps = -(-len(train_idx) // args.batch_size)
+        loss, ce, kd, feat, correct = (stats / steps).tolist()  # one host sync per epoch
+        if not math.isfinite(loss):
+            raise UserError(f"loss is NaN in {label} epoch {epoch + 1}; the last finished task stays in the "
+                            "checkpoint (try a lower --lr, or --no-amp)")
+        progress.update(epoch + 1, f"loss {loss:.3f} (ce {ce:.3f} kd {kd:.3f} feat {feat:.3f}) train-acc "
+                        f"{100 * correct / args.batch_size:.1f} {seen / (time.time() - start):.0f} img/s")
+    return seen / (time.time() - start)
+
+
+def gan_batches(data, indices, batch_size, device, workers=0):
+    """Real GAN batches: shuffled, un-augmented, last partial batch dropped (official gan_dataloader)."""
+    if not data.on_device:  # large images: the augmented file loader (deviations)
+        yield from islice(train_batches(data, indices, batch_size, device, workers), len(indices) // batch_size)
+        return
+    idx = indices.to(device)[torch.randperm(len(indices), device=device)]
+    y_all = data.train_y.to(device)[idx]
+    for s in range(len(indices) // batch_size):
+        sl = slice(s * batch_size, (s + 1) * batch_size)
+        yield to_input(data.train_x[idx[sl]], data).contiguous(memory_format=torch.channels_last), y_all[sl]
+
+
+def make_gan_steps(gan, model, prev_g, num_old, total, args, device):
+    """The D step (non-saturating loss, + lazy R1 in its R1 variant) and the G step (non-saturating loss + the
+    generator distillation L1), official genifer_trainer.prepare_next_training, against the stage features of a
+    frozen copy of `model` (eval mode). New Adam optimisers in `gan` (official: made each task). For t > 0 the first
+    half of D's 'real' batch is the previous EMA generator's images for the old-class half of z (sample_d_inputs)."""
+    g, d, ada = gan["g"], gan["d"], gan["ada"]
+    n_prev = args.gan_batch_size // 2 if prev_g is not None else 0
+    lazy = args.r1_interval / (args.r1_interval + 1)  # official lazy_c: also scales D's lr and betas
+    dist_factor = num_old / max(total - num_old, 1)  # official gen_dist_ada: n_prev_cls / n_new_cls
+    cap, frozen = device.type == "cuda", copy.deepcopy(model).eval().requires_grad_(False)
+    gan["opt_g"] = torch.optim.Adam(g.parameters(), lr=args.gan_lr, betas=(0.0, 0.99), capturable=cap)
+    gan["opt_d"] = torch.optim.Adam(d.parameters(), lr=args.gan_lr * lazy, betas=(0.0, 0.99 ** lazy), capturable=cap)
+
+    def features(x):
+        with autocast(device, not args.no_amp):
+            return stage_features(frozen.backbone, x.contiguous(memory_format=torch.channels_last), frozen.layer)[0]
+
+    def d_step(x_real, y_real, z, y_fake, r1=False):
+        gan["opt_d"].zero_grad(set_to_none=True)
+        with torch.no_grad():
+            if n_prev:
+                x_real = torch.cat([prev_g(z[:n_prev], y_fake[:n_prev]), x_real[:len(x_real) - n_prev]])
+                y_real = torch.cat([y_fake[:n_prev], y_real[:len(y_real) - n_prev]])
+            fake = g(z, y_fake)
+            f_real, f_fake = (features(ada(x.float())).float() for x in (x_real, fake))
+        f_real.requires_grad_(r1)
+        d_real, d_fake = d(f_real, y_real), d(f_fake, y_fake)
+        loss = (F.softplus(d_fake) + F.softplus(-d_real)).mean()
+        if r1:
+            loss = loss + r1_penalty(d_real, f_real) * args.r1_gamma / 2 * lazy
+        loss.backward()
+        gan["opt_d"].step()
+        return torch.stack([loss.detach(), d_real.detach().sign().mean()])
+
+    def g_step(z, y_fake):
+        gan["opt_g"].zero_grad(set_to_none=True)
+        d.requires_grad_(False)
+        noise = g.sample_noise(len(z), device)
+        fake = g(z, y_fake, noise)
+        gan_loss = F.softplus(-d(features(ada(fake)).float(), y_fake)).mean()
+        dist = torch.zeros((), device=device)
+        if n_prev and args.gen_distill_weight:
+            with torch.no_grad():
+                target = prev_g(z[:n_prev], y_fake[:n_prev], [n[:n_prev] for n in noise])
+            dist = (fake[:n_prev] - target).abs().mean()  # official: L1 on the non-augmented images
+        loss = gan_loss + args.gen_distill_weight * dist_factor * dist
+        loss.backward()
+        gan["opt_g"].step()
+        d.requires_grad_(True)
+        return torch.stack([loss.detach(), gan_loss.detach(), dist.detach()])
+    return d_step, (lambda *a: d_step(*a, r1=True)), g_step
+
+
+def train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, device, label):
+    """GAN training after a task, against the frozen classifier's stage features (eval mode, as official).
+    G restarts from the EMA generator; ADA's p restarts at 0; returns images/s (real images a step)."""
+    g, g_ema, ada = gan["g"], gan["g_ema"], gan["ada"]
+    g.load_state_dict(g_ema.state_dict())
+    ada.p.zero_()
+    steps = [CapturedStep(s, device, enabled=not args.no_graph, optimizer=gan[o]) for s, o in
+             zip(make_gan_steps(gan, model, prev_g, first, total, args, device), ("opt_d", "opt_d", "opt_g"))]
+    batch, per_epoch = args.gan_batch_size, len(train_idx) // args.gan_batch_size
+    n_prev = batch // 2 if prev_g is not None else 0
+    horizon = args.ema_half_life_kimg * 1000
+    # official ema_rampup counts epochs / 4 x the classifier loader's batches (32): half the GAN steps at 64
+    ramp = horizon / max(batch * epochs / 4 * -(-len(train_idx) // args.batch_size), 1)
+    g_params, ema_params = list(g.parameters()), list(g_ema.parameters())
+    progress, done, start = Progress(epochs, f"  {label} GAN epoch"), 0, time.time()
+    sign_sum = torch.zeros((), device=device)
+    for epoch in range(epochs):
+        stats = torch.zeros(5, device=device)
+        for x, y in gan_batches(data, train_idx, batch, device, args.workers):
+            z = torch.randn(batch, g.latent_dim, device=device)
+            y_fake = torch.cat([torch.randint(0, max(first, 1), (n_prev,), device=device),
+                                torch.randint(first, total, (batch - n_prev,), device=device)])
+            d_out = steps[1 if done % args.r1_interval == 0 else 0](x, y, z, y_fake)
+            sign_sum += d_out[1]
+            g_out = steps[2](z, y_fake)
+            stats += torch.cat([d_out, g_out])
+            beta = 0.5 ** (batch / max(min(horizon, batch * done * ramp), 1e-8))  # official EMA with ramp-up
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, g_params, 1 - beta)
+            done += 1
+            if not args.no_ada and done % args.ada_interval == 0:
+                ada.adjust(sign_sum / args.ada_interval, args.ada_target, args.ada_interval, args.ada_ksteps,
+                           args.ada_max)
+                sign_sum.zero_()
+        d_loss, sign, g_loss, g_gan, g_dist = (stats / max(per_epoch, 1)).tolist()
+        if not math.isfinite(d_loss + g_loss):
+            raise UserError(f"GAN loss is NaN in {label} GAN epoch {epoch + 1} (try a lower --gan-lr)")
+        progress.update(epoch + 1, f"D {d_loss:.3f} G {g_gan:.3f} dist {g_dist:.4f} sign(D real) {sign:+.2f} "
+                        f"p {ada.p.item():.3f} {done * batch / (time.time() - start):.0f} img/s")
+    return done * batch / max(time.time() - start, 1e-9)
+
+
+def build_gan(args, data, model, device):
+    """G, its EMA copy, D on the stage features (shapes probed on one image), ADA."""
+    fmap = stage_features(model.backbone.eval(), torch.zeros(2, 3, data.image_size, data.image_size, device=device),
+                          model.layer)[0]
+    g = Generator(data.num_classes, data.image_size, args.g_channels, args.latent_dim, args.label_dim).to(device)
+    d = FeatureDiscriminator(data.num_classes, fmap.shape[1], fmap.shape[2], args.d_width).to(device)
+    return {"g": g, "g_ema": copy.deepcopy(g).eval().requires_grad_(False), "d": d,
+            "ada": AdaptiveAugment(() if args.no_ada else ADA_OPS).to(device)}
+
+
+def build_model(args, data, device):
+    small = data.image_size <= 64 and args.backbone != "resnet32"  # official: 3x3 stem, no max-pool at 32 px
+    backbone = create_backbone(args.backbone, small_input=small)
+    if not hasattr(backbone, STAGES[args.feat_layer]):
+        raise UserError(f"--backbone {args.backbone} has no {STAGES[args.feat_layer]} (--feat-layer "
+                        f"{args.feat_layer}); use a ResNet")
+    return to_channels_last(GeniferNet(backbone, STAGES[args.feat_layer]), device)
+
+
+def bench_steps(args, device):
+    """Genifer's steps of task 1 (classifier with replay, D, D + lazy R1, G) on generated inputs of the real
+    shapes, for `python -m common.bench`: [(name, step, optimizer, inputs)]."""
+    num_classes, size = SHAPES[args.dataset]
+    first, total = phase_splits(num_classes, args.base_classes, args.increment)[1]
+    data = argparse.Namespace(num_classes=num_classes, image_size=size)
+    model = build_model(args, data, device)
+    model.add_classes(first)
+    gan = build_gan(args, data, model, device)
+    old_model = copy.deepcopy(model).requires_grad_(False)
+    model.add_classes(total - first)
+    prev_g = copy.deepcopy(gan["g_ema"])
+    optimizer = torch.optim.RAdam(model.parameters(), lr=args.inc_lr, capturable=device.type == "cuda")
+    bounds = (torch.full((1, 3, 1, 1), -2.0, device=device), torch.full((1, 3, 1, 1), 2.0, device=device))
+    x = torch.randn(args.batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(first, total, (args.batch_size,), device=device)
+    model.train()
+    d_step, r1_step, g_step = make_gan_steps(gan, model, prev_g, first, total, args, device)
+    b = args.gan_batch_size
+    xg = torch.randn(b, 3, size, size, device=device)
+    yg, z = torch.randint(first, total, (b,), device=device), torch.randn(b, args.latent_dim, device=device)
+    return [("classifier", make_classifier_step(model, old_model, prev_g, optimizer, first, bounds, args, device),
+             optimizer, (x, y)), ("D", d_step, gan["opt_d"], (xg, yg, z, yg)),
+            ("D+R1", r1_step, gan["opt_d"], (xg, yg, z, yg)), ("G", g_step, gan["opt_g"], (z, yg))]
+
+
+# ----------------------------------------------------------------------------------------------- main
+def run(args, shared_base=None):
+    """One arm over all tasks; returns the results dict (also in results.json), or None after --stop-after.
+    `shared_base`: file with task 0 (classifier, G, EMA G, D) of a pair: loaded when its settings match."""
+    t0 = time.time()
+    device = setup_device(args)
+    if args.memory_per_class != 0 or args.memory_total is not None:
+        raise UserError("Genifer is exemplar-free: --memory-per-class must be 0 and --memory-total unset")
+    if args.gan_batch_size % 2 or args.gan_batch_size < 2 or not 0 < args.replay_fraction < 1:
+        raise UserError("--gan-batch-size must be even and --replay-fraction in (0, 1)")
+    arm = "no_replay" if args.no_replay else ("genifer_no_ada" if args.no_ada else "genifer")
+    args.out_dir = args.out_dir or default_out_dir(f"genifer-{arm}", args)
+    data = load_dataset(args.dataset, args.data_dir, device, args.class_list, **subset_flags(args))
+    if args.dataset == "cifar100":
+        data.mean, data.std = GENIFER_CIFAR_MEAN, GENIFER_CIFAR_STD
+    splits = phase_splits(data.num_classes, args.base_classes, args.increment)
+    order = class_order(data.num_classes, args.class_order_seed)
+    apply_class_order(data, order)
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (data.mean, data.std))
+    bounds = ((0 - mean) / std, (1 - mean) / std)  # official: generated images clamped to the valid range
+    seed_everything(args.seed)
+    model = build_model(args, data, device)
+    gan = None if args.no_replay else build_gan(args, data, model, device)
+    if gan is not None and min(len(indices_of(data.train_y, a, b)) for a, b in splits) < args.gan_batch_size:
+        raise UserError(f"--gan-batch-size {args.gan_batch_size} exceeds the training images of a task")
+    ckpt = prepare_out_dir(args.out_dir, args.resume)  # only now: bad input has had its one-line error
+    print(f"Genifer ({arm}): {args.dataset}, {len(splits) - 1} tasks after B{args.base_classes}, out: {args.out_dir}")
+    print_args(args)
+    base_key = {k: v for k, v in vars(args).items() if k not in ARM_KEYS}
+    rows, start_phase = [], 0
+    if ckpt is None and shared_base is not None and os.path.exists(shared_base):
+        ckpt = torch.load(shared_base, map_location="cpu", weights_only=False)
+        if ckpt["base_key"] != base_key:
+            raise UserError(f"{shared_base} was trained with other settings; delete it or choose another --out-dir")
+        print(f"task 0 shared with the other arm: {shared_base}")
+    elif ckpt is not None:
+        check_resume_args(ckpt["args"], vars(args))
+        print(f"resumed after task {ckpt['phase']} from {args.out_dir}")
+    if ckpt is not None:
+        model.add_classes(splits[ckpt["phase"]][1])
+        model.load_state_dict(ckpt["model"])
+        if gan is not None:
+            for k in ("g", "g_ema", "d", "ada"):
+                gan[k].load_state_dict(ckpt["gan"][k])
+        rows, start_phase = ckpt["rows"], ckpt["phase"] + 1
+        set_rng_state(ckpt["rng"])
+    print(f"backbone {args.backbone}: {count_parameters(model.backbone):,} parameters" + (
+        "" if gan is None else f"; generator {count_parameters(gan['g']):,}, discriminator "
+        f"{count_parameters(gan['d']):,}"))
+    print(f"{'task':>5} {'classes':>7} {'CNN':>6} {'time':>7} {'img/s':>7} {'GAN img/s':>9}")
+
+    for phase in range(start_phase, len(splits)):
+        phase_start = time.time()
+        first, total = splits[phase]
+        old_model = copy.deepcopy(model).requires_grad_(False) if phase > 0 else None  # after the last task
+        prev_g = copy.deepcopy(gan["g_ema"]).eval() if phase > 0 and gan is not None else None
+        model.add_classes(total - first)
+        train_idx = indices_of(data.train_y, first, total)  # exemplar-free: only this task's real images
+        ips = train_classifier(model, old_model, prev_g, data, train_idx, first, bounds, args, device,
+                               f"task {phase}")
+        train_s, gan_ips, gan_s = time.time() - phase_start, 0.0, 0.0
+        if gan is not None and phase < len(splits) - 1:  # the last task's GAN would never replay
+            epochs = args.gan_epochs_first if phase == 0 else args.gan_epochs
+            gan_ips = train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, device,
+                                f"task {phase}")
+            gan_s = time.time() - phase_start - train_s
+        model.eval()
+        result = evaluate(lambda x: model(x)[:2], data, splits, phase, device, None, args.workers)
+        row = {"phase": phase, "known_classes": first, "total_classes": total, **result, "memory_size": 0,
+               "train_s": train_s, "gan_s": gan_s, "phase_s": time.time() - phase_start,
+               "train_img_per_s": ips, "gan_img_per_s": gan_ips,
+               "ada_p": None if gan is None else gan["ada"].p.item()}
+        rows.append(row)
+        print(f"{phase:>5} {total:>7} {row['cnn_acc']:>6.2f} {row['phase_s']:>6.0f}s {ips:>7.0f} {gan_ips:>9.0f}")
+        write_metrics(args.out_dir, rows)
+        state = {"phase": phase, "model": model.state_dict(), "rows": rows, "rng": rng_state(), "args": vars(args),
+                 "gan": None if gan is None else {k: gan[k].state_dict() for k in ("g", "g_ema", "d", "ada")}}
+        save_checkpoint(args.out_dir, state)
+        if phase == 0 and shared_base is not None and not os.path.exists(shared_base) and gan is not None:
+            torch.save({**state, "base_key": base_key}, shared_base + ".tmp")
+            os.replace(shared_base + ".tmp", shared_base)
+        if args.stop_after == phase and phase < len(splits) - 1:
+            print(f"stopped after task {phase} (--stop-after); continue with the same flags and --resume")
+            return None
+
+    extra = {}
+    if gan is not None:  # exemplar-free accounting: what the replay memory (the EMA generator) costs
+        n = count_parameters(gan["g_ema"])
+        extra = {"generator_parameters": n, "generator_bytes": 4 * n, "discriminator_parameters":
+                 count_parameters(gan["d"]), "exemplars_in_generator_bytes": 4 * n // (3 * data.image_size ** 2)}
+    return finish_run(args, "genifer", data, order, device, __file__, t0, results_from_rows(rows), arm=arm,
+                      replay=not args.no_replay, ada=not args.no_ada, **extra)
+
+
+# papers.md 5.4: (arm A, arm B) of each claim as flag overrides; B - A is reported. The replay pair shares task 0
+# (Genifer runs first and writes it); the ADA pair cannot (ADA changes the GAN trained after task 0).
+PAIRS = {"replay": (("no_replay", dict(no_replay=True)), ("genifer", dict(no_replay=False))),
+         "ada": (("genifer_no_ada", dict(no_ada=True)), ("genifer", dict(no_ada=False)))}
+
+
+def run_paired(args):
+    out = args.out_dir or default_out_dir(f"genifer-paired-{args.paired}", args)
+    os.makedirs(out, exist_ok=True)
+    arms = {}
+    for name, overrides in reversed(PAIRS[args.paired]):
+        arm_args = argparse.Namespace(**{**vars(args), **overrides, "paired": None, "out_dir": os.path.join(out, name)})
+        res = run(arm_args, shared_base=os.path.join(out, "task0.pt") if args.paired == "replay" else None)
+        if res is None:  # --stop-after: continue later with --resume
+            return None
+        arms[name] = res
+    return write_paired(out, arms, PAIRS[args.paired][0][0], extra_metrics=("generator_bytes",),
+                        paired=args.paired, dataset=args.dataset, seed=args.seed)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    return run_paired(args) if args.paired else run(args)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,283 @@
+"""cim.py: compression and its cost, CAM boxes, herding under a fractional budget and reduction, the rational
+activation, the bilevel step, FOSTER's class weights and losses against hand-computed values, and end-to-end smoke
+runs (paired; stop + --resume). CPU."""
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import ROOT, run_script
+
+import cim  # noqa: E402
+from common.data import apply_class_order, class_order, load_dataset  # noqa: E402
+from common.evaluation import evaluate  # noqa: E402
+from common.memory import herding  # noqa: E402
+from common.run import UserError  # noqa: E402
+
+RESULT_KEYS = {"method", "finished", "args", "class_order", "normalization", "backbone", "memory_policy",
+               "acc_per_phase", "nme_acc_per_phase", "avg_inc_acc", "last_acc", "forgetting", "nme_avg_inc_acc",
+               "acc_matrix", "wall_s", "torch", "git_commit", "script_sha256", "teacher_acc_per_phase",
+               "exemplars_mean_per_phase", "scored_model"}
+
+
+# ----------------------------------------------------------------------------------------------- compression
+def test_compression_keeps_the_box_and_is_nearest_down_up_outside():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 8, 8, generator=g)
+    boxes = torch.tensor([[1, 2, 5, 7], [0, 0, 0, 0]])  # (y0, x0, y1, x1); the second: no box at all
+    out = cim.compress_images(x, boxes, eta=4)
+    coarse = x[:, :, ::2, ::2].repeat_interleave(2, 2).repeat_interleave(2, 3)  # by hand: keep every 2nd pixel
+    inside = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    inside[0, :, 1:5, 2:7] = True
+    assert torch.equal(out, torch.where(inside, x, coarse))
+    assert torch.equal(out[0, :, 1:5, 2:7], x[0, :, 1:5, 2:7])
+    assert not torch.equal(out[1], x[1])
+    assert torch.equal(cim.compress_images(x, torch.tensor([[0, 0, 8, 8]] * 2), 4), x)  # full box: identity
+    u8 = (x * 255).to(torch.uint8)  # the small-image path compresses uint8 exactly
+    assert torch.equal(cim.compress_images(u8, boxes, 4), (torch.where(inside, x, coarse) * 255).to(torch.uint8))
+
+
+def test_cost_formula_on_hand_made_boxes():
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 0, 0], [0, 0, 5, 10], [2, 2, 4, 7]])
+    cost = cim.compression_cost(boxes, 10, 10, eta=4)
+    # box fraction + (1 - fraction) / eta: 1, 1/4, 0.5 + 0.5/4, 0.1 + 0.9/4
+    assert cost.tolist() == pytest.approx([1.0, 0.25, 0.625, 0.325])
+
+
+def test_cam_boxes_are_the_tight_box_of_the_thresholded_map():
+    cam = torch.zeros(2, 4, 4)
+    cam[0, 1:3, 2] = 5.0          # a blob in rows 1-2, column 2
+    cam[0, 0, 0] = -1.0           # the minimum; min-max normalisation maps the rest to 1/6 < tau
+    boxes = cim.cam_boxes(cam, (4, 4), tau=0.6)  # same size: bilinear up is the identity
+    assert boxes[0].tolist() == [1, 2, 3, 3]
+    assert boxes[1].tolist() == [0, 0, 4, 4]  # constant CAM: empty mask, the full image (no compression)
+
+
+# ----------------------------------------------------------------------------------------------- memory
+class FlatFeatures(nn.Module):
+    """A stand-in model: the features are the first 24 pixel values of the (compressed) image."""
+
+    def forward(self, x):
+        f = x.flatten(1)[:, :24].float()
+        return f, f
+
+
+def small_box_data():
+    data = load_dataset("synthetic", "", torch.device("cpu"), image_size=16)
+    apply_class_order(data, class_order(20, 1993))
+    boxes = torch.tensor([[4, 4, 8, 8]]).repeat(len(data.train_y), 1)  # 1/16 of the image: cost 0.296875
+    boxes[::3] = torch.tensor([0, 0, 16, 16])                            # every third image: full (cost 1)
+    return data, boxes
+
+
+def test_herding_under_a_fractional_budget():
+    data, boxes = small_box_data()
+    budget = 3
+    memory = cim.select_compressed(FlatFeatures(), data, [0, 1], boxes, budget, 4.0, torch.device("cpu"))
+    for c in (0, 1):
+        rows = memory[c]
+        idx = rows[:, 0]
+        assert (data.train_y[idx] == c).all() and torch.equal(rows[:, 1:], boxes[idx])
+        cost = cim.compression_cost(rows[:, 1:], 16, 16, 4.0)
+        assert cost.sum() <= budget and len(rows) > budget  # more exemplars than the uncompressed budget
+        # the herding order on the compressed images, and the next exemplar would not have fitted
+        all_idx = torch.nonzero(data.train_y == c).flatten()
+        feats = FlatFeatures()(cim.compress_images(
+            torch.cat([x for x, _ in cim.eval_batches(data, all_idx, torch.device("cpu"), "train")]),
+            boxes[all_idx], 4.0))[1]
+        order = all_idx[herding(feats, len(all_idx))]
+        assert torch.equal(idx, order[:len(idx)])
+        if len(idx) < len(order):
+            assert cost.sum() + cim.compression_cost(boxes[order[len(idx)]][None], 16, 16, 4.0)[0] > budget
+
+
+def test_reduction_keeps_a_fitting_prefix():
+    rows = torch.tensor([[7, 0, 0, 0, 0], [3, 0, 0, 16, 16], [9, 0, 0, 0, 0], [4, 0, 0, 0, 0]])  # cost .25,1,.25,.25
+    reduced = cim.reduce_compressed({0: rows}, 1.4, 16, 4.0)[0]
+    assert torch.equal(reduced, rows[:2])  # 1.25 fits, 1.5 does not
+    assert torch.equal(cim.reduce_compressed({0: rows}, 1.75, 16, 4.0)[0], rows)
+    assert len(cim.reduce_compressed({0: rows}, 0.2, 16, 4.0)[0]) == 0
+    assert cim.budget_prefix(torch.tensor([0.5, 0.5, 0.5]), 1) == 2
+
+
+# ----------------------------------------------------------------------------------------------- mask model
+def test_rational_is_close_to_relu_at_init_and_trains():
+    act = cim.RationalReLU()
+    x = torch.linspace(-3, 3, 601)
+    assert torch.equal(act(x), torch.relu(x))  # ReLU mode: exactly ReLU
+    act.rational = True
+    assert (act(x) - torch.relu(x)).abs().max() < 0.035  # stated tolerance of the fitted coefficients
+    start = [p.detach().clone() for p in act.parameters()]
+    opt = torch.optim.Adam(act.parameters(), lr=0.01)
+    target = torch.nn.functional.leaky_relu(x, 0.3)
+    losses = []
+    for _ in range(50):
+        loss = ((act(x) - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(not torch.equal(a, p) for a, p in zip(start, act.parameters()))
+    x = torch.tensor([0.0, 1e6], requires_grad=True)  # no overflow, finite second derivative at 0
+    (g,) = torch.autograd.grad(act(x).sum(), x, create_graph=True)
+    assert torch.isfinite(torch.autograd.grad(g.sum(), x)[0]).all()
+
+
+def test_bilevel_step_changes_only_the_rational_parameters():
+    args = cim.parse_args(["--smoke", "--device", "cpu"])
+    torch.manual_seed(0)
+    model = cim.build_model(args, 4)
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(4, 3, 16, 16, generator=g), torch.tensor([0, 1, 2, 3]))
+    batch2 = (torch.randn(4, 3, 16, 16, generator=g), torch.tensor([3, 2, 1, 0]))
+    phi = [p for n, p in model.named_parameters() if "ratl" in n]
+    assert len(phi) > 0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    loss = cim.meta_step(model, torch.optim.Adam(phi, lr=0.01), batch, batch2, None, 0, 0.01, args, 1.0)
+    assert torch.isfinite(loss)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("ratl" in k for k in changed)
+    assert all(p.grad is None for n, p in model.named_parameters() if "ratl" not in n)
+
+
+# ----------------------------------------------------------------------------------------------- FOSTER
+def test_class_weights_and_losses_against_hand_computed_values():
+    w = cim.effective_number_weights(torch.tensor([2, 5]), 0.9)
+    raw = [0.1 / (1 - 0.9 ** 2), 0.1 / (1 - 0.9 ** 5)]
+    assert w.tolist() == pytest.approx([2 * r / sum(raw) for r in raw], rel=1e-6)
+    student, teacher = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    T = 2.0
+    t = [math.exp(0.0 / T), math.exp(2.0 / T)]
+    t = [v / sum(t) for v in t]
+    log_s = [0.5 - math.log(math.exp(0.5) + 1.0), 0.0 - math.log(math.exp(0.5) + 1.0)]
+    assert cim.kd_loss(student, teacher, T).item() == pytest.approx(-(t[0] * log_s[0] + t[1] * log_s[1]), rel=1e-6)
+    bt = [t[0] * w[0].item(), t[1] * w[1].item()]
+    bt = [v / sum(bt) for v in bt]
+    got = cim.balanced_kd_loss(student, teacher, w, T).item()
+    assert got == pytest.approx(-(bt[0] * log_s[0] + bt[1] * log_s[1]), rel=1e-6)
+    assert abs(got - cim.kd_loss(student, teacher, T).item()) > 1e-3
+
+
+def test_grow_and_compress_keep_the_old_model():
+    args = cim.parse_args(["--smoke", "--device", "cpu"])
+    torch.manual_seed(0)
+    old = cim.build_model(args, 3).eval()
+    teacher = cim.grow(old, 5).eval()
+    x = torch.randn(2, 3, 16, 16)
+    logits, features, _ = teacher.outputs(x)
+    dim = teacher.fe_fc.in_features
+    # the teacher's old-class logits on the old features equal the old model's; the new backbone starts as a copy
+    assert torch.allclose(teacher.old_fc(features[:, :dim]), old(x)[0], atol=1e-5)
+    assert torch.allclose(features[:, :dim], features[:, dim:], atol=1e-6)
+    assert all(p.requires_grad == ("ratl" in n) for n, p in teacher.backbones[0].named_parameters())
+    student = cim.new_student(teacher, 5).eval()
+    assert torch.allclose(student(x)[0][:, :3], old(x)[0], atol=1e-5)
+
+
+def test_bad_input_is_one_line_error():
+    with pytest.raises(UserError, match="--eta"):
+        cim.main(["--smoke", "--device", "cpu", "--eta", "0.5"])
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def paired_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cim") / "paired"
+    proc = run_script("cim.py", "--smoke", "--paired", "--out-dir", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def read(path):
+    return [json.loads(line) for line in open(path)] if path.endswith(".jsonl") else json.load(open(path))
+
+
+def test_paired_smoke_schema_and_memory(paired_run):
+    out, proc = paired_run
+    paired = read(str(out / "paired.json"))
+    assert paired["baseline"] == "foster" and set(paired["arms"]) == {"foster", "foster_cim"}
+    for arm, cim_on in (("foster", False), ("foster_cim", True)):
+        res = read(str(out / arm / "results.json"))
+        assert RESULT_KEYS <= set(res) and res["finished"] and res["method"] == "cim" and res["cim"] == cim_on
+        assert len(res["acc_per_phase"]) == 3 and [len(r) for r in res["acc_matrix"]] == [1, 2, 3]
+        assert res["avg_inc_acc"] == pytest.approx(sum(res["acc_per_phase"]) / 3)
+        assert paired["arms"][arm]["avg_inc_acc"] == res["avg_inc_acc"]
+        rows = read(str(out / arm / "metrics.jsonl"))
+        for r in rows:
+            assert r["class_budget"] == 100 // r["total_classes"]            # PyCIL: floor(M / seen)
+            assert r["memory_cost"] <= 100 + 1e-4
+            assert r["exemplars_min"] <= r["exemplars_mean"] <= r["exemplars_max"]
+            if not cim_on:  # uncompressed: exactly the budget a class
+                assert r["exemplars_min"] == r["exemplars_max"] == r["class_budget"]
+        if cim_on:
+            assert max(r["exemplars_mean"] for r in rows[1:]) > rows[-1]["class_budget"]
+    d = paired["difference"]["foster_cim"]
+    assert d["avg_inc_acc"] == pytest.approx(paired["arms"]["foster_cim"]["avg_inc_acc"] -
+                                             paired["arms"]["foster"]["avg_inc_acc"])
+
+
+def test_the_student_is_scored(paired_run):
+    """The last accuracy in results.json is the checkpointed single-backbone model's (the student), not the
+    teacher's, which is logged beside it."""
+    out, _ = paired_run
+    res = read(str(out / "foster_cim" / "results.json"))
+    ckpt = torch.load(out / "foster_cim" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    args = cim.parse_args(["--smoke", "--device", "cpu"])
+    model = cim.build_model(args, 20)
+    model.load_state_dict(ckpt["model"])
+    assert len(model.backbones) == 1
+    data = load_dataset("synthetic", "", torch.device("cpu"), image_size=16)
+    apply_class_order(data, res["class_order"])
+    splits = [(0, 10), (10, 15), (15, 20)]
+    acc = evaluate(model.eval(), data, splits, 2, torch.device("cpu"))["cnn_acc"]
+    assert acc == pytest.approx(res["last_acc"], abs=1e-4)
+    assert len(res["teacher_acc_per_phase"]) == 3 and res["scored_model"] == "student"
+
+
+def test_stop_and_resume_gives_the_same_numbers(paired_run, tmp_path):
+    out, _ = paired_run
+    flags = ["cim.py", "--smoke", "--out-dir", str(tmp_path / "r")]
+    first = run_script(*flags, "--stop-after", "0")
+    assert first.returncode == 0 and "stopped after phase 0" in first.stdout
+    assert not (tmp_path / "r" / "results.json").exists()
+    second = run_script(*flags, "--resume")
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed = read(str(tmp_path / "r" / "results.json"))
+    straight = read(str(out / "foster_cim" / "results.json"))  # the same settings, uninterrupted
+    assert resumed["acc_per_phase"] == straight["acc_per_phase"]
+    assert resumed["nme_acc_per_phase"] == straight["nme_acc_per_phase"]
+    assert resumed["exemplars_mean_per_phase"] == straight["exemplars_mean_per_phase"]
+    assert resumed["teacher_acc_per_phase"] == straight["teacher_acc_per_phase"]
+
+
+def test_bench_step_runs():
+    from common.bench import main as bench
+    rows = bench(["--scripts", "cim", "--steps", "1", "--warmup", "1", "--batch-size", "2", "--device", "cpu"])
+    assert rows[0][0] == "cim" and rows[0][2] > 0
+
+
+@pytest.mark.parametrize("path", ["small", "file"])
+def test_batch_fn_sees_each_batch_with_its_indices(path, food_dir):
+    """common.data.train_batches(batch_fn=...): the hook CIM compresses with gets every batch's dataset indices,
+    on the device path (before augmentation) and on the file path (after the transform)."""
+    from common.data import train_batches
+    data = load_dataset("synthetic", "", torch.device("cpu"), image_size=8) if path == "small" else \
+        load_dataset("food101", str(food_dir), torch.device("cpu"), image_size=8)
+    seen = []
+
+    def batch_fn(x, idx):
+        seen.append(idx.clone())
+        return torch.zeros_like(x)
+    indices = torch.arange(0, len(data.train_y), 2)
+    for x, y in train_batches(data, indices, 2, torch.device("cpu"), 0, batch_fn=batch_fn,
+                              train_transform=cim.autoaugment):
+        assert torch.equal(y, data.train_y[seen[-1]])
+        if path == "file":  # after the transform: the batch itself is what batch_fn returned
+            assert (x == 0).all()
+    assert set(torch.cat(seen).tolist()) == set(indices.tolist())

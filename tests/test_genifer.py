@@ -1,0 +1,314 @@
+"""genifer.py: equalised-lr layers, generator and feature discriminator shapes, every ADA op against its
+definition, the adaptive p, R1 against autograd, the classifier losses against hand-computed values, and one shared
+paired smoke run (schema, shared task 0, exemplar-free accounting) plus stop + --resume with the indices the
+loaders read. CPU."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import genifer  # noqa: E402
+
+RESULT_KEYS = {"method", "finished", "args", "class_order", "normalization", "backbone", "memory_policy",
+               "acc_per_phase", "nme_acc_per_phase", "avg_inc_acc", "last_acc", "forgetting", "nme_avg_inc_acc",
+               "nme_last_acc", "nme_forgetting", "acc_matrix", "wall_s", "torch", "git_commit", "script_sha256"}
+
+
+# ----------------------------------------------------------------------------------------------- layers, shapes
+def test_equalised_lr_layers_scale_as_defined():
+    torch.manual_seed(0)
+    lin = genifer.EqualLinear(400, 300, bias_init=0.5, lr_mul=0.01)
+    assert lin.weight.std().item() == pytest.approx(100, rel=0.02)       # stored N(0, 1/lr_mul^2)
+    x = torch.randn(3, 400)
+    want = x @ (lin.weight * 0.01 / 20).T + lin.bias * 0.01                 # lr_mul / sqrt(fan_in), bias * lr_mul
+    assert torch.allclose(lin(x), want, atol=1e-5)
+    conv = genifer.EqualConv2d(4, 5)
+    x = torch.randn(2, 4, 6, 6)
+    assert torch.allclose(conv(x), F.conv2d(x, conv.weight * math.sqrt(2 / 36), conv.bias, padding=1), atol=1e-5)
+
+
+def test_generator_and_discriminator_shapes():
+    official = genifer.Generator(100, 32, latent_dim=8, label_dim=4)  # official 512/256/128/64 widths
+    assert [c.conv.weight.shape[:2] for c in official.convs] == [(512, 512), (256, 512), (256, 256), (128, 256),
+                                                                  (128, 128), (64, 128), (64, 64)]
+    assert official.resolutions == [4, 4, 8, 8, 16, 16, 32] and official.const.shape == (1, 512, 4, 4)
+    for size, channels in ((32, [8, 8, 4, 4]), (64, [8, 8, 4, 4, 4])):
+        g = genifer.Generator(10, size, channels, latent_dim=6, label_dim=3)
+        z, y = torch.randn(4, 6), torch.tensor([0, 3, 9, 2])
+        assert g(z, y).shape == (4, 3, size, size)
+        noise = g.sample_noise(4, "cpu")
+        assert torch.equal(g(z, y, noise), g(z, y, noise))  # explicit noise: deterministic (G distillation)
+    d = genifer.FeatureDiscriminator(100, 256, 8, width=512)
+    convs = [m.weight.shape[0] for m in d.blocks if isinstance(m, genifer.EqualConv2d)]
+    assert convs == [256, 256, 512, 512] and d.dense.weight.shape == (512, 512 * 2 * 2)  # official stage 4
+    small = genifer.FeatureDiscriminator(7, 16, 16, width=8)  # 64 px: one more block, 16 -> 2
+    assert small(torch.randn(4, 16, 16, 16), torch.tensor([0, 1, 2, 6])).shape == (4,)
+
+
+def test_minibatch_std_matches_its_definition():
+    x = torch.randn(4, 3, 2, 2)
+    out = genifer.minibatch_std(x, group_size=2)  # groups of 2 strided over the batch: (0, 2) and (1, 3)
+    for members in ((0, 2), (1, 3)):
+        std = x[list(members)].std(0, unbiased=False).mean()
+        for i in members:
+            assert torch.allclose(out[i, 3], std.expand(2, 2), atol=1e-4)
+    assert torch.equal(out[:, :3], x)
+
+
+# ----------------------------------------------------------------------------------------------- ADA
+def image(n=64, size=16):
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1
+
+
+def augment(x, ops, p=1.0):
+    ada = genifer.AdaptiveAugment(ops)
+    ada.p.fill_(p)
+    return ada(x)
+
+
+def test_ada_is_identity_at_p0_and_differentiable():
+    x = image(8).requires_grad_(True)
+    assert torch.allclose(augment(x, genifer.ADA_OPS, 0.0), x, atol=1e-5)
+    out = augment(x, genifer.ADA_OPS, 1.0)
+    assert not torch.allclose(out, x, atol=1e-2)
+    (out * torch.randn_like(out)).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_ada_flips_and_quarter_turns_are_exact():
+    torch.manual_seed(0)
+    x = image()
+    out = augment(x, ("xflip",))
+    flipped = torch.tensor([torch.allclose(o, xi.flip(-1), atol=1e-4) for o, xi in zip(out, x)])
+    same = torch.tensor([torch.allclose(o, xi, atol=1e-4) for o, xi in zip(out, x)])
+    assert (flipped ^ same).all() and flipped.any() and same.any()
+    out = augment(x, ("rotate90",))
+    k_of = [[k for k in range(4) if torch.allclose(o, torch.rot90(xi, k, (1, 2)), atol=1e-4)] for o, xi in zip(out, x)]
+    assert all(len(k) == 1 for k in k_of) and {k[0] for k in k_of} == {0, 1, 2, 3}
+
+
+def test_ada_integer_translation_is_a_pixel_shift_up_to_an_eighth():
+    torch.manual_seed(0)
+    x = image(32)
+    out = augment(x, ("xint",))  # 16 px: shifts in -2..2 pixels (0.125 * 16)
+    shifts = []
+    for o, xi in zip(out, x):
+        hits = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                if torch.allclose(o[:, 3:-3, 3:-3], xi[:, 3 + dy:13 + dy, 3 + dx:13 + dx], atol=1e-4)]
+        assert len(hits) == 1
+        shifts.append(hits[0])
+    assert len(set(shifts)) > 5
+
+
+def test_ada_geometric_matrices_follow_their_definitions():
+    torch.manual_seed(0)
+    n = 256
+    for op, check in (("scale", lambda m: torch.allclose(m[:, 0, 0], m[:, 1, 1]) and (m[:, 0, 1] == 0).all()),
+                      ("aniso", lambda m: torch.allclose(m[:, 0, 0] * m[:, 1, 1], torch.ones(n))),
+                      ("rotate", lambda m: torch.allclose(m[:, :2, :2] @ m[:, :2, :2].transpose(1, 2),
+                                                          torch.eye(2).expand(n, 2, 2), atol=1e-5)),
+                      ("xfrac", lambda m: torch.equal(m[:, :2, :2], torch.eye(2).expand(n, 2, 2)))):
+        m = genifer.geometric_matrix(n, 1.0, (op,), 32, "cpu")
+        assert check(m), op
+        assert (m - torch.eye(3)).abs().amax((1, 2)).gt(1e-6).float().mean() > 0.3, op  # applied to many
+    log_scale = torch.log2(genifer.geometric_matrix(4096, 1.0, ("scale",), 32, "cpu")[:, 0, 0])
+    assert log_scale.std().item() == pytest.approx(0.2, rel=0.1)                 # 2^N(0, 0.2)
+    shift = genifer.geometric_matrix(4096, 1.0, ("xfrac",), 32, "cpu")[:, 0, 2] / 2
+    assert shift.std().item() == pytest.approx(0.125, rel=0.1)                   # N(0, 0.125) of the width
+    # warp samples at mat @ output coordinates: an exact quarter turn and a one-pixel shift
+    x = image(2, 8)
+    quarter = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]).expand(2, 3, 3)
+    assert torch.allclose(genifer.warp(x, quarter), torch.rot90(x, 1, (2, 3)), atol=1e-5)
+    shift1 = torch.tensor([[1.0, 0.0, 2 / 8], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]).expand(2, 3, 3)
+    assert torch.allclose(genifer.warp(x, shift1)[..., :-1], x[..., 1:], atol=1e-5)
+
+
+def test_ada_colour_ops_match_their_definitions():
+    torch.manual_seed(0)
+    x = image(64) * 0.5 + 0.6  # positive, so ratios are defined
+    luma = x.mean(1, keepdim=True)
+    out = augment(x, ("brightness",))
+    diff = out - x
+    assert torch.allclose(diff, diff[:, :1, :1, :1].expand_as(diff), atol=1e-5)  # one offset a sample
+    assert diff[:, 0, 0, 0].std().item() == pytest.approx(0.2, rel=0.3)
+    ratio = augment(x, ("contrast",)) / x
+    assert torch.allclose(ratio, ratio[:, :1, :1, :1].expand_as(ratio), atol=1e-4)  # one factor a sample
+    out = augment(x, ("lumaflip",))
+    flipped = torch.tensor([torch.allclose(o, xi - 2 * xi.mean(0), atol=1e-5) for o, xi in zip(out, x)])
+    same = torch.tensor([torch.allclose(o, xi, atol=1e-5) for o, xi in zip(out, x)])
+    assert (flipped ^ same).all() and flipped.any() and same.any()
+    out = augment(x, ("hue",))  # rotation about the luma axis: luma and chroma norm kept, chroma turned
+    assert torch.allclose(out.mean(1, keepdim=True), luma, atol=1e-5)
+    assert torch.allclose((out - luma).norm(dim=1), (x - luma).norm(dim=1), atol=1e-4)
+    assert not torch.allclose(out, x, atol=1e-2)
+    out = augment(x, ("saturation",))  # chroma scaled by one factor a sample
+    assert torch.allclose(out.mean(1, keepdim=True), luma, atol=1e-5)
+    factor = (out - luma)[:, 0, 0, 0] / (x - luma)[:, 0, 0, 0]
+    assert torch.allclose(out - luma, (x - luma) * factor[:, None, None, None], atol=1e-4)
+
+
+def test_adaptive_p_moves_toward_the_target_and_stays_in_range():
+    ada = genifer.AdaptiveAugment()
+    step = 4 / 4000
+    ada.adjust(torch.tensor(0.9), 0.5, 4, 4, 0.5)  # D overfits (E[sign D(real)] > target): more augmentation
+    assert ada.p.item() == pytest.approx(step)
+    ada.adjust(torch.tensor(0.1), 0.5, 4, 4, 0.5)
+    ada.adjust(torch.tensor(0.1), 0.5, 4, 4, 0.5)
+    assert ada.p.item() == 0.0                      # clipped at 0
+    ada.p.fill_(0.4999)
+    ada.adjust(torch.tensor(1.0), 0.5, 4, 4, 0.5)
+    assert ada.p.item() == pytest.approx(0.5)       # clipped at --ada-max
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def test_r1_penalty_matches_autograd_on_toy_discriminators():
+    w = torch.randn(3, 2, 2, requires_grad=True)
+    x = torch.randn(5, 3, 2, 2, requires_grad=True)
+    penalty = genifer.r1_penalty((x * w).sum((1, 2, 3)), x)  # grad_x = w for every sample
+    assert penalty.item() == pytest.approx(w.square().sum().item(), rel=1e-5)
+    grad_w, = torch.autograd.grad(penalty, w)
+    assert torch.allclose(grad_w, 2 * w)                   # differentiable in D's parameters (create_graph)
+    quad = genifer.r1_penalty((x ** 2).sum((1, 2, 3)), x)  # grad_x = 2x
+    assert quad.item() == pytest.approx((4 * x.detach() ** 2).sum((1, 2, 3)).mean().item(), rel=1e-5)
+
+
+def test_classifier_loss_terms_match_hand_computed_values():
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 1.0, -1.0], [1.0, 2.0, 3.0]])  # rows 0-1 replayed, row 2 new
+    old_logits = torch.tensor([[1.0, 0.0], [0.0, 2.0], [5.0, 5.0]])
+    fmap, old_fmap = torch.zeros(3, 2, 1, 1), torch.zeros(3, 2, 1, 1)
+    fmap[0, :, 0, 0] = torch.tensor([3.0, 4.0])
+    fmap[2] = 100.0  # a new sample: not distilled
+    ce, kd, feat = genifer.classifier_losses(logits, old_logits, fmap, old_fmap, torch.tensor([2]), 2, 2)
+    assert ce.item() == pytest.approx(-math.log(math.exp(3) / (math.exp(1) + math.exp(2) + math.exp(3))), abs=1e-6)
+    kd_rows = []
+    for z, t in ((logits[0].tolist(), old_logits[0].tolist()), (logits[1].tolist(), old_logits[1].tolist())):
+        lse = math.log(sum(math.exp(v) for v in z))  # log-softmax over all 3 classes, then the 2 old ones
+        q = [math.exp(v) / sum(math.exp(u) for u in t) for v in t]
+        kd_rows.append(-sum(qi * (zi - lse) for qi, zi in zip(q, z[:2])))
+    assert kd.item() == pytest.approx(sum(kd_rows) / 2, abs=1e-6)
+    assert feat.item() == pytest.approx((5.0 + 0.0) / 2)  # ||(3, 4)|| = 5 and 0, mean over replayed
+
+
+def tiny_args(*flags):
+    return genifer.parse_args(["--smoke", "--device", "cpu", *flags])
+
+
+@pytest.mark.parametrize("no_replay", [True, False])
+def test_step_total_is_the_weighted_sum_of_its_terms(no_replay):
+    torch.manual_seed(0)
+    args = tiny_args(*(["--no-replay"] if no_replay else []))
+    data = type("D", (), {"num_classes": 20, "image_size": 32})
+    model = genifer.build_model(args, data, "cpu")
+    model.add_classes(3)
+    old_model = __import__("copy").deepcopy(model).requires_grad_(False)
+    model.add_classes(2)
+    prev_g = None if no_replay else genifer.build_gan(args, data, model, "cpu")["g_ema"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    bounds = (torch.full((1, 3, 1, 1), -2.0), torch.full((1, 3, 1, 1), 2.0))
+    step = genifer.make_classifier_step(model, old_model, prev_g, optimizer, 3, bounds, args, torch.device("cpu"))
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(3, 5, (8,))
+    model.train()
+    old_model.train()
+    loss, ce, kd, feat, _ = step(x, y).tolist()
+    assert loss == pytest.approx(0.02 * ce + 0.98 * kd + 1.0 * feat, rel=1e-5)
+    if no_replay:  # the distillation half is the last 4 real images: recompute every term by hand
+        x_in = torch.cat([x[4:], x[:4]])
+        with torch.no_grad():
+            logits, _, fmap = model(x_in)
+            old_logits, _, old_fmap = old_model(x_in)
+        want = genifer.classifier_losses(logits, old_logits, fmap, old_fmap, y[:4], 4, 3)
+        assert [ce, kd, feat] == pytest.approx([t.item() for t in want], rel=1e-4)
+    assert kd > 0 and feat >= 0 and ce > 0
+
+
+def test_bench_runs_every_genifer_step():
+    from common.bench import main as bench
+    rows = bench(["--scripts", "genifer", "--steps", "1", "--warmup", "1", "--device", "cpu", "--batch-size", "4",
+                  "--script-flags=--smoke --gan-batch-size 4"])
+    assert [r[0] for r in rows] == ["genifer classifier", "genifer D", "genifer D+R1", "genifer G"]
+    assert all(r[2] > 0 for r in rows)
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+def check_schema(res, arm):
+    assert RESULT_KEYS <= set(res) and res["finished"] and res["method"] == "genifer" and res["arm"] == arm
+    assert len(res["acc_per_phase"]) == 3 and [len(r) for r in res["acc_matrix"]] == [1, 2, 3]
+    assert res["avg_inc_acc"] == pytest.approx(sum(res["acc_per_phase"]) / 3)
+    assert res["nme_acc_per_phase"] is None and res["nme_avg_inc_acc"] is None  # exemplar-free: no NME
+    assert res["memory_policy"].startswith("none") and res["args"]["seed"] == 1212
+
+
+@pytest.fixture(scope="module")
+def paired_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("genifer") / "pair"
+    proc = subprocess.run([sys.executable, "genifer.py", "--smoke", "--paired", "--out-dir", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, proc.stdout
+
+
+def test_smoke_paired_no_replay_vs_genifer(paired_run):
+    out, stdout = paired_run
+    arms = {a: json.load(open(out / a / "results.json")) for a in ("no_replay", "genifer")}
+    for arm, res in arms.items():
+        check_schema(res, arm)
+    assert arms["no_replay"]["acc_matrix"][0] == arms["genifer"]["acc_matrix"][0]  # one shared task 0
+    assert arms["genifer"]["acc_per_phase"][0] > 30  # task 0 learns (chance 10%)
+    g = arms["genifer"]
+    assert g["generator_bytes"] == 4 * g["generator_parameters"] > 0
+    assert g["exemplars_in_generator_bytes"] == g["generator_bytes"] // (32 * 32 * 3)
+    rows = [json.loads(line) for line in open(out / "genifer" / "metrics.jsonl")]
+    assert rows[0]["gan_img_per_s"] > 0 and rows[1]["gan_img_per_s"] > 0 and rows[2]["gan_s"] == 0  # none after last
+    assert all(r["memory_size"] == 0 for r in rows) and 0 <= rows[1]["ada_p"] <= 0.5
+    assert "GAN epoch" in stdout and "img/s" in stdout
+    ckpt = torch.load(out / "genifer" / "checkpoint.pt", weights_only=False)
+    assert set(ckpt["gan"]) == {"g", "g_ema", "d", "ada"}
+    paired = json.load(open(out / "paired.json"))
+    assert paired["baseline"] == "no_replay" and paired["arms"]["genifer"]["generator_bytes"] == g["generator_bytes"]
+    assert paired["difference"]["genifer"]["avg_inc_acc"] == pytest.approx(
+        g["avg_inc_acc"] - arms["no_replay"]["avg_inc_acc"])
+
+
+def test_resume_matches_and_no_old_real_image_is_read(paired_run, tmp_path, monkeypatch):
+    """Resume from task 0 (the pair's shared task-0 checkpoint: what --stop-after 0 leaves), --stop-after 1,
+    --resume: the numbers of the paired run's Genifer arm; every batch the classifier and GAN loaders draw holds
+    only the current task's classes, tasks in order (exemplar-free)."""
+    out = tmp_path / "resumed"
+    out.mkdir()
+    state = torch.load(paired_run[0] / "task0.pt", weights_only=False)
+    state["args"]["out_dir"] = str(out)
+    torch.save(state, out / "checkpoint.pt")
+    seen = []
+
+    def recording(loader):
+        def wrapped(data, indices, *a, **k):
+            seen.append(data.train_y[indices.cpu()])
+            return loader(data, indices, *a, **k)
+        return wrapped
+    monkeypatch.setattr(genifer, "train_batches", recording(genifer.train_batches))
+    monkeypatch.setattr(genifer, "gan_batches", recording(genifer.gan_batches))
+    flags = ["--smoke", "--out-dir", str(out), "--device", "cpu"]
+    with pytest.raises(genifer.UserError):
+        genifer.main(flags)  # an unfinished run is never overwritten without --resume
+    assert genifer.main(flags + ["--resume", "--stop-after", "1"]) is None
+    assert len(open(out / "metrics.jsonl").readlines()) == 2
+    res = genifer.main(flags + ["--resume"])
+    ref = json.load(open(paired_run[0] / "genifer" / "results.json"))
+    assert res["acc_matrix"] == ref["acc_matrix"]
+    splits = [(0, 10), (10, 15), (15, 20)]
+    tasks = []
+    for labels in seen:
+        task = [t for t, (a, b) in enumerate(splits) if ((labels >= a) & (labels < b)).all()]
+        assert len(task) == 1 and len(labels) > 0
+        tasks.append(task[0])
+    epochs = state["args"]["epochs"]  # task 1: classifier epochs + GAN epochs; task 2: classifier epochs only
+    assert tasks == [1] * (epochs + state["args"]["gan_epochs"]) + [2] * epochs
