@@ -84,7 +84,7 @@ from common.graph import CapturedStep, graph_used
 from common.memory import (check_budget, class_means, exemplars_per_class, memory_indices, reduce_memory,
                            select_exemplars)
 from common.models import count_parameters, create_backbone, to_channels_last
-from common.run import (Progress, UserError, add_system_flags, autocast, check_resume_args, default_out_dir,
+from common.run import (Progress, Stage, UserError, add_system_flags, autocast, check_resume_args, default_out_dir,
                         finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_main,
                         save_checkpoint, seed_everything, set_rng_state, setup_device, write_metrics, write_paired)
 
@@ -390,14 +390,14 @@ def train_phase(model, old_model, data, splits, phase, memory, held_out, args, d
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)
+    stage = Stage(args, f"phase {phase}", model, optimizer, scheduler, args.epochs)  # in-phase checkpoints, SIGTERM
     step = make_step(model, old_model, optimizer, splits, phase, n_current, args, device)
     captured = CapturedStep(step, device, enabled=not args.no_graph, optimizer=optimizer)
     progress = Progress(args.epochs, f"  phase {phase} epoch")
-    seen, start = 0, time.time()
-    best = {"val_loss": math.inf, "best_epoch": None}
-    for epoch in range(args.epochs):
+    best = stage.state.setdefault("best", {"val_loss": math.inf, "best_epoch": None})  # kept in the checkpoint
+    for epoch in stage.epochs():
         model.train()
-        stats = torch.zeros(2, device=device)
+        stats = stage.running(torch.zeros(2, device=device))
         current = batch_stream(data, current_idx, n_current, device, args, "current")
         if phase == 0:
             batches = islice(current, steps)
@@ -405,9 +405,8 @@ def train_phase(model, old_model, data, splits, phase, memory, held_out, args, d
             exemplars = batch_stream(data, memory_idx, args.batch_memory, device, args, "memory")
             batches = ((torch.cat([xc, xm]), torch.cat([yc, ym])) for (xc, yc), (xm, ym) in
                        islice(zip(current, exemplars), steps))
-        for x, y in batches:
+        for x, y in stage.batches(batches):
             stats += captured(x, y)
-            seen += len(y)
         scheduler.step()
         loss_sum, correct = stats.tolist()  # one host sync per epoch
         if not math.isfinite(loss_sum):
@@ -418,14 +417,15 @@ def train_phase(model, old_model, data, splits, phase, memory, held_out, args, d
         if len(val_idx):
             val_loss = validation_loss(model, data, val_idx, total, device, args.workers)
             if val_loss < best["val_loss"]:  # FACIL: keep a copy of the best model so far
-                best = {"val_loss": val_loss, "best_epoch": epoch + 1,
-                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                best = stage.state["best"] = {"val_loss": val_loss, "best_epoch": epoch + 1, "state": {
+                    k: v.detach().clone() for k, v in model.state_dict().items()}}
             val = f" val-loss {val_loss:.3f}"
         progress.update(epoch + 1, f"loss {loss_sum / steps:.3f} train-acc {accuracy:.1f}{val} "
-                        f"{seen / (time.time() - start):.0f} img/s")
+                        f"{stage.images_per_s():.0f} img/s")
+        stage.state["train_loss"] = loss_sum / steps
     if "state" in best:  # FACIL: the task ends with the lowest-validation-loss model
         model.load_state_dict(best.pop("state"))
-    return {"train_img_per_s": seen / (time.time() - start), "train_loss": loss_sum / steps,
+    return {"train_img_per_s": stage.images_per_s(), "train_loss": stage.state["train_loss"],
             "val_loss": best["val_loss"] if len(val_idx) else None, "best_epoch": best["best_epoch"]}
 
 
