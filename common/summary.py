@@ -97,8 +97,8 @@ def command_of(r):
     if r.get("command"):
         return r["command"]
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(r["args"].items())
-                     if k in ("dataset", "base_classes", "increment"))
-    return f"python {r['method']}.py {flags}"
+                     if k in ("dataset", "base_classes", "increment"))  # a run made before "command" was saved
+    return f"python {r['method']}.py {flags} ... (every flag: args in results.json)"
 
 
 def tables(runs, paired, link_base):
