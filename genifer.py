@@ -6,7 +6,6 @@ Paper: Kevin Thandiackal et al., "Generative feature-driven image replay for con
 Official code: kevthan/feature-driven-image-replay @ 79f6622 (genifer/trainers/genifer_trainer.py, learner.py,
   model/conditional_eql_style_generator.py, conditional_eql_discriminator.py, layers.py, continual_model.py,
   backbones.py, config/examples/*.json). It needs stylegan2-ada-pytorch (ADA) and an external radam.py.
-
 Protocol reproduced by the defaults (official config/examples): CIFAR-100, 50 base classes then 5 tasks of 10,
 seed-1993 class order, training seed 1212, no exemplars. Classifier: ResNet-18 with a 3x3 stem and no max-pool,
 100 epochs, batch 32, SGD Nesterov lr 0.1 on task 0, RAdam lr 1e-4 later, x0.2 at 30/60/80, weight decay 5e-4.
@@ -24,11 +23,8 @@ one shared task 0. CNN top-1 %, average incremental accuracy includes task 0 (of
 | CIFAR-100 B50: Genifer no ADA vs ADA| not run yet         | not run yet         | not run yet |      |     |      |
 | Tiny-ImageNet B100: no replay vs G. | not run yet         | not run yet         | not run yet |      |     |      |
 Commands: `python genifer.py --data-dir data --paired [ada] [--dataset tinyimagenet]` (paired.json holds the row).
-
-Usage:
-    python genifer.py --data-dir data --paired           # no replay vs Genifer, shared task 0 (the claim)
-    python genifer.py --data-dir data                    # Genifer alone;  --no-ada: the augmentation ablation
-    python genifer.py --smoke --paired                   # tiny end-to-end run on generated data, CPU
+Usage: `python genifer.py --data-dir data --paired` (no replay vs Genifer, shared task 0: the claim); without
+--paired: Genifer alone (--no-ada: the augmentation ablation); `--smoke --paired`: tiny run on generated data, CPU.
 
 Deviations:
 - ADA is ours in torch (no stylegan2-ada code): same ops, strengths and adaptive rule, but one bilinear
@@ -87,13 +83,14 @@ SMOKE = dict(dataset="synthetic", gan_batch_size=16, latent_dim=32, label_dim=16
 # Settings an arm of a pair may change without changing task 0 (which the arms then share).
 ARM_KEYS = ("no_replay", "out_dir", "paired") + RUN_ONLY_FLAGS
 STAGES = {"stage3": "layer2", "stage4": "layer3", "stage5": "layer4"}  # official backbones.py stage names
+GAN_PARTS = ("g", "g_ema", "d", "ada")  # what a checkpoint holds of the GAN
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("protocol (None = the --dataset default, printed at start-up)")
     g.add_argument("--dataset", default="cifar100", help="cifar100 (official config) | tinyimagenet | cub200 | "
-                   "synthetic | cifar100-synthetic (generated, CIFAR-100's shapes, for timing)")
+                   "synthetic | cifar100-synthetic (generated, CIFAR-100 shapes, for timing)")
     g.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
     add_subset_flags(g)  # --classes, --train-per-class, --image-size (laptop protocol, README)
     g.add_argument("--backbone", default=None, help="timm ResNet (official: ResNet-18, 3x3 stem, no max-pool)")
@@ -116,10 +113,9 @@ def parse_args(argv=None):
     g.add_argument("--kd-weight", type=float, default=0.98, help="KD, generated samples (official: coefficient)")
     g.add_argument("--feat-weight", type=float, default=1.0, help="feature L2 (official: feat_coefficient 1.0)")
     g.add_argument("--kd-temperature", type=float, default=1.0, help="(official: temperature 1)")
-    g.add_argument("--replay-fraction", type=float, default=0.5, help="generated share of a classifier batch "
-                   "(official: prev_curr_ratio 0.5)")
-    g.add_argument("--feat-layer", default="stage4", choices=sorted(STAGES), help="features D judges and KD "
-                   "distils (official: stage4 = layer3 output)")
+    g.add_argument("--replay-fraction", type=float, default=0.5, help="generated share (official: prev_curr_ratio)")
+    g.add_argument("--feat-layer", default="stage4", choices=sorted(STAGES), help="features D judges, KD distils "
+                   "(official: stage4 = layer3 output)")
     g.add_argument("--no-replay", action="store_true", help="baseline: the distilled half of a batch is real new "
                    "data, no generator (papers.md 5.4)")
     g.add_argument("--paired", nargs="?", const="replay", choices=["replay", "ada"], default=None, help="replay: "
@@ -137,12 +133,12 @@ def parse_args(argv=None):
     g.add_argument("--ada-interval", type=int, default=4, help="adjust p every N steps (official: 4)")
     g.add_argument("--ada-ksteps", type=float, default=4, help="k steps for p to move by 1 (official: 4)")
     g.add_argument("--ema-half-life-kimg", type=float, default=500, help="EMA generator (official: 500, ramped up)")
-    g.add_argument("--gen-distill-weight", type=float, default=10, help="L1 to the previous G x n_old/n_new "
-                   "(official: gen_coefficient 10, gen_dist_ada)")
+    g.add_argument("--gen-distill-weight", type=float, default=10, help="L1 to old G x n_old/n_new (official: "
+                   "gen_coefficient 10, gen_dist_ada)")
     g.add_argument("--latent-dim", type=int, default=512, help="z and w size (official: latent_dim 512)")
     g.add_argument("--label-dim", type=int, default=256, help="label embedding (official generator: 256)")
-    g.add_argument("--g-channels", type=int, nargs="+", default=None, help="generator channels per resolution "
-                   "(official 32 px: 512 256 128 64)")
+    g.add_argument("--g-channels", type=int, nargs="+", default=None, help="G channels a resolution (official: "
+                   "512 256 128 64)")
     g.add_argument("--d-width", type=int, default=512, help="discriminator max channels (official: 512)")
     add_system_flags(p)
     p.set_defaults(seed=1212)  # official config: seed 1212
@@ -153,21 +149,17 @@ def parse_args(argv=None):
 def stage_features(backbone: nn.Module, x: torch.Tensor, layer: str = "layer3"):
     """(feature map after `layer`, pooled features) of a timm ResNet or common.models' CIFAR ResNet, stage by
     stage (official backbones.py: stage4 = layer3 output)."""
-    b = backbone
-    x = getattr(b, "act1", getattr(b, "relu", None))(b.bn1(b.conv1(x)))
-    x = getattr(b, "maxpool", nn.Identity())(x)
-    fmap = None
-    for name in ("layer1", "layer2", "layer3", "layer4"):
-        if hasattr(b, name):
-            x = getattr(b, name)(x)
-            fmap = x if name == layer else fmap
+    b, fmap = backbone, None
+    x = getattr(b, "maxpool", nn.Identity())(getattr(b, "act1", getattr(b, "relu", None))(b.bn1(b.conv1(x))))
+    for name in [n for n in ("layer1", "layer2", "layer3", "layer4") if hasattr(b, n)]:
+        x = getattr(b, name)(x)
+        fmap = x if name == layer else fmap
     return fmap, x.mean((2, 3))
 
 
 class GeniferNet(nn.Module):
     """Backbone + one linear head over all seen classes (official: prev and curr readouts, concatenated; the
     previous readout is initialised from the old model's concatenated readouts, i.e. the rows are copied)."""
-
     def __init__(self, backbone: nn.Module, layer: str):
         super().__init__()
         self.backbone, self.layer, self.head = backbone, layer, None
@@ -189,7 +181,6 @@ class GeniferNet(nn.Module):
 class EqualLinear(nn.Module):
     """Equalised learning rate (official layers.EQLinear): weight ~ N(0, 1/lr_mul^2) used as w * lr_mul/sqrt(fan_in),
     bias used as b * lr_mul, so Adam sees unit-scale parameters."""
-
     def __init__(self, fan_in, fan_out, bias=True, bias_init=0.0, lr_mul=1.0):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(fan_out, fan_in) / lr_mul)
@@ -202,7 +193,6 @@ class EqualLinear(nn.Module):
 
 class EqualConv2d(nn.Module):
     """Equalised 3x3 convolution (official layers.EQConv2d): weight ~ N(0, 1) used as w * sqrt(2 / fan_in)."""
-
     def __init__(self, c_in, c_out):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(c_out, c_in, 3, 3))
@@ -216,7 +206,6 @@ class EqualConv2d(nn.Module):
 class StyleConv(nn.Module):
     """Official StyleEQConv2dWithBias: x * scale(w) + shift(w) per input channel (scale bias 1, shift bias 0; AdaIN
     without the normalisation), equalised 3x3 conv, + a learned per-channel strength (init 0) times N(0, 1) noise."""
-
     def __init__(self, c_in, c_out, w_dim, noise=True):
         super().__init__()
         self.scale, self.shift = EqualLinear(w_dim, c_in, bias_init=1.0), EqualLinear(w_dim, c_in)
@@ -236,11 +225,9 @@ class Generator(nn.Module):
     EqualLinear -> `label_dim`, concatenated with z, two mapping layers (lr x0.01, LeakyReLU 0.2) -> w; learned
     constant; per resolution two style convs with noise, bilinear x2 between resolutions; one more style conv at
     the top and a linear style conv to RGB without noise. Output in normalised image space."""
-
     def __init__(self, num_classes, image_size, channels=(512, 256, 128, 64), latent_dim=512, label_dim=256):
         super().__init__()
-        n_up = len(channels) - 1
-        base = image_size >> n_up
+        n_up, base = len(channels) - 1, image_size >> (len(channels) - 1)
         if base < 1 or base << n_up != image_size:
             raise UserError(f"--g-channels: {len(channels)} resolutions cannot reach {image_size} px by doubling; "
                             "give one channel count per resolution")
@@ -249,9 +236,7 @@ class Generator(nn.Module):
         self.mapping = nn.ModuleList([EqualLinear(latent_dim + label_dim, latent_dim, lr_mul=0.01),
                                       EqualLinear(latent_dim, latent_dim, lr_mul=0.01)])
         self.const = nn.Parameter(torch.ones(1, channels[0], base, base))
-        pairs = [(c, c) for c in channels[:1]]
-        for a, b in zip(channels[:-1], channels[1:]):
-            pairs += [(a, b), (b, b)]
+        pairs = [(channels[0], channels[0])] + [p for a, b in zip(channels, channels[1:]) for p in ((a, b), (b, b))]
         self.convs = nn.ModuleList([StyleConv(a, b, latent_dim) for a, b in pairs])  # 7 at 32 px, as official
         self.resolutions = [base << (i // 2) for i in range(len(pairs))]
         self.to_rgb = StyleConv(channels[-1], 3, latent_dim, noise=False)
@@ -285,7 +270,6 @@ class FeatureDiscriminator(nn.Module):
     """D on the classifier's stage features (official conditional_eql_discriminator.py, stage 4): blocks of two
     equalised convs and a 2x average pool down to 2x2 (256 -> 256 -> pool -> 512 -> 512 -> pool for 256x8x8),
     minibatch std, a conv, a dense layer to `width`, a 128-d output projected on the embedded label / sqrt(128)."""
-
     def __init__(self, num_classes, in_channels, in_size, width=512, cmap_dim=128):
         super().__init__()
         layers, c, res = [], in_channels, in_size
@@ -295,8 +279,7 @@ class FeatureDiscriminator(nn.Module):
             c, res = out, res // 2
         self.blocks = nn.ModuleList(layers)
         self.conv = EqualConv2d(c + 1, c)
-        self.dense = EqualLinear(c * res * res, c)
-        self.out = EqualLinear(c, cmap_dim)
+        self.dense, self.out = EqualLinear(c * res * res, c), EqualLinear(c, cmap_dim)
         self.project = EqualLinear(num_classes, cmap_dim, bias=False)
         self.num_classes, self.cmap_dim = num_classes, cmap_dim
 
@@ -340,26 +323,20 @@ def geometric_matrix(n, p, ops, size, device):
     def rand(*shape): return torch.rand(n, *shape, device=device)
     def randn(*shape): return torch.randn(n, *shape, device=device)
     def shift(t): return _affine(n, device, tx=-2 * t[:, 0], ty=-2 * t[:, 1])  # shifts in widths -> [-1, 1]
-    def rotate(): return _affine(n, device, angle=-_gate((rand() * 2 - 1) * math.pi, 0.0, p_rot))
+
+    def stretch(aniso):  # 2^N(0, 0.2): isotropic scale, or anisotropy
+        s = _gate(2 ** (randn() * 0.2), 1.0, p)
+        return _affine(n, device, sx=1 / s, sy=s if aniso else 1 / s)
     mat, p_rot = torch.eye(3, device=device).repeat(n, 1, 1), 1 - (1 - torch.as_tensor(p, device=device)).sqrt()
-    if "xflip" in ops:
-        mat = mat @ _affine(n, device, sx=1 - 2 * _gate((rand() < 0.5).float(), 0.0, p))
-    if "rotate90" in ops:
-        mat = mat @ _affine(n, device, angle=-math.pi / 2 * _gate((rand() * 4).floor(), 0.0, p))
-    if "xint" in ops:
-        mat = mat @ shift(torch.round(_gate((rand(2) * 2 - 1) * 0.125, 0.0, p) * size) / size)
-    if "scale" in ops:
-        s = _gate(2 ** (randn() * 0.2), 1.0, p)
-        mat = mat @ _affine(n, device, sx=1 / s, sy=1 / s)
-    if "rotate" in ops:
-        mat = mat @ rotate()
-    if "aniso" in ops:
-        s = _gate(2 ** (randn() * 0.2), 1.0, p)
-        mat = mat @ _affine(n, device, sx=1 / s, sy=s)
-    if "rotate" in ops:
-        mat = mat @ rotate()
-    if "xfrac" in ops:
-        mat = mat @ shift(_gate(randn(2) * 0.125, 0.0, p))
+    make = {"xflip": lambda: _affine(n, device, sx=1 - 2 * _gate((rand() < 0.5).float(), 0.0, p)),
+            "rotate90": lambda: _affine(n, device, angle=-math.pi / 2 * _gate((rand() * 4).floor(), 0.0, p)),
+            "xint": lambda: shift(torch.round(_gate((rand(2) * 2 - 1) * 0.125, 0.0, p) * size) / size),
+            "scale": lambda: stretch(False), "aniso": lambda: stretch(True),
+            "rotate": lambda: _affine(n, device, angle=-_gate((rand() * 2 - 1) * math.pi, 0.0, p_rot)),
+            "xfrac": lambda: shift(_gate(randn(2) * 0.125, 0.0, p))}
+    for op in ("xflip", "rotate90", "xint", "scale", "rotate", "aniso", "rotate", "xfrac"):  # ADA's order
+        if op in ops:
+            mat = mat @ make[op]()
     return mat
 
 
@@ -404,7 +381,6 @@ def colour_matrix(n, p, ops, device):
 class AdaptiveAugment(nn.Module):
     """ADA (Karras et al. 2020) in torch: every op applied per sample with probability p (a device buffer, so no
     host sync and one static graph); differentiable in the images. p follows E[sign D(real)] toward the target."""
-
     def __init__(self, ops=ADA_OPS):
         super().__init__()
         self.ops = tuple(ops)
@@ -468,14 +444,14 @@ def make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, a
             correct = (logits.argmax(1) == y).float().sum()
         else:
             n_gen = int(args.replay_fraction * len(x))
+            x_new, y_new = x[:len(x) - n_gen], y[:len(x) - n_gen]  # official: the first B - n_gen real images
             with torch.no_grad():
-                if prev_g is None:
-                    replay, x_new, y_new = x[len(x) - n_gen:], x[:len(x) - n_gen], y[:len(x) - n_gen]
+                if prev_g is None:  # --no-replay: the other real part of the batch
+                    replay = x[len(x) - n_gen:]
                 else:
-                    z = torch.randn(n_gen, prev_g.latent_dim, device=device)
-                    fake = prev_g(z, torch.randint(0, num_old, (n_gen,), device=device))
+                    fake = prev_g(torch.randn(n_gen, prev_g.latent_dim, device=device),
+                                  torch.randint(0, num_old, (n_gen,), device=device))
                     replay = crop_flip(torch.maximum(torch.minimum(fake, bounds[1]), bounds[0]))
-                    x_new, y_new = x[:len(x) - n_gen], y[:len(x) - n_gen]  # official: the first B - n_gen
                 x_in = torch.cat([replay.to(x.dtype), x_new]).contiguous(memory_format=torch.channels_last)
                 with autocast(device, amp):
                     old_logits, _, old_fmap = old_model(x_in)  # official freeze_bn=false: train mode
@@ -658,9 +634,8 @@ def bench_steps(args, device):
     model = build_model(args, data, device)
     model.add_classes(first)
     gan = build_gan(args, data, model, device)
-    old_model = copy.deepcopy(model).requires_grad_(False)
+    old_model, prev_g = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(gan["g_ema"])
     model.add_classes(total - first)
-    prev_g = copy.deepcopy(gan["g_ema"])
     optimizer = torch.optim.RAdam(model.parameters(), lr=args.inc_lr, capturable=device.type == "cuda")
     bounds = (torch.full((1, 3, 1, 1), -2.0, device=device), torch.full((1, 3, 1, 1), 2.0, device=device))
     x = torch.randn(args.batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
@@ -668,8 +643,8 @@ def bench_steps(args, device):
     model.train()
     d_step, r1_step, g_step = make_gan_steps(gan, model, prev_g, first, total, args, device)
     b = args.gan_batch_size
-    xg = torch.randn(b, 3, size, size, device=device)
-    yg, z = torch.randint(first, total, (b,), device=device), torch.randn(b, args.latent_dim, device=device)
+    xg, yg, z = (torch.randn(b, 3, size, size, device=device), torch.randint(first, total, (b,), device=device),
+                 torch.randn(b, args.latent_dim, device=device))
     return [("classifier", make_classifier_step(model, old_model, prev_g, optimizer, first, bounds, args, device),
              optimizer, (x, y)), ("D", d_step, gan["opt_d"], (xg, yg, z, yg)),
             ("D+R1", r1_step, gan["opt_d"], (xg, yg, z, yg)), ("G", g_step, gan["opt_g"], (z, yg))]
@@ -679,8 +654,7 @@ def bench_steps(args, device):
 def run(args, shared_base=None):
     """One arm over all tasks; returns the results dict (also in results.json), or None after --stop-after.
     `shared_base`: file with task 0 (classifier, G, EMA G, D) of a pair: loaded when its settings match."""
-    t0 = time.time()
-    device = setup_device(args)
+    t0, device = time.time(), setup_device(args)
     if args.memory_per_class != 0 or args.memory_total is not None:
         raise UserError("Genifer is exemplar-free: --memory-per-class must be 0 and --memory-total unset")
     if args.gan_batch_size % 2 or args.gan_batch_size < 2 or not 0 < args.replay_fraction < 1:
@@ -716,9 +690,8 @@ def run(args, shared_base=None):
     if ckpt is not None:
         model.add_classes(splits[ckpt["phase"]][1])
         model.load_state_dict(ckpt["model"])
-        if gan is not None:
-            for k in ("g", "g_ema", "d", "ada"):
-                gan[k].load_state_dict(ckpt["gan"][k])
+        for k in GAN_PARTS if gan else ():
+            gan[k].load_state_dict(ckpt["gan"][k])
         rows, start_phase = ckpt["rows"], ckpt["phase"] + 1
         set_rng_state(ckpt["rng"])
     print(f"backbone {args.backbone}: {count_parameters(model.backbone):,} parameters" + (
@@ -727,31 +700,27 @@ def run(args, shared_base=None):
     print(f"{'task':>5} {'classes':>7} {'CNN':>6} {'time':>7} {'img/s':>7} {'GAN img/s':>9}")
 
     for phase in range(start_phase, len(splits)):
-        phase_start = time.time()
-        first, total = splits[phase]
+        phase_start, (first, total), label = time.time(), splits[phase], f"task {phase}"
         old_model = copy.deepcopy(model).requires_grad_(False) if phase > 0 else None  # after the last task
         prev_g = copy.deepcopy(gan["g_ema"]).eval() if phase > 0 and gan is not None else None
         model.add_classes(total - first)
         train_idx = indices_of(data.train_y, first, total)  # exemplar-free: only this task's real images
-        ips = train_classifier(model, old_model, prev_g, data, train_idx, first, bounds, args, device,
-                               f"task {phase}")
+        ips = train_classifier(model, old_model, prev_g, data, train_idx, first, bounds, args, device, label)
         train_s, gan_ips, gan_s = time.time() - phase_start, 0.0, 0.0
         if gan is not None and phase < len(splits) - 1:  # the last task's GAN would never replay
             epochs = args.gan_epochs_first if phase == 0 else args.gan_epochs
-            gan_ips = train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, device,
-                                f"task {phase}")
+            gan_ips = train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, device, label)
             gan_s = time.time() - phase_start - train_s
         model.eval()
         result = evaluate(lambda x: model(x)[:2], data, splits, phase, device, None, args.workers)
         row = {"phase": phase, "known_classes": first, "total_classes": total, **result, "memory_size": 0,
-               "train_s": train_s, "gan_s": gan_s, "phase_s": time.time() - phase_start,
-               "train_img_per_s": ips, "gan_img_per_s": gan_ips,
-               "ada_p": None if gan is None else gan["ada"].p.item()}
+               "train_s": train_s, "gan_s": gan_s, "phase_s": time.time() - phase_start, "train_img_per_s": ips,
+               "gan_img_per_s": gan_ips, "ada_p": None if gan is None else gan["ada"].p.item()}
         rows.append(row)
         print(f"{phase:>5} {total:>7} {row['cnn_acc']:>6.2f} {row['phase_s']:>6.0f}s {ips:>7.0f} {gan_ips:>9.0f}")
         write_metrics(args.out_dir, rows)
         state = {"phase": phase, "model": model.state_dict(), "rows": rows, "rng": rng_state(), "args": vars(args),
-                 "gan": None if gan is None else {k: gan[k].state_dict() for k in ("g", "g_ema", "d", "ada")}}
+                 "gan": None if gan is None else {k: gan[k].state_dict() for k in GAN_PARTS}}
         save_checkpoint(args.out_dir, state)
         if phase == 0 and shared_base is not None and not os.path.exists(shared_base) and gan is not None:
             torch.save({**state, "base_key": base_key}, shared_base + ".tmp")
@@ -760,11 +729,9 @@ def run(args, shared_base=None):
             print(f"stopped after task {phase} (--stop-after); continue with the same flags and --resume")
             return None
 
-    extra = {}
-    if gan is not None:  # exemplar-free accounting: what the replay memory (the EMA generator) costs
-        n = count_parameters(gan["g_ema"])
-        extra = {"generator_parameters": n, "generator_bytes": 4 * n, "discriminator_parameters":
-                 count_parameters(gan["d"]), "exemplars_in_generator_bytes": 4 * n // (3 * data.image_size ** 2)}
+    n = count_parameters(gan["g_ema"]) if gan else 0  # exemplar-free accounting: what the replay memory costs
+    extra = {} if gan is None else {"generator_parameters": n, "generator_bytes": 4 * n, "discriminator_parameters":
+             count_parameters(gan["d"]), "exemplars_in_generator_bytes": 4 * n // (3 * data.image_size ** 2)}
     return finish_run(args, "genifer", data, order, device, __file__, t0, results_from_rows(rows), arm=arm,
                       replay=not args.no_replay, ada=not args.no_ada, **extra)
 
