@@ -57,8 +57,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import (SHAPES, add_subset_flags, apply_class_order, class_order, indices_of, load_dataset,
-                         phase_splits, subset_flags, to_input, train_batches)
+from common.data import (SHAPES, add_subset_flags, apply_class_order, class_order, eval_batches, indices_of,
+                         load_dataset, phase_splits, subset_flags, train_batches)
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep
 from common.models import count_parameters, create_backbone, to_channels_last
@@ -195,8 +195,7 @@ class EqualConv2d(nn.Module):
     """Equalised 3x3 convolution (official layers.EQConv2d): weight ~ N(0, 1) used as w * sqrt(2 / fan_in)."""
     def __init__(self, c_in, c_out):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(c_out, c_in, 3, 3))
-        self.bias = nn.Parameter(torch.zeros(c_out))
+        self.weight, self.bias = nn.Parameter(torch.randn(c_out, c_in, 3, 3)), nn.Parameter(torch.zeros(c_out))
         self.scale = (2 / (c_in * 9)) ** 0.5
 
     def forward(self, x):
@@ -240,9 +239,6 @@ class Generator(nn.Module):
         self.convs = nn.ModuleList([StyleConv(a, b, latent_dim) for a, b in pairs])  # 7 at 32 px, as official
         self.resolutions = [base << (i // 2) for i in range(len(pairs))]
         self.to_rgb = StyleConv(channels[-1], 3, latent_dim, noise=False)
-
-    def sample_noise(self, n, device):
-        return [torch.randn(n, 1, r, r, device=device) for r in self.resolutions]
 
     def forward(self, z, labels, noise=None):
         w = torch.cat([z, self.embed(F.one_hot(labels, self.num_classes).float())], 1)
@@ -352,8 +348,7 @@ def colour_matrix(n, p, ops, device):
     eye, a = torch.eye(4, device=device), 3 ** -0.5
     v = torch.full((4,), a, device=device)
     v[3] = 0  # the luma axis (fills only: no host-to-device copy inside a captured graph)
-    vv = torch.outer(v, v)
-    mat = eye.repeat(n, 1, 1)
+    vv, mat = torch.outer(v, v), eye.repeat(n, 1, 1)
     if "brightness" in ops:
         t = eye.repeat(n, 1, 1)
         t[:, :3, 3] = _gate(torch.randn(n, device=device) * 0.2, 0.0, p)[:, None]
@@ -469,12 +464,11 @@ def make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, a
 
 def train_classifier(model, old_model, prev_g, data, train_idx, num_old, bounds, args, device, label):
     """One task of classifier training; returns images/s. Task 0 SGD Nesterov, later RAdam (official learner.py)."""
-    params = list(model.parameters())
     if old_model is None:
-        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=True,
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=True,
                                     weight_decay=args.weight_decay)
     else:  # decoupled decay as radam.py (deviations); capturable for CUDA graphs
-        optimizer = torch.optim.RAdam(params, lr=args.inc_lr, weight_decay=args.weight_decay,
+        optimizer = torch.optim.RAdam(model.parameters(), lr=args.inc_lr, weight_decay=args.weight_decay,
                                       decoupled_weight_decay=True, capturable=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=args.lr_gamma)
     step = CapturedStep(make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, args, device),
@@ -489,8 +483,7 @@ def train_classifier(model, old_model, prev_g, data, train_idx, num_old, bounds,
             stats += step(x, y)
             seen += len(y)
         scheduler.step()
-        steps = -(-len(train_idx) // args.batch_size)
-        loss, ce, kd, feat, correct = (stats / steps).tolist()  # one host sync per epoch
+        loss, ce, kd, feat, correct = (stats / -(-len(train_idx) // args.batch_size)).tolist()  # one host sync
         if not math.isfinite(loss):
             raise UserError(f"loss is NaN in {label} epoch {epoch + 1}; the last finished task stays in the "
                             "checkpoint (try a lower --lr, or --no-amp)")
@@ -500,15 +493,12 @@ def train_classifier(model, old_model, prev_g, data, train_idx, num_old, bounds,
 
 
 def gan_batches(data, indices, batch_size, device, workers=0):
-    """Real GAN batches: shuffled, un-augmented, last partial batch dropped (official gan_dataloader)."""
-    if not data.on_device:  # large images: the augmented file loader (deviations)
-        yield from islice(train_batches(data, indices, batch_size, device, workers), len(indices) // batch_size)
-        return
-    idx = indices.to(device)[torch.randperm(len(indices), device=device)]
-    y_all = data.train_y.to(device)[idx]
-    for s in range(len(indices) // batch_size):
-        sl = slice(s * batch_size, (s + 1) * batch_size)
-        yield to_input(data.train_x[idx[sl]], data).contiguous(memory_format=torch.channels_last), y_all[sl]
+    """Real GAN batches: shuffled, un-augmented, last partial batch dropped (official gan_dataloader); large images:
+    the augmented file loader (deviations)."""
+    if data.on_device:
+        shuffled = indices.to(device)[torch.randperm(len(indices), device=device)]
+        return islice(eval_batches(data, shuffled, device, "train", batch_size), len(indices) // batch_size)
+    return islice(train_batches(data, indices, batch_size, device, workers), len(indices) // batch_size)
 
 
 def make_gan_steps(gan, model, prev_g, num_old, total, args, device):
@@ -548,7 +538,7 @@ def make_gan_steps(gan, model, prev_g, num_old, total, args, device):
     def g_step(z, y_fake):
         gan["opt_g"].zero_grad(set_to_none=True)
         d.requires_grad_(False)
-        noise = g.sample_noise(len(z), device)
+        noise = [torch.randn(len(z), 1, r, r, device=device) for r in g.resolutions]
         fake = g(z, y_fake, noise)
         gan_loss = F.softplus(-d(features(ada(fake)).float(), y_fake)).mean()
         dist = torch.zeros((), device=device)
@@ -694,9 +684,8 @@ def run(args, shared_base=None):
             gan[k].load_state_dict(ckpt["gan"][k])
         rows, start_phase = ckpt["rows"], ckpt["phase"] + 1
         set_rng_state(ckpt["rng"])
-    print(f"backbone {args.backbone}: {count_parameters(model.backbone):,} parameters" + (
-        "" if gan is None else f"; generator {count_parameters(gan['g']):,}, discriminator "
-        f"{count_parameters(gan['d']):,}"))
+    print(f"backbone {args.backbone}: {count_parameters(model.backbone):,} parameters" + ("" if gan is None else
+          f"; generator {count_parameters(gan['g']):,}, discriminator {count_parameters(gan['d']):,}"))
     print(f"{'task':>5} {'classes':>7} {'CNN':>6} {'time':>7} {'img/s':>7} {'GAN img/s':>9}")
 
     for phase in range(start_phase, len(splits)):
