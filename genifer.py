@@ -22,9 +22,8 @@ one shared task 0. CNN top-1 %, average incremental accuracy includes task 0 (of
 | CIFAR-100 B50: no replay vs Genifer | not run yet         | not run yet         | not run yet |      |     |      |
 | CIFAR-100 B50: Genifer no ADA vs ADA| not run yet         | not run yet         | not run yet |      |     |      |
 | Tiny-ImageNet B100: no replay vs G. | not run yet         | not run yet         | not run yet |      |     |      |
-Commands: `python genifer.py --data-dir data --paired [ada] [--dataset tinyimagenet]` (paired.json holds the row).
-Usage: `python genifer.py --data-dir data --paired` (no replay vs Genifer, shared task 0: the claim); without
---paired: Genifer alone (--no-ada: the augmentation ablation); `--smoke --paired`: tiny run on generated data, CPU.
+Usage: `python genifer.py --data-dir data --paired [ada] [--dataset tinyimagenet]` (a table row, in paired.json);
+no --paired: Genifer alone (--no-ada: the ADA ablation); `--smoke [--paired]`: tiny run on generated data, CPU.
 
 Deviations:
 - ADA is ours in torch (no stylegan2-ada code): same ops, strengths and adaptive rule, but one bilinear
@@ -90,7 +89,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("protocol (None = the --dataset default, printed at start-up)")
     g.add_argument("--dataset", default="cifar100", help="cifar100 (official config) | tinyimagenet | cub200 | "
-                   "synthetic | cifar100-synthetic (generated, CIFAR-100 shapes, for timing)")
+                   "synthetic | cifar100-synthetic (generated, CIFAR-100's shapes, for timing)")
     g.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
     add_subset_flags(g)  # --classes, --train-per-class, --image-size (laptop protocol, README)
     g.add_argument("--backbone", default=None, help="timm ResNet (official: ResNet-18, 3x3 stem, no max-pool)")
@@ -113,9 +112,10 @@ def parse_args(argv=None):
     g.add_argument("--kd-weight", type=float, default=0.98, help="KD, generated samples (official: coefficient)")
     g.add_argument("--feat-weight", type=float, default=1.0, help="feature L2 (official: feat_coefficient 1.0)")
     g.add_argument("--kd-temperature", type=float, default=1.0, help="(official: temperature 1)")
-    g.add_argument("--replay-fraction", type=float, default=0.5, help="generated share (official: prev_curr_ratio)")
-    g.add_argument("--feat-layer", default="stage4", choices=sorted(STAGES), help="features D judges, KD distils "
-                   "(official: stage4 = layer3 output)")
+    g.add_argument("--replay-fraction", type=float, default=0.5, help="generated share of a classifier batch "
+                   "(official: prev_curr_ratio 0.5)")
+    g.add_argument("--feat-layer", default="stage4", choices=sorted(STAGES), help="features D judges and KD "
+                   "distils (official: stage4 = layer3 output)")
     g.add_argument("--no-replay", action="store_true", help="baseline: the distilled half of a batch is real new "
                    "data, no generator (papers.md 5.4)")
     g.add_argument("--paired", nargs="?", const="replay", choices=["replay", "ada"], default=None, help="replay: "
@@ -133,12 +133,12 @@ def parse_args(argv=None):
     g.add_argument("--ada-interval", type=int, default=4, help="adjust p every N steps (official: 4)")
     g.add_argument("--ada-ksteps", type=float, default=4, help="k steps for p to move by 1 (official: 4)")
     g.add_argument("--ema-half-life-kimg", type=float, default=500, help="EMA generator (official: 500, ramped up)")
-    g.add_argument("--gen-distill-weight", type=float, default=10, help="L1 to old G x n_old/n_new (official: "
-                   "gen_coefficient 10, gen_dist_ada)")
+    g.add_argument("--gen-distill-weight", type=float, default=10, help="L1 to the previous G x n_old/n_new "
+                   "(official: gen_coefficient 10, gen_dist_ada)")
     g.add_argument("--latent-dim", type=int, default=512, help="z and w size (official: latent_dim 512)")
     g.add_argument("--label-dim", type=int, default=256, help="label embedding (official generator: 256)")
-    g.add_argument("--g-channels", type=int, nargs="+", default=None, help="G channels a resolution (official: "
-                   "512 256 128 64)")
+    g.add_argument("--g-channels", type=int, nargs="+", default=None, help="generator channels per resolution "
+                   "(official 32 px: 512 256 128 64)")
     g.add_argument("--d-width", type=int, default=512, help="discriminator max channels (official: 512)")
     add_system_flags(p)
     p.set_defaults(seed=1212)  # official config: seed 1212
@@ -382,11 +382,10 @@ class AdaptiveAugment(nn.Module):
         self.register_buffer("p", torch.zeros(()))
 
     def forward(self, x):
-        n = x.shape[0]
         if any(op in self.ops for op in ADA_OPS[:7]):
-            x = warp(x, geometric_matrix(n, self.p, self.ops, x.shape[-1], x.device))
+            x = warp(x, geometric_matrix(len(x), self.p, self.ops, x.shape[-1], x.device))
         if any(op in self.ops for op in ADA_OPS[7:]):
-            c = colour_matrix(n, self.p, self.ops, x.device).to(x.dtype)
+            c = colour_matrix(len(x), self.p, self.ops, x.device).to(x.dtype)
             x = torch.einsum("nij,njhw->nihw", c[:, :3, :3], x) + c[:, :3, 3, None, None]
         return x
 
@@ -398,10 +397,9 @@ class AdaptiveAugment(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- losses
 def classifier_losses(logits, old_logits, fmap, old_fmap, y_new, n_gen, num_old, temperature=1.0):
-    """Official get_modified_loss (KD_sep, single_L2) on a batch [n_gen replayed | real new]:
-    CE over all seen classes on the real new samples; KD = mean of -sum softmax(z_old / T) * log_softmax(z / T)
-    restricted to the old classes, on the replayed samples; L2 norm of the stage-feature difference, mean over the
-    replayed samples. Returns (ce, kd, feat)."""
+    """Official get_modified_loss (KD_sep, single_L2) on a batch [n_gen replayed | real new]: CE over all seen
+    classes on the real new samples; KD = mean of -sum softmax(z_old / T) * log_softmax(z / T) over the old classes,
+    on the replayed samples; mean L2 norm of the stage-feature difference on the replayed ones. -> (ce, kd, feat)"""
     ce = F.cross_entropy(logits[n_gen:], y_new)
     target = F.softmax(old_logits[:n_gen, :num_old] / temperature, 1)
     kd = -(target * F.log_softmax(logits[:n_gen] / temperature, 1)[:, :num_old]).sum(1).mean()
@@ -423,10 +421,9 @@ def crop_flip(x, padding=4):
 
 # ----------------------------------------------------------------------------------------------- training
 def make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, args, device):
-    """One classifier step. Task 0: CE. Later: batch [replayed | real new] (official prev_curr_ratio), loss
-    0.02 CE + 0.98 KD + 1.0 feature L2 (learner.py: ce_coefficient * CE + the two weighted terms). Replayed =
-    the previous EMA generator's clamped, crop+flipped images of uniform old labels, or with --no-replay the
-    other part of the real batch. Returns [loss, ce, kd, feat, correct] (no host sync)."""
+    """One classifier step. Task 0: CE. Later: batch [replayed | real new] (official prev_curr_ratio), loss 0.02 CE
+    + 0.98 KD + 1.0 feature L2 (learner.py: ce_coefficient * CE + the two weighted terms). Replayed: the previous
+    EMA G's clamped, crop+flipped images of uniform old labels. Returns [loss, ce, kd, feat, correct] (no sync)."""
     amp = not args.no_amp
 
     def step(x, y):
@@ -734,13 +731,12 @@ PAIRS = {"replay": (("no_replay", dict(no_replay=True)), ("genifer", dict(no_rep
 def run_paired(args):
     out = args.out_dir or default_out_dir(f"genifer-paired-{args.paired}", args)
     os.makedirs(out, exist_ok=True)
-    arms = {}
+    arms, shared_base = {}, os.path.join(out, "task0.pt") if args.paired == "replay" else None
     for name, overrides in reversed(PAIRS[args.paired]):
         arm_args = argparse.Namespace(**{**vars(args), **overrides, "paired": None, "out_dir": os.path.join(out, name)})
-        res = run(arm_args, shared_base=os.path.join(out, "task0.pt") if args.paired == "replay" else None)
-        if res is None:  # --stop-after: continue later with --resume
+        arms[name] = run(arm_args, shared_base)
+        if arms[name] is None:  # --stop-after: continue later with --resume
             return None
-        arms[name] = res
     return write_paired(out, arms, PAIRS[args.paired][0][0], extra_metrics=("generator_bytes",),
                         paired=args.paired, dataset=args.dataset, seed=args.seed)
 
