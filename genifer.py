@@ -240,6 +240,9 @@ class Generator(nn.Module):
         self.resolutions = [base << (i // 2) for i in range(len(pairs))]
         self.to_rgb = StyleConv(channels[-1], 3, latent_dim, noise=False)
 
+    def sample_noise(self, n, device):
+        return [torch.randn(n, 1, r, r, device=device) for r in self.resolutions]
+
     def forward(self, z, labels, noise=None):
         w = torch.cat([z, self.embed(F.one_hot(labels, self.num_classes).float())], 1)
         for layer in self.mapping:
@@ -535,7 +538,7 @@ def make_gan_steps(gan, model, prev_g, num_old, total, args, device):
     def g_step(z, y_fake):
         gan["opt_g"].zero_grad(set_to_none=True)
         d.requires_grad_(False)
-        noise = [torch.randn(len(z), 1, r, r, device=device) for r in g.resolutions]
+        noise = g.sample_noise(len(z), device)
         fake = g(z, y_fake, noise)
         gan_loss = F.softplus(-d(features(ada(fake)).float(), y_fake)).mean()
         dist = torch.zeros((), device=device)
