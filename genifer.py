@@ -6,7 +6,6 @@ Paper: Kevin Thandiackal et al., "Generative feature-driven image replay for con
 Official code: kevthan/feature-driven-image-replay @ 79f6622 (genifer/trainers/genifer_trainer.py, learner.py,
   model/conditional_eql_style_generator.py, conditional_eql_discriminator.py, layers.py, continual_model.py,
   backbones.py, config/examples/*.json). It needs stylegan2-ada-pytorch (ADA) and an external radam.py.
-
 Protocol reproduced by the defaults (official config/examples): CIFAR-100, 50 base classes then 5 tasks of 10,
 seed-1993 class order, training seed 1212, no exemplars. Classifier: ResNet-18 with a 3x3 stem and no max-pool,
 100 epochs, batch 32, SGD Nesterov lr 0.1 on task 0, RAdam lr 1e-4 later, x0.2 at 30/60/80, weight decay 5e-4.
@@ -23,12 +22,8 @@ one shared task 0. CNN top-1 %, average incremental accuracy includes task 0 (of
 | CIFAR-100 B50: no replay vs Genifer | not run yet         | not run yet         | not run yet |      |     |      |
 | CIFAR-100 B50: Genifer no ADA vs ADA| not run yet         | not run yet         | not run yet |      |     |      |
 | Tiny-ImageNet B100: no replay vs G. | not run yet         | not run yet         | not run yet |      |     |      |
-Commands: `python genifer.py --data-dir data --paired [ada] [--dataset tinyimagenet]` (paired.json holds the row).
-
-Usage:
-    python genifer.py --data-dir data --paired           # no replay vs Genifer, shared task 0 (the claim)
-    python genifer.py --data-dir data                    # Genifer alone;  --no-ada: the augmentation ablation
-    python genifer.py --smoke --paired                   # tiny end-to-end run on generated data, CPU
+Usage: `python genifer.py --data-dir data --paired [ada] [--dataset tinyimagenet]` (a table row, in paired.json);
+no --paired: Genifer alone (--no-ada: the ADA ablation); `--smoke [--paired]`: tiny run on generated data, CPU.
 
 Deviations:
 - ADA is ours in torch (no stylegan2-ada code): same ops, strengths and adaptive rule, but one bilinear
@@ -61,8 +56,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import (SHAPES, add_subset_flags, apply_class_order, class_order, indices_of, load_dataset,
-                         phase_splits, subset_flags, to_input, train_batches)
+from common.data import (SHAPES, add_subset_flags, apply_class_order, class_order, eval_batches, indices_of,
+                         load_dataset, phase_splits, subset_flags, train_batches)
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep
 from common.models import count_parameters, create_backbone, to_channels_last
@@ -87,6 +82,7 @@ SMOKE = dict(dataset="synthetic", gan_batch_size=16, latent_dim=32, label_dim=16
 # Settings an arm of a pair may change without changing task 0 (which the arms then share).
 ARM_KEYS = ("no_replay", "out_dir", "paired") + RUN_ONLY_FLAGS
 STAGES = {"stage3": "layer2", "stage4": "layer3", "stage5": "layer4"}  # official backbones.py stage names
+GAN_PARTS = ("g", "g_ema", "d", "ada")  # what a checkpoint holds of the GAN
 
 
 def parse_args(argv=None):
@@ -153,21 +149,17 @@ def parse_args(argv=None):
 def stage_features(backbone: nn.Module, x: torch.Tensor, layer: str = "layer3"):
     """(feature map after `layer`, pooled features) of a timm ResNet or common.models' CIFAR ResNet, stage by
     stage (official backbones.py: stage4 = layer3 output)."""
-    b = backbone
-    x = getattr(b, "act1", getattr(b, "relu", None))(b.bn1(b.conv1(x)))
-    x = getattr(b, "maxpool", nn.Identity())(x)
-    fmap = None
-    for name in ("layer1", "layer2", "layer3", "layer4"):
-        if hasattr(b, name):
-            x = getattr(b, name)(x)
-            fmap = x if name == layer else fmap
+    b, fmap = backbone, None
+    x = getattr(b, "maxpool", nn.Identity())(getattr(b, "act1", getattr(b, "relu", None))(b.bn1(b.conv1(x))))
+    for name in [n for n in ("layer1", "layer2", "layer3", "layer4") if hasattr(b, n)]:
+        x = getattr(b, name)(x)
+        fmap = x if name == layer else fmap
     return fmap, x.mean((2, 3))
 
 
 class GeniferNet(nn.Module):
     """Backbone + one linear head over all seen classes (official: prev and curr readouts, concatenated; the
     previous readout is initialised from the old model's concatenated readouts, i.e. the rows are copied)."""
-
     def __init__(self, backbone: nn.Module, layer: str):
         super().__init__()
         self.backbone, self.layer, self.head = backbone, layer, None
@@ -189,7 +181,6 @@ class GeniferNet(nn.Module):
 class EqualLinear(nn.Module):
     """Equalised learning rate (official layers.EQLinear): weight ~ N(0, 1/lr_mul^2) used as w * lr_mul/sqrt(fan_in),
     bias used as b * lr_mul, so Adam sees unit-scale parameters."""
-
     def __init__(self, fan_in, fan_out, bias=True, bias_init=0.0, lr_mul=1.0):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(fan_out, fan_in) / lr_mul)
@@ -202,11 +193,9 @@ class EqualLinear(nn.Module):
 
 class EqualConv2d(nn.Module):
     """Equalised 3x3 convolution (official layers.EQConv2d): weight ~ N(0, 1) used as w * sqrt(2 / fan_in)."""
-
     def __init__(self, c_in, c_out):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(c_out, c_in, 3, 3))
-        self.bias = nn.Parameter(torch.zeros(c_out))
+        self.weight, self.bias = nn.Parameter(torch.randn(c_out, c_in, 3, 3)), nn.Parameter(torch.zeros(c_out))
         self.scale = (2 / (c_in * 9)) ** 0.5
 
     def forward(self, x):
@@ -216,7 +205,6 @@ class EqualConv2d(nn.Module):
 class StyleConv(nn.Module):
     """Official StyleEQConv2dWithBias: x * scale(w) + shift(w) per input channel (scale bias 1, shift bias 0; AdaIN
     without the normalisation), equalised 3x3 conv, + a learned per-channel strength (init 0) times N(0, 1) noise."""
-
     def __init__(self, c_in, c_out, w_dim, noise=True):
         super().__init__()
         self.scale, self.shift = EqualLinear(w_dim, c_in, bias_init=1.0), EqualLinear(w_dim, c_in)
@@ -236,11 +224,9 @@ class Generator(nn.Module):
     EqualLinear -> `label_dim`, concatenated with z, two mapping layers (lr x0.01, LeakyReLU 0.2) -> w; learned
     constant; per resolution two style convs with noise, bilinear x2 between resolutions; one more style conv at
     the top and a linear style conv to RGB without noise. Output in normalised image space."""
-
     def __init__(self, num_classes, image_size, channels=(512, 256, 128, 64), latent_dim=512, label_dim=256):
         super().__init__()
-        n_up = len(channels) - 1
-        base = image_size >> n_up
+        n_up, base = len(channels) - 1, image_size >> (len(channels) - 1)
         if base < 1 or base << n_up != image_size:
             raise UserError(f"--g-channels: {len(channels)} resolutions cannot reach {image_size} px by doubling; "
                             "give one channel count per resolution")
@@ -249,9 +235,7 @@ class Generator(nn.Module):
         self.mapping = nn.ModuleList([EqualLinear(latent_dim + label_dim, latent_dim, lr_mul=0.01),
                                       EqualLinear(latent_dim, latent_dim, lr_mul=0.01)])
         self.const = nn.Parameter(torch.ones(1, channels[0], base, base))
-        pairs = [(c, c) for c in channels[:1]]
-        for a, b in zip(channels[:-1], channels[1:]):
-            pairs += [(a, b), (b, b)]
+        pairs = [(channels[0], channels[0])] + [p for a, b in zip(channels, channels[1:]) for p in ((a, b), (b, b))]
         self.convs = nn.ModuleList([StyleConv(a, b, latent_dim) for a, b in pairs])  # 7 at 32 px, as official
         self.resolutions = [base << (i // 2) for i in range(len(pairs))]
         self.to_rgb = StyleConv(channels[-1], 3, latent_dim, noise=False)
@@ -285,7 +269,6 @@ class FeatureDiscriminator(nn.Module):
     """D on the classifier's stage features (official conditional_eql_discriminator.py, stage 4): blocks of two
     equalised convs and a 2x average pool down to 2x2 (256 -> 256 -> pool -> 512 -> 512 -> pool for 256x8x8),
     minibatch std, a conv, a dense layer to `width`, a 128-d output projected on the embedded label / sqrt(128)."""
-
     def __init__(self, num_classes, in_channels, in_size, width=512, cmap_dim=128):
         super().__init__()
         layers, c, res = [], in_channels, in_size
@@ -295,8 +278,7 @@ class FeatureDiscriminator(nn.Module):
             c, res = out, res // 2
         self.blocks = nn.ModuleList(layers)
         self.conv = EqualConv2d(c + 1, c)
-        self.dense = EqualLinear(c * res * res, c)
-        self.out = EqualLinear(c, cmap_dim)
+        self.dense, self.out = EqualLinear(c * res * res, c), EqualLinear(c, cmap_dim)
         self.project = EqualLinear(num_classes, cmap_dim, bias=False)
         self.num_classes, self.cmap_dim = num_classes, cmap_dim
 
@@ -340,26 +322,20 @@ def geometric_matrix(n, p, ops, size, device):
     def rand(*shape): return torch.rand(n, *shape, device=device)
     def randn(*shape): return torch.randn(n, *shape, device=device)
     def shift(t): return _affine(n, device, tx=-2 * t[:, 0], ty=-2 * t[:, 1])  # shifts in widths -> [-1, 1]
-    def rotate(): return _affine(n, device, angle=-_gate((rand() * 2 - 1) * math.pi, 0.0, p_rot))
+
+    def stretch(aniso):  # 2^N(0, 0.2): isotropic scale, or anisotropy
+        s = _gate(2 ** (randn() * 0.2), 1.0, p)
+        return _affine(n, device, sx=1 / s, sy=s if aniso else 1 / s)
     mat, p_rot = torch.eye(3, device=device).repeat(n, 1, 1), 1 - (1 - torch.as_tensor(p, device=device)).sqrt()
-    if "xflip" in ops:
-        mat = mat @ _affine(n, device, sx=1 - 2 * _gate((rand() < 0.5).float(), 0.0, p))
-    if "rotate90" in ops:
-        mat = mat @ _affine(n, device, angle=-math.pi / 2 * _gate((rand() * 4).floor(), 0.0, p))
-    if "xint" in ops:
-        mat = mat @ shift(torch.round(_gate((rand(2) * 2 - 1) * 0.125, 0.0, p) * size) / size)
-    if "scale" in ops:
-        s = _gate(2 ** (randn() * 0.2), 1.0, p)
-        mat = mat @ _affine(n, device, sx=1 / s, sy=1 / s)
-    if "rotate" in ops:
-        mat = mat @ rotate()
-    if "aniso" in ops:
-        s = _gate(2 ** (randn() * 0.2), 1.0, p)
-        mat = mat @ _affine(n, device, sx=1 / s, sy=s)
-    if "rotate" in ops:
-        mat = mat @ rotate()
-    if "xfrac" in ops:
-        mat = mat @ shift(_gate(randn(2) * 0.125, 0.0, p))
+    make = {"xflip": lambda: _affine(n, device, sx=1 - 2 * _gate((rand() < 0.5).float(), 0.0, p)),
+            "rotate90": lambda: _affine(n, device, angle=-math.pi / 2 * _gate((rand() * 4).floor(), 0.0, p)),
+            "xint": lambda: shift(torch.round(_gate((rand(2) * 2 - 1) * 0.125, 0.0, p) * size) / size),
+            "scale": lambda: stretch(False), "aniso": lambda: stretch(True),
+            "rotate": lambda: _affine(n, device, angle=-_gate((rand() * 2 - 1) * math.pi, 0.0, p_rot)),
+            "xfrac": lambda: shift(_gate(randn(2) * 0.125, 0.0, p))}
+    for op in ("xflip", "rotate90", "xint", "scale", "rotate", "aniso", "rotate", "xfrac"):  # ADA's order
+        if op in ops:
+            mat = mat @ make[op]()
     return mat
 
 
@@ -375,8 +351,7 @@ def colour_matrix(n, p, ops, device):
     eye, a = torch.eye(4, device=device), 3 ** -0.5
     v = torch.full((4,), a, device=device)
     v[3] = 0  # the luma axis (fills only: no host-to-device copy inside a captured graph)
-    vv = torch.outer(v, v)
-    mat = eye.repeat(n, 1, 1)
+    vv, mat = torch.outer(v, v), eye.repeat(n, 1, 1)
     if "brightness" in ops:
         t = eye.repeat(n, 1, 1)
         t[:, :3, 3] = _gate(torch.randn(n, device=device) * 0.2, 0.0, p)[:, None]
@@ -404,18 +379,16 @@ def colour_matrix(n, p, ops, device):
 class AdaptiveAugment(nn.Module):
     """ADA (Karras et al. 2020) in torch: every op applied per sample with probability p (a device buffer, so no
     host sync and one static graph); differentiable in the images. p follows E[sign D(real)] toward the target."""
-
     def __init__(self, ops=ADA_OPS):
         super().__init__()
         self.ops = tuple(ops)
         self.register_buffer("p", torch.zeros(()))
 
     def forward(self, x):
-        n = x.shape[0]
         if any(op in self.ops for op in ADA_OPS[:7]):
-            x = warp(x, geometric_matrix(n, self.p, self.ops, x.shape[-1], x.device))
+            x = warp(x, geometric_matrix(len(x), self.p, self.ops, x.shape[-1], x.device))
         if any(op in self.ops for op in ADA_OPS[7:]):
-            c = colour_matrix(n, self.p, self.ops, x.device).to(x.dtype)
+            c = colour_matrix(len(x), self.p, self.ops, x.device).to(x.dtype)
             x = torch.einsum("nij,njhw->nihw", c[:, :3, :3], x) + c[:, :3, 3, None, None]
         return x
 
@@ -427,10 +400,9 @@ class AdaptiveAugment(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- losses
 def classifier_losses(logits, old_logits, fmap, old_fmap, y_new, n_gen, num_old, temperature=1.0):
-    """Official get_modified_loss (KD_sep, single_L2) on a batch [n_gen replayed | real new]:
-    CE over all seen classes on the real new samples; KD = mean of -sum softmax(z_old / T) * log_softmax(z / T)
-    restricted to the old classes, on the replayed samples; L2 norm of the stage-feature difference, mean over the
-    replayed samples. Returns (ce, kd, feat)."""
+    """Official get_modified_loss (KD_sep, single_L2) on a batch [n_gen replayed | real new]: CE over all seen
+    classes on the real new samples; KD = mean of -sum softmax(z_old / T) * log_softmax(z / T) over the old classes,
+    on the replayed samples; mean L2 norm of the stage-feature difference on the replayed ones. -> (ce, kd, feat)"""
     ce = F.cross_entropy(logits[n_gen:], y_new)
     target = F.softmax(old_logits[:n_gen, :num_old] / temperature, 1)
     kd = -(target * F.log_softmax(logits[:n_gen] / temperature, 1)[:, :num_old]).sum(1).mean()
@@ -452,10 +424,9 @@ def crop_flip(x, padding=4):
 
 # ----------------------------------------------------------------------------------------------- training
 def make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, args, device):
-    """One classifier step. Task 0: CE. Later: batch [replayed | real new] (official prev_curr_ratio), loss
-    0.02 CE + 0.98 KD + 1.0 feature L2 (learner.py: ce_coefficient * CE + the two weighted terms). Replayed =
-    the previous EMA generator's clamped, crop+flipped images of uniform old labels, or with --no-replay the
-    other part of the real batch. Returns [loss, ce, kd, feat, correct] (no host sync)."""
+    """One classifier step. Task 0: CE. Later: batch [replayed | real new] (official prev_curr_ratio), loss 0.02 CE
+    + 0.98 KD + 1.0 feature L2 (learner.py: ce_coefficient * CE + the two weighted terms). Replayed: the previous
+    EMA G's clamped, crop+flipped images of uniform old labels. Returns [loss, ce, kd, feat, correct] (no sync)."""
     amp = not args.no_amp
 
     def step(x, y):
@@ -468,14 +439,14 @@ def make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, a
             correct = (logits.argmax(1) == y).float().sum()
         else:
             n_gen = int(args.replay_fraction * len(x))
+            x_new, y_new = x[:len(x) - n_gen], y[:len(x) - n_gen]  # official: the first B - n_gen real images
             with torch.no_grad():
-                if prev_g is None:
-                    replay, x_new, y_new = x[len(x) - n_gen:], x[:len(x) - n_gen], y[:len(x) - n_gen]
+                if prev_g is None:  # --no-replay: the other real part of the batch
+                    replay = x[len(x) - n_gen:]
                 else:
-                    z = torch.randn(n_gen, prev_g.latent_dim, device=device)
-                    fake = prev_g(z, torch.randint(0, num_old, (n_gen,), device=device))
+                    fake = prev_g(torch.randn(n_gen, prev_g.latent_dim, device=device),
+                                  torch.randint(0, num_old, (n_gen,), device=device))
                     replay = crop_flip(torch.maximum(torch.minimum(fake, bounds[1]), bounds[0]))
-                    x_new, y_new = x[:len(x) - n_gen], y[:len(x) - n_gen]  # official: the first B - n_gen
                 x_in = torch.cat([replay.to(x.dtype), x_new]).contiguous(memory_format=torch.channels_last)
                 with autocast(device, amp):
                     old_logits, _, old_fmap = old_model(x_in)  # official freeze_bn=false: train mode
@@ -493,12 +464,11 @@ def make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, a
 
 def train_classifier(model, old_model, prev_g, data, train_idx, num_old, bounds, args, device, label):
     """One task of classifier training; returns images/s. Task 0 SGD Nesterov, later RAdam (official learner.py)."""
-    params = list(model.parameters())
     if old_model is None:
-        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=True,
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=True,
                                     weight_decay=args.weight_decay)
     else:  # decoupled decay as radam.py (deviations); capturable for CUDA graphs
-        optimizer = torch.optim.RAdam(params, lr=args.inc_lr, weight_decay=args.weight_decay,
+        optimizer = torch.optim.RAdam(model.parameters(), lr=args.inc_lr, weight_decay=args.weight_decay,
                                       decoupled_weight_decay=True, capturable=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=args.lr_gamma)
     step = CapturedStep(make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, args, device),
@@ -513,8 +483,7 @@ def train_classifier(model, old_model, prev_g, data, train_idx, num_old, bounds,
             stats += step(x, y)
             seen += len(y)
         scheduler.step()
-        steps = -(-len(train_idx) // args.batch_size)
-        loss, ce, kd, feat, correct = (stats / steps).tolist()  # one host sync per epoch
+        loss, ce, kd, feat, correct = (stats / -(-len(train_idx) // args.batch_size)).tolist()  # one host sync
         if not math.isfinite(loss):
             raise UserError(f"loss is NaN in {label} epoch {epoch + 1}; the last finished task stays in the "
                             "checkpoint (try a lower --lr, or --no-amp)")
@@ -524,15 +493,12 @@ def train_classifier(model, old_model, prev_g, data, train_idx, num_old, bounds,
 
 
 def gan_batches(data, indices, batch_size, device, workers=0):
-    """Real GAN batches: shuffled, un-augmented, last partial batch dropped (official gan_dataloader)."""
-    if not data.on_device:  # large images: the augmented file loader (deviations)
-        yield from islice(train_batches(data, indices, batch_size, device, workers), len(indices) // batch_size)
-        return
-    idx = indices.to(device)[torch.randperm(len(indices), device=device)]
-    y_all = data.train_y.to(device)[idx]
-    for s in range(len(indices) // batch_size):
-        sl = slice(s * batch_size, (s + 1) * batch_size)
-        yield to_input(data.train_x[idx[sl]], data).contiguous(memory_format=torch.channels_last), y_all[sl]
+    """Real GAN batches: shuffled, un-augmented, last partial batch dropped (official gan_dataloader); large images:
+    the augmented file loader (deviations)."""
+    if data.on_device:
+        shuffled = indices.to(device)[torch.randperm(len(indices), device=device)]
+        return islice(eval_batches(data, shuffled, device, "train", batch_size), len(indices) // batch_size)
+    return islice(train_batches(data, indices, batch_size, device, workers), len(indices) // batch_size)
 
 
 def make_gan_steps(gan, model, prev_g, num_old, total, args, device):
@@ -658,9 +624,8 @@ def bench_steps(args, device):
     model = build_model(args, data, device)
     model.add_classes(first)
     gan = build_gan(args, data, model, device)
-    old_model = copy.deepcopy(model).requires_grad_(False)
+    old_model, prev_g = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(gan["g_ema"])
     model.add_classes(total - first)
-    prev_g = copy.deepcopy(gan["g_ema"])
     optimizer = torch.optim.RAdam(model.parameters(), lr=args.inc_lr, capturable=device.type == "cuda")
     bounds = (torch.full((1, 3, 1, 1), -2.0, device=device), torch.full((1, 3, 1, 1), 2.0, device=device))
     x = torch.randn(args.batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
@@ -668,8 +633,8 @@ def bench_steps(args, device):
     model.train()
     d_step, r1_step, g_step = make_gan_steps(gan, model, prev_g, first, total, args, device)
     b = args.gan_batch_size
-    xg = torch.randn(b, 3, size, size, device=device)
-    yg, z = torch.randint(first, total, (b,), device=device), torch.randn(b, args.latent_dim, device=device)
+    xg, yg, z = (torch.randn(b, 3, size, size, device=device), torch.randint(first, total, (b,), device=device),
+                 torch.randn(b, args.latent_dim, device=device))
     return [("classifier", make_classifier_step(model, old_model, prev_g, optimizer, first, bounds, args, device),
              optimizer, (x, y)), ("D", d_step, gan["opt_d"], (xg, yg, z, yg)),
             ("D+R1", r1_step, gan["opt_d"], (xg, yg, z, yg)), ("G", g_step, gan["opt_g"], (z, yg))]
@@ -679,8 +644,7 @@ def bench_steps(args, device):
 def run(args, shared_base=None):
     """One arm over all tasks; returns the results dict (also in results.json), or None after --stop-after.
     `shared_base`: file with task 0 (classifier, G, EMA G, D) of a pair: loaded when its settings match."""
-    t0 = time.time()
-    device = setup_device(args)
+    t0, device = time.time(), setup_device(args)
     if args.memory_per_class != 0 or args.memory_total is not None:
         raise UserError("Genifer is exemplar-free: --memory-per-class must be 0 and --memory-total unset")
     if args.gan_batch_size % 2 or args.gan_batch_size < 2 or not 0 < args.replay_fraction < 1:
@@ -716,42 +680,36 @@ def run(args, shared_base=None):
     if ckpt is not None:
         model.add_classes(splits[ckpt["phase"]][1])
         model.load_state_dict(ckpt["model"])
-        if gan is not None:
-            for k in ("g", "g_ema", "d", "ada"):
-                gan[k].load_state_dict(ckpt["gan"][k])
+        for k in GAN_PARTS if gan else ():
+            gan[k].load_state_dict(ckpt["gan"][k])
         rows, start_phase = ckpt["rows"], ckpt["phase"] + 1
         set_rng_state(ckpt["rng"])
-    print(f"backbone {args.backbone}: {count_parameters(model.backbone):,} parameters" + (
-        "" if gan is None else f"; generator {count_parameters(gan['g']):,}, discriminator "
-        f"{count_parameters(gan['d']):,}"))
+    print(f"backbone {args.backbone}: {count_parameters(model.backbone):,} parameters" + ("" if gan is None else
+          f"; generator {count_parameters(gan['g']):,}, discriminator {count_parameters(gan['d']):,}"))
     print(f"{'task':>5} {'classes':>7} {'CNN':>6} {'time':>7} {'img/s':>7} {'GAN img/s':>9}")
 
     for phase in range(start_phase, len(splits)):
-        phase_start = time.time()
-        first, total = splits[phase]
+        phase_start, (first, total), label = time.time(), splits[phase], f"task {phase}"
         old_model = copy.deepcopy(model).requires_grad_(False) if phase > 0 else None  # after the last task
         prev_g = copy.deepcopy(gan["g_ema"]).eval() if phase > 0 and gan is not None else None
         model.add_classes(total - first)
         train_idx = indices_of(data.train_y, first, total)  # exemplar-free: only this task's real images
-        ips = train_classifier(model, old_model, prev_g, data, train_idx, first, bounds, args, device,
-                               f"task {phase}")
+        ips = train_classifier(model, old_model, prev_g, data, train_idx, first, bounds, args, device, label)
         train_s, gan_ips, gan_s = time.time() - phase_start, 0.0, 0.0
         if gan is not None and phase < len(splits) - 1:  # the last task's GAN would never replay
             epochs = args.gan_epochs_first if phase == 0 else args.gan_epochs
-            gan_ips = train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, device,
-                                f"task {phase}")
+            gan_ips = train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, device, label)
             gan_s = time.time() - phase_start - train_s
         model.eval()
         result = evaluate(lambda x: model(x)[:2], data, splits, phase, device, None, args.workers)
         row = {"phase": phase, "known_classes": first, "total_classes": total, **result, "memory_size": 0,
-               "train_s": train_s, "gan_s": gan_s, "phase_s": time.time() - phase_start,
-               "train_img_per_s": ips, "gan_img_per_s": gan_ips,
-               "ada_p": None if gan is None else gan["ada"].p.item()}
+               "train_s": train_s, "gan_s": gan_s, "phase_s": time.time() - phase_start, "train_img_per_s": ips,
+               "gan_img_per_s": gan_ips, "ada_p": None if gan is None else gan["ada"].p.item()}
         rows.append(row)
         print(f"{phase:>5} {total:>7} {row['cnn_acc']:>6.2f} {row['phase_s']:>6.0f}s {ips:>7.0f} {gan_ips:>9.0f}")
         write_metrics(args.out_dir, rows)
         state = {"phase": phase, "model": model.state_dict(), "rows": rows, "rng": rng_state(), "args": vars(args),
-                 "gan": None if gan is None else {k: gan[k].state_dict() for k in ("g", "g_ema", "d", "ada")}}
+                 "gan": None if gan is None else {k: gan[k].state_dict() for k in GAN_PARTS}}
         save_checkpoint(args.out_dir, state)
         if phase == 0 and shared_base is not None and not os.path.exists(shared_base) and gan is not None:
             torch.save({**state, "base_key": base_key}, shared_base + ".tmp")
@@ -760,11 +718,9 @@ def run(args, shared_base=None):
             print(f"stopped after task {phase} (--stop-after); continue with the same flags and --resume")
             return None
 
-    extra = {}
-    if gan is not None:  # exemplar-free accounting: what the replay memory (the EMA generator) costs
-        n = count_parameters(gan["g_ema"])
-        extra = {"generator_parameters": n, "generator_bytes": 4 * n, "discriminator_parameters":
-                 count_parameters(gan["d"]), "exemplars_in_generator_bytes": 4 * n // (3 * data.image_size ** 2)}
+    n = count_parameters(gan["g_ema"]) if gan else 0  # exemplar-free accounting: what the replay memory costs
+    extra = {} if gan is None else {"generator_parameters": n, "generator_bytes": 4 * n, "discriminator_parameters":
+             count_parameters(gan["d"]), "exemplars_in_generator_bytes": 4 * n // (3 * data.image_size ** 2)}
     return finish_run(args, "genifer", data, order, device, __file__, t0, results_from_rows(rows), arm=arm,
                       replay=not args.no_replay, ada=not args.no_ada, **extra)
 
@@ -778,13 +734,12 @@ PAIRS = {"replay": (("no_replay", dict(no_replay=True)), ("genifer", dict(no_rep
 def run_paired(args):
     out = args.out_dir or default_out_dir(f"genifer-paired-{args.paired}", args)
     os.makedirs(out, exist_ok=True)
-    arms = {}
+    arms, shared_base = {}, os.path.join(out, "task0.pt") if args.paired == "replay" else None
     for name, overrides in reversed(PAIRS[args.paired]):
         arm_args = argparse.Namespace(**{**vars(args), **overrides, "paired": None, "out_dir": os.path.join(out, name)})
-        res = run(arm_args, shared_base=os.path.join(out, "task0.pt") if args.paired == "replay" else None)
-        if res is None:  # --stop-after: continue later with --resume
+        arms[name] = run(arm_args, shared_base)
+        if arms[name] is None:  # --stop-after: continue later with --resume
             return None
-        arms[name] = res
     return write_paired(out, arms, PAIRS[args.paired][0][0], extra_metrics=("generator_bytes",),
                         paired=args.paired, dataset=args.dataset, seed=args.seed)
 
