@@ -670,7 +670,7 @@ def run(args, shared_base=None):
     base_key = {k: v for k, v in vars(args).items() if k not in ARM_KEYS}
     rows, start_phase = [], 0
     if ckpt is None and shared_base is not None and os.path.exists(shared_base):
-        ckpt = torch.load(shared_base, map_location="cpu", weights_only=False)
+        ckpt = torch.load(shared_base, map_location="cpu", weights_only=True)
         if ckpt["base_key"] != base_key:
             raise UserError(f"{shared_base} was trained with other settings; delete it or choose another --out-dir")
         print(f"task 0 shared with the other arm: {shared_base}")
