@@ -3,8 +3,7 @@
 Paper: Zilin Luo, Yaoyao Liu, Bernt Schiele, Qianru Sun, CVPR 2023 (equations and tables from the authors' poster,
   materials/poster.pdf in the official repository; papers.md 4).
 Official code: xfflzl/CIM-CIL @ ae113e9 (models/foster.py, models/base.py::_gen_bbx / _construct_exemplar /
-  _reduce_exemplar, convs/resnet.py, utils/transform.py, cim-*.json); built on FOSTER (Wang et al., ECCV 2022)
-  and PyCIL.
+  _reduce_exemplar, convs/resnet.py, utils/transform.py, cim-*.json); built on FOSTER (Wang et al., ECCV 2022), PyCIL.
 
 Protocol of the defaults (cim-food101.json): Food-101 learned from scratch, 11 classes then 9 phases of 10 (10
 tasks), seed-1993 class order, fixed memory 2020 (per-class budget floor(2020 / seen) full images), ResNet-18 at
@@ -32,37 +31,32 @@ C1b, learning from half (B50; the exact Food-101 base split is unverified, paper
 | ImageNet-100 N=5   | 80.07 / 80.93      | not run yet | | | | --dataset imagenet100 --base-classes 50 --increment 10 |
 | ImageNet-100 N=10  | 77.54 / 78.66      | not run yet | | | | --dataset imagenet100 --base-classes 50 --increment 5 |
 | ImageNet-100 N=25  | 72.40 / 75.74      | not run yet | | | | --dataset imagenet100 --base-classes 50 --increment 2 |
-C2, ImageNet-1000 from scratch, average / last:
-| M=20k N=5          | 69.21/64.88 / 69.93/66.05 | not run yet | | | | --dataset imagenet --base-classes 200 --increment 200 |
-| M=20k N=10         | 68.34/60.14 / 69.53/62.07 | not run yet | | | | --dataset imagenet             |
-| M=5k N=5           | 57.19/49.42 / 61.37/54.46 | not run yet | | | | ... --increment 200 --memory-total 5000 |
-| M=5k N=10          | 54.72/44.96 / 59.48/50.83 | not run yet | | | | --dataset imagenet --memory-total 5000 |
-Exemplars per class (poster, object-size table): 34.8 to 39.4 with CIM against 20; ours: metrics.jsonl
-`exemplars_mean/min/max` after every phase.
+C2, ImageNet-1000 from scratch, average / last (flags after --paired --dataset imagenet):
+| M=20k N=5  | 69.21/64.88 / 69.93/66.05 | not run yet | | | | --base-classes 200 --increment 200 |
+| M=20k N=10 | 68.34/60.14 / 69.53/62.07 | not run yet | | | | (none)                         |
+| M=5k N=5   | 57.19/49.42 / 61.37/54.46 | not run yet | | | | --base-classes 200 --increment 200 --memory-total 5000 |
+| M=5k N=10  | 54.72/44.96 / 59.48/50.83 | not run yet | | | | --memory-total 5000            |
+Exemplars per class (poster, object-size table): 34.8 to 39.4 with CIM against 20; ours: metrics.jsonl `exemplars_*`.
 
 Usage:
-    python cim.py --data-dir data                     # Food-101, FOSTER w/ CIM (the official config)
+    python cim.py --data-dir data [--no-cim]          # Food-101, FOSTER w/ CIM (official config) [FOSTER alone]
     python cim.py --paired --dataset imagenet100 --data-dir /path/to/imagenet   # FOSTER vs FOSTER w/ CIM
-    python cim.py --no-cim ...                        # FOSTER alone
     python cim.py --smoke [--paired]                  # tiny end-to-end run on generated data, CPU
 
-Scored model: FOSTER keeps one model a phase, the single-backbone student distilled from the two-backbone teacher,
-and grows the next phase from it. The official accuracy curve seems to come from the teacher, the student only
-logged (papers.md 4.4, unverified); we score the student (the model kept, memory-bounded) and log the teacher
-(`teacher_acc_per_phase`).
-
 Deviations:
+- Scored model: FOSTER keeps one model a phase, the single-backbone student distilled from the two-backbone
+  teacher, and grows the next phase from it; we score it (memory-bounded) and log the teacher
+  (`teacher_acc_per_phase`), whose curve the official code seems to report (papers.md 4.4, unverified).
 - Effective-number class weights count a new class's true images (PyCIL `getlen` sums their positions, papers.md
   4.5; negligible for beta >= 0.95); old classes count floor(M / known) as in the code.
 - Large images: CAMs and boxes are found on the evaluation view (resize 256, centre crop 224) and applied to the
-  augmented crop at the same position; the code compresses before augmenting. Small images: exact.
-- ColorJitter + AutoAugment only on the large-image path (official); small images keep padded crop + flip.
+  augmented crop at the same position; the code compresses before augmenting. Small images: exact, but padded
+  crop + flip only (ColorJitter + AutoAugment, official, only on the large-image path).
 - The rational activation (P degree 5, safe Q = 1 + sum_j |b_j| |x|^j of degree 4, `rational-activations`
   version A) is written here; its ReLU-initial coefficients are our least-squares fit on [-3, 3] (error <= 0.03).
-- Meta batches cycle through the phase data (the code's iterator would stop); the last partial batch of an epoch
-  wraps around (static shapes for CUDA graphs).
-- `--paired` runs both arms in full: CIM already differs in the base phase (rationals train; new images are
-  compressed at random from epoch 40), so no base phase is shared.
+- Meta batches cycle through the phase data (the code's iterator would stop); an epoch's last partial batch wraps
+  around (static shapes for CUDA graphs). `--paired` runs both arms in full: CIM already differs in the base
+  phase (rationals train; new images are compressed at random from epoch 40), so no base phase is shared.
 """
 import argparse
 import copy
@@ -79,29 +73,25 @@ from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_subset_flags, apply_c
                          eval_batches, indices_of, load_dataset, phase_splits, subset_flags, train_batches)
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep
-from common.memory import check_budget, exemplars_per_class, herding
+from common.memory import check_budget, exemplars_per_class, extract_features, herding
 from common.models import count_parameters, create_backbone, to_channels_last
 from common.run import (Progress, UserError, add_system_flags, autocast, check_resume_args, default_out_dir,
                         finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_main,
                         save_checkpoint, seed_everything, set_rng_state, setup_device, write_metrics, write_paired)
 
 # Per-dataset defaults (cim-*.json); a flag given on the command line wins. tinyimagenet and synthetic are ours.
+R18 = dict(backbone="resnet18")  # official convnet_type
 DATASET_DEFAULTS = {
-    "food101": dict(data_dir="data", backbone="resnet18", base_classes=11, increment=10, memory_total=2020,
-                    beta1=0.95),
-    "imagenet100": dict(data_dir="data/imagenet", backbone="resnet18", base_classes=10, increment=10,
-                        memory_total=2000, beta1=0.97),
-    "imagenet": dict(data_dir="data/imagenet", backbone="resnet18", base_classes=100, increment=100,
-                     memory_total=20000, beta1=0.97),
-    "tinyimagenet": dict(data_dir="data", backbone="resnet18", base_classes=20, increment=20, memory_total=4000,
-                         beta1=0.97),
+    "food101": dict(R18, data_dir="data", base_classes=11, increment=10, memory_total=2020, beta1=0.95),
+    "imagenet100": dict(R18, data_dir="data/imagenet", base_classes=10, increment=10, memory_total=2000, beta1=0.97),
+    "imagenet": dict(R18, data_dir="data/imagenet", base_classes=100, increment=100, memory_total=20000, beta1=0.97),
+    "tinyimagenet": dict(R18, data_dir="data", base_classes=20, increment=20, memory_total=4000, beta1=0.97),
     "synthetic": dict(data_dir="", backbone="resnet32", base_classes=10, increment=5, memory_total=100, beta1=0.95),
 }
 SMOKE = dict(dataset="synthetic", image_size=16, batch_size=8, lr=0.02, epochs=2, boost_epochs=2, compress_epochs=2,
              cam_interval=1, meta_batch_size=4, meta_iters_per_class=0.2)
-# ReLU-initial rational coefficients (ours: least squares on [-3, 3], max |error| 0.030; tests/test_cim.py)
-RELU_NUMERATOR = (0.02997, 0.61699, 2.37296, 3.05863, 1.51874, 0.25143)   # a_0 .. a_5
-RELU_DENOMINATOR = (1.19073, 4.39714, 0.9076, 0.34694)                     # b_1 .. b_4
+RELU_NUMERATOR = (0.02997, 0.61699, 2.37296, 3.05863, 1.51874, 0.25143)  # a_0..a_5 and b_1..b_4 of a ReLU-like
+RELU_DENOMINATOR = (1.19073, 4.39714, 0.9076, 0.34694)  # rational (ours: least squares on [-3, 3], max |error| 0.030)
 
 
 def parse_args(argv=None):
@@ -112,13 +102,11 @@ def parse_args(argv=None):
     g.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
     add_subset_flags(g)
     g.add_argument("--backbone", default=None, help="timm name (official: resnet18; small-input stem for 64 px)")
-    g.add_argument("--base-classes", type=int, default=None, help="classes of phase 0 (official init_cls: 11 "
-                   "Food-101, 10 ImageNet-100, 100 ImageNet)")
+    g.add_argument("--base-classes", type=int, default=None, help="phase-0 classes (official init_cls 11, 10, 100)")
     g.add_argument("--increment", type=int, default=None, help="new classes a phase (official: 10, 10, 100)")
     g.add_argument("--memory-total", type=int, default=None, help="fixed total memory in full images, budget "
                    "floor(M / seen) a class (official memory_size: 2020, 2000, 20000; the paper also 5000)")
-    g.add_argument("--memory-per-class", type=int, default=20, help="unused (CIM's memory is fixed); kept for "
-                   "the shared flag set (official memory_per_class 20)")
+    g.add_argument("--memory-per-class", type=int, default=20, help="unused (fixed memory; official: 20)")
     g.add_argument("--class-order-seed", type=int, default=1993, help="class order seed (official: 1993)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=200, help="base-phase epochs (official init_epochs 200)")
@@ -131,8 +119,7 @@ def parse_args(argv=None):
     g.add_argument("--weight-decay", type=float, default=5e-4, help="(official: 5e-4; compression uses none)")
     g.add_argument("--no-autoaugment", action="store_true", help="drop ColorJitter + AutoAugment (official: on)")
     g = p.add_argument_group("FOSTER host")
-    g.add_argument("--beta1", type=float, default=None, help="effective-number beta, boosting (official: 0.95 "
-                   "Food-101, 0.97 ImageNet)")
+    g.add_argument("--beta1", type=float, default=None, help="beta, boosting (official 0.95 Food-101, 0.97 ImageNet)")
     g.add_argument("--beta2", type=float, default=0.97, help="effective-number beta, compression (official 0.97)")
     g.add_argument("--kd-temperature", type=float, default=2.0, help="KD temperature T (official: 2)")
     g = p.add_argument_group("CIM")
@@ -143,16 +130,14 @@ def parse_args(argv=None):
     g.add_argument("--random-compress-step", type=float, default=0.1, help="new images compressed with prob. "
                    "step * floor(epoch / interval) (official randombbxblur_prob_incre)")
     g.add_argument("--meta-batch-size", type=int, default=16, help="mask-level batch (official meta_batch_size)")
-    g.add_argument("--meta-iters-per-class", type=float, default=0.5, help="mask-level iterations an epoch per "
-                   "new class (official num_meta_iters_per_cls)")
+    g.add_argument("--meta-iters-per-class", type=float, default=0.5, help="meta steps/epoch per new class (official)")
     g.add_argument("--meta-lr", type=float, default=0.01, help="Adam lr of the rationals, cosine (official: 0.01)")
     g.add_argument("--lr-ratio", type=float, default=0.1, help="virtual step = current lr x ratio (official: 0.1)")
     g.add_argument("--reg-coef", type=float, default=0.1, help="weight of the mean squared CAM (official)")
     g.add_argument("--div-coef", type=float, default=0.2, help="weight of the rational branch's CE (official)")
     g.add_argument("--max-meta-grad-norm", type=float, default=1.0, help="clip of the rational gradient, x sqrt(2) "
                    "after the base phase (official max_phi_grad_norm)")
-    g.add_argument("--paired", action="store_true", help="run FOSTER then FOSTER w/ CIM into --out-dir/{foster,"
-                   "foster_cim}/ and write --out-dir/paired.json")
+    g.add_argument("--paired", action="store_true", help="both arms: --out-dir/{foster,foster_cim}/ and paired.json")
     add_system_flags(p)
     return resolve_defaults(p.parse_args(argv), DATASET_DEFAULTS, SMOKE)
 
@@ -161,11 +146,10 @@ def parse_args(argv=None):
 def compress_images(x: torch.Tensor, boxes: torch.Tensor, eta: float) -> torch.Tensor:
     """Poster Fig. 2 / official utils/transform.py: nearest down by sqrt(eta) a side and back up, with the box
     (y0, x0, y1, x1; rows y0..y1-1) kept at full resolution. x: (N, C, H, W), any dtype; a full box = identity."""
-    n, _, h, w = x.shape
+    h, w = x.shape[2:]
     small = (int(h / math.sqrt(eta)), int(w / math.sqrt(eta)))
     coarse = F.interpolate(F.interpolate(x.float(), size=small, mode="nearest"), size=(h, w), mode="nearest")
-    rows = torch.arange(h, device=x.device)[None, :, None]
-    cols = torch.arange(w, device=x.device)[None, None, :]
+    rows, cols = torch.arange(h, device=x.device)[None, :, None], torch.arange(w, device=x.device)[None, None, :]
     b = boxes.to(x.device)[:, :, None, None]
     inside = (rows >= b[:, 0]) & (rows < b[:, 2]) & (cols >= b[:, 1]) & (cols < b[:, 3])
     return torch.where(inside[:, None], x, coarse.to(x.dtype))
@@ -183,14 +167,11 @@ def cam_boxes(cams: torch.Tensor, size: tuple, tau: float) -> torch.Tensor:
     cams = cams - cams.amin((1, 2), keepdim=True)
     cams = cams / cams.amax((1, 2), keepdim=True).clamp(min=1e-12)
     mask = F.interpolate(cams[:, None].float(), size=size, mode="bilinear")[:, 0] > tau
-    rows, cols = mask.any(2), mask.any(1)
 
-    def span(m, n):
-        first = m.float().argmax(1)
-        last = n - m.flip(1).float().argmax(1)
+    def span(m, n):  # first and one-past-last True along dim 1 of (N, n); none: (0, n)
         empty = ~m.any(1)
-        return torch.where(empty, 0, first), torch.where(empty, n, last)
-    (y0, y1), (x0, x1) = span(rows, size[0]), span(cols, size[1])
+        return torch.where(empty, 0, m.float().argmax(1)), torch.where(empty, n, n - m.flip(1).float().argmax(1))
+    (y0, y1), (x0, x1) = span(mask.any(2), size[0]), span(mask.any(1), size[1])
     return torch.stack([y0, x0, y1, x1], 1).long()
 
 
@@ -228,18 +209,14 @@ class RationalReLU(nn.Module):
 
 
 def add_rationals(module: nn.Module) -> nn.Module:
-    for name, child in module.named_children():
-        if isinstance(child, nn.ReLU):
-            setattr(module, name, RationalReLU())
-        else:
-            add_rationals(child)
+    for name, child in module.named_children():  # every nn.ReLU, at any depth, becomes a RationalReLU
+        setattr(module, name, RationalReLU() if isinstance(child, nn.ReLU) else add_rationals(child))
     return module
 
 
 def set_rational(model: nn.Module, on: bool):
-    for m in model.modules():
-        if isinstance(m, RationalReLU):
-            m.rational = on
+    for m in (m for m in model.modules() if isinstance(m, RationalReLU)):
+        m.rational = on
 
 
 def linear(in_features: int, out_features: int) -> nn.Linear:
@@ -262,15 +239,13 @@ class FosterNet(nn.Module):
         self.fe_fc = linear(dim, num_classes) if len(backbones) > 1 else None
         self.old_fc = old_fc
 
-    def outputs(self, x):
-        """(logits, features, final feature maps concatenated over the backbones)."""
+    def outputs(self, x):  # (logits, features, final feature maps concatenated over the backbones)
         maps = torch.cat([b.forward_features(x) for b in self.backbones], 1).float()
         features = maps.mean((2, 3))
         return self.fc(features), features, maps
 
     def forward(self, x):
-        logits, features, _ = self.outputs(x)
-        return logits, features
+        return self.outputs(x)[:2]  # (logits, features)
 
 
 def grow(student: FosterNet, total: int) -> FosterNet:
@@ -320,20 +295,16 @@ def host_loss(model, x, y, weights, num_old, T):
     if model.fe_fc is None:
         return F.cross_entropy(logits, y), logits
     dim = model.fe_fc.in_features
-    with torch.no_grad():
-        old_logits = model.old_fc(features[:, :-dim])
     loss = F.cross_entropy(logits / weights, y) + F.cross_entropy(model.fe_fc(features[:, -dim:]), y)
-    return loss + kd_loss(logits[:, :num_old], old_logits, T), logits
+    return loss + kd_loss(logits[:, :num_old], model.old_fc(features[:, :-dim].detach()), T), logits  # frozen old fc
 
 
 def make_step(model, optimizer, weights, num_old, args, device, teacher=None):
     """Boosting / base step (host loss) or, with `teacher`, the compression step (balanced KD), in plain PyTorch:
     no host syncs, so CapturedStep can capture it. Returns (loss, correct) as one device tensor."""
-    amp = not args.no_amp
-
     def step(x, y):
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device, amp):
+        with autocast(device, not args.no_amp):
             if teacher is None:
                 loss, logits = host_loss(model, x, y, weights, num_old, args.kd_temperature)
             else:
@@ -368,10 +339,9 @@ def meta_step(model, phi_optimizer, batch, next_batch, weights, num_old, inner_l
     fast = {n: p for n, p in model.named_parameters() if p.requires_grad and "ratl" not in n and "fc" not in n}
     grads = torch.autograd.grad(inner_loss, list(fast.values()), create_graph=True)
     fast = {n: p - inner_lr * g for (n, p), g in zip(fast.items(), grads)}
-    outer_logits = torch.func.functional_call(model, fast, (x2,))[0]
-    outer_loss = F.cross_entropy(outer_logits, y2) + args.div_coef * div_loss + args.reg_coef * reg_loss
-    for p, g in zip(phi, torch.autograd.grad(outer_loss, phi)):
-        p.grad = g
+    outer_loss = F.cross_entropy(torch.func.functional_call(model, fast, (x2,))[0], y2) + \
+        args.div_coef * div_loss + args.reg_coef * reg_loss
+    outer_loss.backward(inputs=phi)
     nn.utils.clip_grad_norm_(phi, max_norm)
     phi_optimizer.step()
     phi_optimizer.zero_grad(set_to_none=True)
@@ -380,26 +350,23 @@ def meta_step(model, phi_optimizer, batch, next_batch, weights, num_old, inner_l
 
 # ----------------------------------------------------------------------------------------------- memory
 @torch.no_grad()
-def boxes_of(model, data, idx, tau, device, workers=0) -> torch.Tensor:
-    """CIM boxes (CPU, (N, 4)) of training images `idx`: the rational branch's CAM of the true class."""
+def set_boxes(model, data, idx, box_table, tau, device, workers=0):
+    """box_table[idx] = the CIM boxes of training images `idx`: the rational branch's CAM of the true class."""
     model.eval()
     set_rational(model, True)
-    out = []
-    for x, y in eval_batches(data, idx, device, "train", workers=workers):
-        _, _, maps = model.outputs(x)
-        out.append(cam_boxes(torch.einsum("nc,nchw->nhw", model.fc.weight[y], maps), x.shape[2:], tau).cpu())
+    boxes = [cam_boxes(torch.einsum("nc,nchw->nhw", model.fc.weight[y], model.outputs(x)[2]), x.shape[2:], tau)
+             for x, y in eval_batches(data, idx, device, "train", workers=workers)]
     set_rational(model, False)
-    return torch.cat(out) if out else torch.empty(0, 4, dtype=torch.long)
+    if boxes:
+        box_table[idx.to(box_table.device)] = torch.cat(boxes).to(box_table.device)
 
 
-@torch.no_grad()
 def compressed_features(model, data, idx, boxes, eta, device, workers=0) -> torch.Tensor:
+    """Features of training images `idx` (eval mode), each compressed with its box (`boxes`: (len(idx), 4))."""
     model.eval()
-    out, start = [], 0
-    for x, _ in eval_batches(data, idx, device, "train", workers=workers):
-        out.append(model(compress_images(x, boxes[start:start + len(x)], eta))[1].float())
-        start += len(x)
-    return torch.cat(out) if out else torch.empty(0, device=device)
+    chunks = iter(boxes.split(1000))  # the boxes of each batch of extract_features (batch_size=1000), in order
+    return extract_features(lambda x: model(compress_images(x, next(chunks), eta))[1], data, idx, device,
+                            batch_size=1000, workers=workers)
 
 
 def select_compressed(model, data, classes, boxes, budget, eta, device, workers=0) -> dict:
@@ -409,11 +376,9 @@ def select_compressed(model, data, classes, boxes, budget, eta, device, workers=
     for c in classes:
         idx = indices_of(data.train_y, c, c + 1)
         feats = compressed_features(model, data, idx, boxes[idx], eta, device, workers)
-        order = herding(feats, min(len(idx), int(budget * eta) + 1)).cpu()  # at most eta * budget fit
-        keep = order[:budget_prefix(compression_cost(boxes[idx[order]], data.image_size, data.image_size, eta),
-                                    budget)]
-        memory[c] = torch.cat([idx[keep, None], boxes[idx[keep]]], 1)
-    return memory
+        order = idx[herding(feats, min(len(idx), int(budget * eta) + 1)).cpu()]  # at most eta * budget fit
+        memory[c] = torch.cat([order[:, None], boxes[order]], 1)
+    return reduce_compressed(memory, budget, data.image_size, eta)
 
 
 def reduce_compressed(memory: dict, budget: float, size: int, eta: float) -> dict:
@@ -426,13 +391,11 @@ def memory_rows(memory: dict) -> torch.Tensor:
     return torch.cat([memory[c] for c in sorted(memory)]) if memory else torch.empty(0, 5, dtype=torch.long)
 
 
-@torch.no_grad()
 def nme_means(model, data, memory, total, eta, device, workers=0):
     """NME class means from the features of the compressed exemplars (official: class mean of exemplar vectors)."""
     rows = memory_rows(memory)
     feats = F.normalize(compressed_features(model, data, rows[:, 0], rows[:, 1:], eta, device, workers), dim=1)
-    labels = data.train_y[rows[:, 0]].to(device)
-    sums = torch.zeros(total, feats.shape[1], device=device).index_add_(0, labels, feats)
+    sums = torch.zeros(total, feats.shape[1], device=device).index_add_(0, data.train_y[rows[:, 0]].to(device), feats)
     return F.normalize(sums, dim=1)
 
 
@@ -443,13 +406,12 @@ def autoaugment(size):
             T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)]
 
 
-def make_batch_fn(box_table, always, new_mask, prob, eta):
-    """Compress the memory exemplars always and new-class images with probability `prob` (official
-    randombbxblur), before augmentation (uint8 NHWC) or on the transformed batch (float NCHW)."""
+def make_batch_fn(box_table, new_mask, prob, eta):
+    """Compress the memory exemplars always (FOSTER arm: full boxes, no change) and new-class images with
+    probability `prob` (official randombbxblur), before augmentation (uint8 NHWC) or after it (float NCHW)."""
     def fn(x, idx):
-        full = torch.tensor([0, 0, 1 << 30, 1 << 30], device=x.device)
-        pick = always[idx] | (new_mask[idx] & (torch.rand(len(idx), device=x.device) < prob))
-        boxes = torch.where(pick[:, None], box_table[idx], full)
+        pick = ~new_mask[idx] | (torch.rand(len(idx), device=x.device) < prob)
+        boxes = torch.where(pick[:, None], box_table[idx], torch.tensor([0, 0, 1 << 30, 1 << 30], device=x.device))
         if x.dtype == torch.uint8:
             return compress_images(x.permute(0, 3, 1, 2), boxes, eta).permute(0, 2, 3, 1).contiguous()
         return compress_images(x, boxes, eta)
@@ -469,26 +431,23 @@ def run_stage(model, step_model, data, train_idx, ctx, args, device, *, epochs, 
     seen, start, meta_loss = 0, time.time(), float("nan")
     for epoch in range(epochs):
         if meta is not None and epoch and epoch % args.cam_interval == 0:  # official: refresh CAMs, raise prob
-            ctx["box_table"][ctx["new_idx"].to(device)] = boxes_of(model, data, ctx["new_idx"], args.tau, device,
-                                                                   args.workers).to(device)
+            set_boxes(model, data, ctx["new_idx"], ctx["box_table"], args.tau, device, args.workers)
             ctx["prob"] = args.random_compress_step * (epoch // args.cam_interval)
         step_model.train()
         if teacher is None and model.fe_fc is not None:
             model.backbones[0].eval()  # official FOSTER.train(): the old backbone's BN stays fixed
-        batch_fn = make_batch_fn(ctx["box_table"], ctx["always"], ctx["new_mask"], ctx["prob"], args.eta)
         stats = torch.zeros(2, device=device)
-        for x, y in train_batches(data, train_idx, args.batch_size, device, args.workers, batch_fn=batch_fn,
-                                  train_transform=ctx["tf"]):
+        for x, y in train_batches(data, train_idx, args.batch_size, device, args.workers, train_transform=ctx["tf"],
+                                  batch_fn=make_batch_fn(ctx["box_table"], ctx["new_mask"], ctx["prob"], args.eta)):
             stats += captured(x, y)
             seen += len(y)
         if meta is not None:
             model.eval()
             inner_lr = optimizer.param_groups[0]["lr"] * args.lr_ratio
-            plain = make_batch_fn(ctx["box_table"], ctx["always"], ctx["new_mask"], 0.0, args.eta)
+            plain = make_batch_fn(ctx["box_table"], ctx["new_mask"], 0.0, args.eta)
             batches = itertools.chain.from_iterable(  # cycles through the phase data (official: would stop)
                 train_batches(data, train_idx, args.meta_batch_size, device, args.workers, stream="meta",
-                              batch_fn=plain, train_transform=ctx["tf"])
-                for _ in itertools.count())
+                              batch_fn=plain, train_transform=ctx["tf"]) for _ in itertools.count())
             losses = [meta_step(model, meta["optimizer"], next(batches), next(batches), weights, num_old, inner_lr,
                                 args, meta["max_norm"]) for _ in range(meta["iters"])]
             meta["scheduler"].step()
@@ -506,18 +465,16 @@ def run_stage(model, step_model, data, train_idx, ctx, args, device, *, epochs, 
 
 
 def bench_step(args, device):
-    """The boosting step of the first incremental phase on generated inputs of the real shapes (for
-    `python -m common.bench`). Returns (step, optimizer, example inputs)."""
+    """common.bench: phase 1's boosting step on generated inputs of the real shapes -> (step, optimizer, inputs)."""
     num_classes, size = SHAPES[args.dataset]
     first, total = phase_splits(num_classes, args.base_classes, args.increment)[1]
-    model = to_channels_last(grow(build_model(args, first), total), device)
+    model = to_channels_last(grow(build_model(args, first), total), device).train()
     params = [p for n, p in model.named_parameters() if p.requires_grad and "ratl" not in n]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     weights = effective_number_weights(torch.tensor([args.memory_total // first] * first + [500] * (total - first)),
                                        args.beta1).to(device)
     x = torch.randn(args.batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, total, (args.batch_size,), device=device)
-    model.train()
     return make_step(model, optimizer, weights, first, args, device), optimizer, (x, y)
 
 
@@ -532,17 +489,14 @@ def build_model(args, num_classes) -> FosterNet:
 # ----------------------------------------------------------------------------------------------- main
 def run(args):
     """One arm: all phases; returns the results dict (also in results.json), or None after --stop-after."""
-    t0 = time.time()
-    device = setup_device(args)
+    t0, device = time.time(), setup_device(args)
     arm = "foster" if args.no_cim else "foster_cim"
-    if args.memory_total is None or args.memory_total < 1:
-        raise UserError("--memory-total must be >= 1 (CIM uses a fixed total memory)")
     if args.eta < 1 or not 0 <= args.tau < 1:
         raise UserError("--eta must be >= 1 and --tau in [0, 1)")
     args.out_dir = args.out_dir or default_out_dir(f"cim-{arm}", args)
     data = load_dataset(args.dataset, args.data_dir, device, args.class_list, **subset_flags(args))
     splits = phase_splits(data.num_classes, args.base_classes, args.increment)
-    check_budget(data.num_classes, 0, args.memory_total)
+    check_budget(data.num_classes, 0, args.memory_total)  # fixed total memory: >= 1 image a class at the end
     order = class_order(data.num_classes, args.class_order_seed)
     apply_class_order(data, order)
     seed_everything(args.seed)
@@ -560,8 +514,7 @@ def run(args):
         print(f"resumed after phase {ckpt['phase']} from {args.out_dir}")
     print(f"backbone {args.backbone}: {count_parameters(model.backbones[0]):,} parameters")
     print(f"{'phase':>5} {'classes':>7} {'CNN':>6} {'NME':>6} {'teacher':>7} {'ex/cls':>6} {'time':>7}")
-    tf = None if data.on_device or args.no_autoaugment else autoaugment
-    n_train, size = len(data.train_y), data.image_size
+    size = data.image_size
 
     for phase in range(start_phase, len(splits)):
         phase_start = time.time()
@@ -569,13 +522,10 @@ def run(args):
         new_idx = indices_of(data.train_y, first, total)
         rows_mem = memory_rows(memory)
         train_idx = torch.cat([new_idx, rows_mem[:, 0]])
-        ctx = {"box_table": torch.zeros(n_train, 4, dtype=torch.long, device=device), "prob": 0.0, "tf": tf,
-               "always": torch.zeros(n_train, dtype=torch.bool, device=device), "new_idx": new_idx,
-               "new_mask": torch.zeros(n_train, dtype=torch.bool, device=device)}
-        ctx["box_table"][:, 2:] = size
-        ctx["box_table"][rows_mem[:, 0].to(device)] = rows_mem[:, 1:].to(device)
-        ctx["always"][rows_mem[:, 0].to(device)] = not args.no_cim
-        ctx["new_mask"][new_idx.to(device)] = not args.no_cim
+        ctx = {"prob": 0.0, "new_idx": new_idx, "new_mask": data.train_y.to(device) >= first,  # later: never drawn
+               "box_table": torch.tensor([0, 0, size, size], device=device).repeat(len(data.train_y), 1),
+               "tf": None if data.on_device or args.no_autoaugment else autoaugment}  # official: large images
+        ctx["box_table"][rows_mem[:, 0].to(device)] = rows_mem[:, 1:].to(device)  # the exemplars' boxes
         if phase == 0:
             teacher, weights = model, None
         else:  # FOSTER class weights: old classes count floor(M / known) (official samples_old_class)
@@ -583,46 +533,38 @@ def run(args):
                                   torch.bincount(data.train_y[new_idx] - first, minlength=total - first).tolist())
             weights = effective_number_weights(counts, args.beta1).to(device)
             teacher = to_channels_last(grow(model, total), device)
-        meta = None
-        if not args.no_cim:
-            phi = [p for n, p in teacher.named_parameters() if "ratl" in n and p.requires_grad]
-            epochs = args.epochs if phase == 0 else args.boost_epochs
-            meta_opt = torch.optim.Adam(phi, lr=args.meta_lr, weight_decay=args.weight_decay)
+        epochs, meta = args.epochs if phase == 0 else args.boost_epochs, None
+        if not args.no_cim:  # the mask model: Adam + cosine on the rationals phi
+            meta_opt = torch.optim.Adam([p for n, p in teacher.named_parameters() if "ratl" in n and p.requires_grad],
+                                        lr=args.meta_lr, weight_decay=args.weight_decay)
             meta = {"optimizer": meta_opt, "scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(meta_opt, epochs),
                     "iters": int((total - first) * args.meta_iters_per_class),
                     "max_norm": args.max_meta_grad_norm * (1 if phase == 0 else math.sqrt(2))}
-        params = [p for n, p in teacher.named_parameters() if p.requires_grad and "ratl" not in n]
-        ips = run_stage(teacher, teacher, data, train_idx, ctx, args, device, params=params, label=f"phase {phase}",
-                        epochs=args.epochs if phase == 0 else args.boost_epochs, weight_decay=args.weight_decay,
-                        weights=weights, num_old=first, meta=meta)
+        ips = run_stage(teacher, teacher, data, train_idx, ctx, args, device, label=f"phase {phase}", epochs=epochs,
+                        params=[p for n, p in teacher.named_parameters() if p.requires_grad and "ratl" not in n],
+                        weight_decay=args.weight_decay, weights=weights, num_old=first, meta=meta)
         if phase > 0:  # FOSTER compression: the kept single-backbone model, balanced KD from the teacher
-            teacher.eval()
-            model = to_channels_last(new_student(teacher, total), device)
-            weights2 = effective_number_weights(counts, args.beta2).to(device)
+            model = to_channels_last(new_student(teacher.eval(), total), device)
             run_stage(teacher, model, data, train_idx, ctx, args, device, epochs=args.compress_epochs,
                       params=[p for n, p in model.named_parameters() if "ratl" not in n], weight_decay=0.0,
-                      label=f"phase {phase} compression", weights=weights2, teacher=teacher)
-        # Boxes of the new classes from the teacher's rational branch, then herding under the class budget
+                      weights=effective_number_weights(counts, args.beta2).to(device), teacher=teacher,
+                      label=f"phase {phase} compression")
         budget = exemplars_per_class(total, None, args.memory_total, rounding="floor")  # PyCIL: floor(M / seen)
-        if not args.no_cim:
-            ctx["box_table"][new_idx.to(device)] = boxes_of(teacher, data, new_idx, args.tau, device,
-                                                            args.workers).to(device)
-        memory = reduce_compressed(memory, budget, size, args.eta)
+        if not args.no_cim:  # boxes of the new classes from the teacher's rational branch
+            set_boxes(teacher, data, new_idx, ctx["box_table"], args.tau, device, args.workers)
+        memory = reduce_compressed(memory, budget, size, args.eta)  # then herding under the class budget
         memory.update(select_compressed(teacher, data, range(first, total), ctx["box_table"].cpu(), budget,
                                         args.eta, device, args.workers))
-        model.eval()
-        teacher.eval()
-        means = nme_means(model, data, memory, total, args.eta, device, args.workers)
+        means = nme_means(model.eval(), data, memory, total, args.eta, device, args.workers)
         result = evaluate(model, data, splits, phase, device, means, args.workers)
         teacher_acc = result["cnn_acc"] if phase == 0 else \
-            evaluate(teacher, data, splits, phase, device, None, args.workers)["cnn_acc"]
-        counts_per_class = [len(memory[c]) for c in range(total)]
+            evaluate(teacher.eval(), data, splits, phase, device, None, args.workers)["cnn_acc"]
+        per_class = [len(memory[c]) for c in range(total)]
         cost = compression_cost(memory_rows(memory)[:, 1:], size, size, args.eta)
-        row = {"phase": phase, "known_classes": first, "total_classes": total, **result,
-               "teacher_acc": teacher_acc, "class_budget": budget, "memory_size": len(cost),
-               "memory_cost": cost.sum().item(), "exemplars_mean": sum(counts_per_class) / total,
-               "exemplars_min": min(counts_per_class), "exemplars_max": max(counts_per_class),
-               "phase_s": time.time() - phase_start, "train_img_per_s": ips}
+        row = {"phase": phase, "known_classes": first, "total_classes": total, **result, "teacher_acc": teacher_acc,
+               "class_budget": budget, "memory_size": len(cost), "memory_cost": cost.sum().item(),
+               "exemplars_mean": sum(per_class) / total, "exemplars_min": min(per_class),
+               "exemplars_max": max(per_class), "phase_s": time.time() - phase_start, "train_img_per_s": ips}
         rows.append(row)
         print(f"{phase:>5} {total:>7} {row['cnn_acc']:>6.2f} {row['nme_acc']:>6.2f} {teacher_acc:>7.2f} "
               f"{row['exemplars_mean']:>6.1f} {row['phase_s']:>6.0f}s")
@@ -644,9 +586,8 @@ def run_paired(args):
     os.makedirs(out, exist_ok=True)
     arms = {}
     for name, no_cim in (("foster", True), ("foster_cim", False)):
-        arm_args = argparse.Namespace(**{**vars(args), "no_cim": no_cim, "paired": False,
-                                         "out_dir": os.path.join(out, name)})
-        res = run(arm_args)
+        res = run(argparse.Namespace(**{**vars(args), "no_cim": no_cim, "paired": False,
+                                        "out_dir": os.path.join(out, name)}))
         if res is None:  # --stop-after: continue later with --resume
             return None
         arms[name] = {**res, "exemplars_mean_last": res["exemplars_mean_per_phase"][-1]}
