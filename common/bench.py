@@ -6,8 +6,8 @@
 Each script exposes `bench_step(args, device) -> (step, optimizer, inputs)`: the real step of an incremental
 phase (old model and all losses on) built from the script's own defaults; a script with several steps
 (genifer: classifier, D, D + lazy R1, G) exposes `bench_steps(args, device) -> [(name, step, optimizer,
-inputs)]`. The same step function is timed eagerly and through common.graph.CapturedStep (which is eager on CPU), after warm-up, with a device sync
-around the timed region. Prints images/s for both and their ratio.
+inputs)]`. The same step function is timed eagerly and through common.graph.CapturedStep (which is eager on
+CPU), after warm-up, with a device sync around the timed region. Prints images/s for both and their ratio.
 """
 import argparse
 import importlib
