@@ -57,6 +57,8 @@ Deviations:
 - Meta batches cycle through the phase data (the code's iterator would stop); an epoch's last partial batch wraps
   around (static shapes for CUDA graphs). `--paired` runs both arms in full: CIM already differs in the base
   phase (rationals train; new images are compressed at random from epoch 40), so no base phase is shared.
+Not yet: checkpoints are written after each phase only (`--checkpoint-minutes` has no effect here, and SIGTERM
+stops the run at once instead of after a checkpoint), unlike lucir.py, tbbn.py and bsce.py.
 """
 import argparse
 import copy

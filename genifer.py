@@ -44,6 +44,8 @@ Deviations:
   being the other real half of the batch. In a pair it reuses Genifer's task 0 (classifier and RNG state after
   task 0's GAN), so a no-replay run alone differs from its paired twin. The R1 and ADA step counters restart each
   task (official: one global step counter). ResNet-18 is timm's (same layers as torchvision's).
+Not yet: checkpoints are written after each phase only (`--checkpoint-minutes` has no effect here, and SIGTERM
+stops the run at once instead of after a checkpoint), unlike lucir.py, tbbn.py and bsce.py.
 """
 import argparse
 import copy
