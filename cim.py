@@ -73,6 +73,7 @@ import torch.nn.functional as F
 
 from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_subset_flags, apply_class_order, class_order,
                          eval_batches, indices_of, load_dataset, phase_splits, subset_flags, train_batches)
+from common.dist import average_gradients, shard
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep
 from common.memory import check_budget, exemplars_per_class, extract_features, herding
@@ -344,6 +345,7 @@ def meta_step(model, phi_optimizer, batch, next_batch, weights, num_old, inner_l
     outer_loss = F.cross_entropy(torch.func.functional_call(model, fast, (x2,))[0], y2) + \
         args.div_coef * div_loss + args.reg_coef * reg_loss
     outer_loss.backward(inputs=phi)
+    average_gradients(phi)  # torchrun: the ranks' mean, before clipping (a step that is not a CapturedStep)
     nn.utils.clip_grad_norm_(phi, max_norm)
     phi_optimizer.step()
     phi_optimizer.zero_grad(set_to_none=True)
@@ -366,7 +368,8 @@ def set_boxes(model, data, idx, box_table, tau, device, workers=0):
 def compressed_features(model, data, idx, boxes, eta, device, workers=0) -> torch.Tensor:
     """Features of training images `idx` (eval mode), each compressed with its box (`boxes`: (len(idx), 4))."""
     model.eval()
-    chunks = iter(boxes.split(1000))  # the boxes of each batch of extract_features (batch_size=1000), in order
+    chunks = iter(shard(boxes, 1000).split(1000))  # the boxes of each batch of extract_features (batch 1000) on
+    # this rank (torchrun: every N-th batch), in order
     return extract_features(lambda x: model(compress_images(x, next(chunks), eta))[1], data, idx, device,
                             batch_size=1000, workers=workers)
 

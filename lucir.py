@@ -59,6 +59,7 @@ import torch.nn.functional as F
 
 from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_subset_flags, apply_class_order, class_order,
                          indices_of, load_dataset, phase_splits, subset_flags, train_batches)
+from common.dist import per_rank
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep, graph_used
 from common.memory import (NME_VIEWS, check_budget, class_means, exemplars_per_class, extract_features,
@@ -268,7 +269,8 @@ def train_phase(model, old_model, data, train_idx, num_old, lam, args, device, *
             raise UserError(f"loss is NaN in {label} epoch {epoch + 1}; the last finished phase stays in the "
                             "checkpoint (try a lower --lr, or --no-amp)")
         progress.update(epoch + 1, f"loss {loss_sum / steps:.3f} train-acc "
-                        f"{100 * correct / (steps * args.batch_size):.1f} {stage.images_per_s():.0f} img/s")
+                        f"{100 * correct / (steps * per_rank(args.batch_size)):.1f} "  # torchrun: one rank's count
+                        f"{stage.images_per_s():.0f} img/s")
         stage.state["train_loss"] = loss_sum / steps  # kept in the in-phase checkpoint
     return stage.images_per_s(), stage.state["train_loss"]
 

@@ -79,6 +79,7 @@ import torch.nn.functional as F
 from common.data import (AUGMENTATIONS, SHAPES, SMALL_IMAGE_DATASETS, add_subset_flags, apply_class_order,
                          class_order, eval_batches, indices_of, load_dataset, phase_splits, subset_flags,
                          train_batches)
+from common.dist import per_rank
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep, graph_used
 from common.memory import (check_budget, class_means, exemplars_per_class, memory_indices, reduce_memory,
@@ -391,7 +392,7 @@ def train_phase(model, old_model, data, splits, phase, memory, held_out, args, d
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)
     stage = Stage(args, f"phase {phase}", model, optimizer, scheduler, args.epochs)  # in-phase checkpoints, SIGTERM
-    step = make_step(model, old_model, optimizer, splits, phase, n_current, args, device)
+    step = make_step(model, old_model, optimizer, splits, phase, per_rank(n_current), args, device)  # torchrun
     captured = CapturedStep(step, device, enabled=not args.no_graph, optimizer=optimizer)
     progress = Progress(args.epochs, f"  phase {phase} epoch")
     best = stage.state.setdefault("best", {"val_loss": math.inf, "best_epoch": None})  # kept in the checkpoint
@@ -412,7 +413,7 @@ def train_phase(model, old_model, data, splits, phase, memory, held_out, args, d
         if not math.isfinite(loss_sum):
             raise UserError(f"loss is NaN in phase {phase} epoch {epoch + 1}; the last finished phase stays in "
                             "the checkpoint (try a lower --lr, or --no-amp)")
-        accuracy = 100 * correct / (steps * args.batch_size)
+        accuracy = 100 * correct / (steps * per_rank(args.batch_size))
         val = ""
         if len(val_idx):
             val_loss = validation_loss(model, data, val_idx, total, device, args.workers)
@@ -487,8 +488,8 @@ def run(args, device, t0):
         model.reset_classes(first, total)
         # SS-IL distils from the model after the previous task (official: model_old = deepcopy after training)
         old_model = copy.deepcopy(model).eval().requires_grad_(False) if args.host == "ssil" and phase else None
-        r = set_task(model, phase, args.batch_size - args.batch_memory, args.batch_memory) \
-            if args.norm == "tbbn" else 1
+        r = set_task(model, phase, per_rank(args.batch_size - args.batch_memory), per_rank(args.batch_memory)) \
+            if args.norm == "tbbn" else 1  # torchrun: each rank's share of the two parts
         trained = train_phase(model, old_model, data, splits, phase, memory, held_out, args, device)
 
         # Herding on the new classes with the current model; the fixed total shrinks the old classes (FACIL).

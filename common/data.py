@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from common import dist
 from common.run import UserError
 
 SMALL_IMAGE_DATASETS = ("cifar100", "tinyimagenet", "synthetic", "cifar100-synthetic")
@@ -465,7 +466,8 @@ def _file_batches(data, split, train, batch_size, workers, order, stream="eval",
         sampler = _Order()
         loader = torch.utils.data.DataLoader(_Files(files, labels.tolist(), tf), batch_size=batch_size,
                                              sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
-                                             pin_memory=torch.cuda.is_available())
+                                             pin_memory=torch.cuda.is_available(),
+                                             worker_init_fn=dist.seed_worker if dist.active() else None)
         _LOADERS[key] = (loader, sampler)
     loader, sampler = _LOADERS[key]
     sampler.order = order
@@ -473,7 +475,8 @@ def _file_batches(data, split, train, batch_size, workers, order, stream="eval",
 
 
 def train_batches(data: Data, indices: torch.Tensor, batch_size: int, device: torch.device, workers: int = 0,
-                  augmentation: str = "crop", stream: str = "train", batch_fn=None, train_transform=None):
+                  augmentation: str = "crop", stream: str = "train", batch_fn=None, train_transform=None,
+                  shard: bool = True):
     """One epoch of augmented (x, y) batches of exactly `batch_size` over a shuffled `indices`.
 
     Small images: `augmentation` "crop" (padded random crop + flip) or "resized-crop" (`random_resized_crop`);
@@ -485,10 +488,21 @@ def train_batches(data: Data, indices: torch.Tensor, batch_size: int, device: to
 
     Static shapes (for CUDA graphs): the last partial batch is filled by wrapping around to the start of the
     permutation, so each sample is seen at least once an epoch and ceil(n / batch_size) steps are taken.
+
+    Under torchrun (common.dist) `batch_size` stays the global batch: every rank uses rank 0's permutation and
+    yields its own 1/N slice of each batch (small images: the global batch is augmented on every rank with
+    the same random draws, then sliced, so the ranks' slices together are the one-process batch; large images:
+    each rank decodes only its slice). `shard=False`: every rank gets the whole batch (e.g. a replicated step).
     """
     n = len(indices)
     steps = -(-n // batch_size)
+    world = dist.world_size() if shard else 1
+    if batch_size % world:
+        raise UserError(f"a batch of {batch_size} cannot be split over the {world} processes of torchrun; choose "
+                        f"batch sizes divisible by {world}")
     perm = torch.randperm(n, device=device if data.on_device else "cpu")
+    if world > 1:  # the same order on every rank even if a rank's generator drifted (e.g. worker-less decoding)
+        dist.broadcast_(perm)
     if steps * batch_size > n:  # wrap around (more than once when n < batch_size / 2)
         perm = perm.repeat(-(-steps * batch_size // n))[: steps * batch_size]
     if data.on_device:
@@ -497,10 +511,18 @@ def train_batches(data: Data, indices: torch.Tensor, batch_size: int, device: to
         for s in range(steps):
             sl = idx[s * batch_size:(s + 1) * batch_size]
             x = data.train_x[sl] if batch_fn is None else batch_fn(data.train_x[sl], sl)
+            if world > 1:
+                x = dist.local_slice(AUGMENTATIONS[augmentation](x))
+                yield to_input(x, data).contiguous(memory_format=torch.channels_last), \
+                    dist.local_slice(y_all[s * batch_size:(s + 1) * batch_size])
+                continue
             yield to_input(AUGMENTATIONS[augmentation](x), data).contiguous(memory_format=torch.channels_last), \
                 y_all[s * batch_size:(s + 1) * batch_size]
     else:
         order = indices[perm]
+        if world > 1:  # this rank's slice of every global batch, decoded by its own loader
+            batch_size //= world
+            order = order.view(steps, world, batch_size)[:, dist.rank()].reshape(-1)
         for s, (x, y) in enumerate(_file_batches(data, "train", True, batch_size, workers, order.tolist(), stream,
                                                  train_transform)):
             x = x.to(device, non_blocking=True)

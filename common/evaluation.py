@@ -8,34 +8,37 @@ the accuracy on the classes of phase j after phase k.
 import torch
 import torch.nn.functional as F
 
+from common import dist
 from common.data import eval_batches, indices_of
 
 
 @torch.no_grad()
-def evaluate(forward_fn, data, splits: list, phase: int, device, means: torch.Tensor = None, workers=0) -> dict:
+def evaluate(forward_fn, data, splits: list, phase: int, device, means: torch.Tensor = None, workers=0,
+             batch_size=1000) -> dict:
     """Top-1 on the test images of the classes of phases 0..phase.
 
     `forward_fn(x) -> (logits, features)`; logits over at least the seen classes (extra columns are ignored).
-    `means` (num_classes, D): NME class means, or None to skip NME. Returns accuracies in %.
+    `means` (num_classes, D): NME class means, or None to skip NME. Returns accuracies in %. Under torchrun each
+    rank runs every N-th batch and the hits are gathered in order: the same numbers as one process.
     """
     total = splits[phase][1]
     idx = indices_of(data.test_y, 0, total)
     cnn_hits, nme_hits, labels = [], [], []
-    for x, y in eval_batches(data, idx, device, "test", workers=workers):
+    for x, y in eval_batches(data, dist.shard(idx, batch_size), device, "test", batch_size, workers):
         logits, feats = forward_fn(x)
         cnn_hits.append(logits[:, :total].float().argmax(1) == y)
         if means is not None:
-            dist = torch.cdist(F.normalize(feats.float(), dim=1), means[:total])  # nearest mean of exemplars
-            nme_hits.append(dist.argmin(1) == y)
+            distance = torch.cdist(F.normalize(feats.float(), dim=1), means[:total])  # nearest mean of exemplars
+            nme_hits.append(distance.argmin(1) == y)
         labels.append(y)
-    labels = torch.cat(labels)
+    labels = dist.gather(labels, len(idx), batch_size)
 
     def per_task(hits):
         return [100.0 * hits[(labels >= a) & (labels < b)].float().mean().item() for a, b in splits[:phase + 1]]
-    cnn = torch.cat(cnn_hits)
+    cnn = dist.gather(cnn_hits, len(idx), batch_size)
     out = {"cnn_acc": 100.0 * cnn.float().mean().item(), "cnn_acc_per_task": per_task(cnn)}
     if means is not None:
-        nme = torch.cat(nme_hits)
+        nme = dist.gather(nme_hits, len(idx), batch_size)
         out.update(nme_acc=100.0 * nme.float().mean().item(), nme_acc_per_task=per_task(nme))
     return out
 

@@ -15,10 +15,15 @@ re-capture, since the graph holds the learning rate as a constant. Make a new Ca
 the optimiser or the set of active classes changes (each phase). Warm-up, capture and replay run the same
 kernels on the same values, so captured and eager training agree (tests/test_graph.py, on CUDA).
 
+Under torchrun the gradients of `optimizer` are averaged over the ranks inside its step (common.dist
+.sync_gradients), so the graph holds the all_reduce too (NCCL allows that; not run on a GPU here).
+
 If a capture raises (an op that cannot be captured, an old driver), one line is printed and every CapturedStep
 of the process runs eagerly from then on; `graph_used(enabled, device)` then reports False for results.json.
 """
 import torch
+
+from common import dist
 
 _capture_failed = []  # the first capture error of this process, if any
 
@@ -31,6 +36,7 @@ def graph_used(enabled: bool, device: torch.device) -> bool:
 class CapturedStep:
     def __init__(self, step_fn, device: torch.device, enabled: bool = True, optimizer=None, warmup: int = 3):
         self.step_fn, self.optimizer = step_fn, optimizer
+        dist.sync_gradients(optimizer)  # torchrun: gradients averaged over the ranks before optimizer.step()
         self.enabled = graph_used(enabled, device)
         self.warmup_left = warmup
         self.graph = self.static_inputs = self.static_outputs = self.graph_lrs = None

@@ -6,6 +6,7 @@ prefix of its herding order (iCaRL Alg. 5), so no features need to be recomputed
 import torch
 import torch.nn.functional as F
 
+from common import dist
 from common.data import eval_batches, indices_of
 from common.run import UserError
 
@@ -35,11 +36,13 @@ def check_budget(num_classes: int, memory_per_class: int, memory_total: int = No
 
 @torch.no_grad()
 def extract_features(feature_fn, data, indices, device, split="train", flip=False, batch_size=1000, workers=0):
-    """Features (N, D) of `indices` in order, with `feature_fn` in whatever mode the caller set (eval)."""
+    """Features (N, D) of `indices` in order, with `feature_fn` in whatever mode the caller set (eval). Under
+    torchrun each rank runs every N-th batch and every rank gets all features, in order (herding, class means
+    and imprinting then compute the same values on every rank, as in one process)."""
     out = []
-    for x, _ in eval_batches(data, indices, device, split, batch_size, workers):
+    for x, _ in eval_batches(data, dist.shard(indices, batch_size), device, split, batch_size, workers):
         out.append(feature_fn(x.flip(3) if flip else x).float())
-    return torch.cat(out) if out else torch.empty(0, device=device)
+    return dist.gather(out, len(indices), batch_size) if len(indices) else torch.empty(0, device=device)
 
 
 def herding(features: torch.Tensor, m: int) -> torch.Tensor:

@@ -24,6 +24,8 @@ import time
 import numpy as np
 import torch
 
+from common import dist
+
 
 class UserError(Exception):
     """Bad input: printed as one line (`error: ...`), exit code 2, no traceback."""
@@ -58,10 +60,12 @@ def run_main(main):
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if dist.is_main():  # under torchrun every rank meets the same error; rank 0 says it
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Stopped as e:
-        print(str(e), file=sys.stderr)
+        if dist.is_main():
+            print(str(e), file=sys.stderr)
         sys.exit(e.code)
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint in the run folder is kept; rerun with --resume", file=sys.stderr)
@@ -70,6 +74,7 @@ def run_main(main):
         for s, handler in previous.items():
             signal.signal(s, handler)
         _STOP_SIGNALS.clear()
+        dist.close()
 
 
 # ----------------------------------------------------------------------------------------------- flags
@@ -197,11 +202,25 @@ def setup_device(args) -> torch.device:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda asked for but no GPU is visible; pass --device cpu (or --smoke)")
     device = torch.device(args.device)
+    if dist.launched():  # torchrun: one process a GPU (cuda:LOCAL_RANK), or CPU processes with gloo
+        device = dist.init(device)
+        check_batch_sizes(args)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return device
+
+
+def check_batch_sizes(args):
+    """--batch-size (and every *-batch-size flag) stays the global batch under torchrun: each of the N ranks
+    takes 1/N of it, so N must divide it."""
+    world = dist.world_size()
+    bad = [f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
+           if k.endswith("batch_size") and isinstance(v, int) and v % world]
+    if bad:
+        raise UserError(f"{', '.join(bad)} must be divisible by the {world} processes of torchrun (the batch "
+                        "size is the global batch)")
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -219,7 +238,7 @@ def default_out_dir(method: str, args) -> str:
                      (("classes", "C"), ("train_per_class", "T"), ("image_size", "S")) if getattr(args, key, None))
     path = os.path.join("results", f"{method}__{args.dataset}{subset}_B{args.base_classes}_Inc{args.increment}"
                         f"__seed{args.seed}")
-    if args.smoke and not args.resume and os.path.isdir(path):
+    if args.smoke and not args.resume and os.path.isdir(path) and dist.is_main():
         shutil.rmtree(path)
     return path
 
@@ -231,8 +250,25 @@ _RUNS = {}  # out_dir -> what the in-phase checkpoints of the run in that folder
 
 def prepare_out_dir(out_dir: str, resume: bool):
     """Refuse to overwrite a run unless --resume; check that the folder takes files (a probe file, free space)
-    before any training; return the phase-end checkpoint to continue from (or None)."""
+    before any training; return the phase-end checkpoint to continue from (or None). Under torchrun rank 0
+    checks and every rank waits for it (its error ends every rank); then every rank loads the same checkpoint."""
     ckpt_path, in_phase_path = os.path.join(out_dir, CHECKPOINT), os.path.join(out_dir, IN_PHASE)
+    error = None
+    if dist.is_main():
+        try:
+            _check_out_dir(out_dir, resume)
+        except UserError as e:
+            error = str(e)
+    error = dist.broadcast_error(error)
+    if error is not None:
+        raise UserError(error)
+    ckpt = load_state(ckpt_path) if resume else None
+    _RUNS[out_dir] = {"in_phase": load_state(in_phase_path) if resume else None, "finished": {},
+                      "last_save": time.time(), "steps": 0}
+    return ckpt
+
+
+def _check_out_dir(out_dir: str, resume: bool):
     started = any(os.path.exists(os.path.join(out_dir, n)) for n in (CHECKPOINT, IN_PHASE, _prev(CHECKPOINT),
                                                                       _prev(IN_PHASE)))
     if os.path.exists(os.path.join(out_dir, "results.json")) and not resume:
@@ -254,10 +290,6 @@ def prepare_out_dir(out_dir: str, resume: bool):
     if free < MIN_FREE_BYTES:
         raise UserError(f"only {free >> 20} MiB free on the disk of --out-dir {out_dir}; checkpoints need at least "
                         f"{MIN_FREE_BYTES >> 20} MiB")
-    ckpt = load_state(ckpt_path) if resume else None
-    _RUNS[out_dir] = {"in_phase": load_state(in_phase_path) if resume else None, "finished": {},
-                      "last_save": time.time(), "steps": 0}
-    return ckpt
 
 
 def _prev(path: str) -> str:
@@ -275,11 +307,12 @@ def load_state(path: str):
             state = torch.load(candidate, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated zip, disk error, foreign pickle: all mean "not usable"
             reason = (str(e).strip().splitlines() or [""])[0][:100]
-            print(f"warning: {candidate} is damaged or unreadable ({type(e).__name__}: {reason}); not used",
-                  file=sys.stderr)
+            if dist.is_main():
+                print(f"warning: {candidate} is damaged or unreadable ({type(e).__name__}: {reason}); not used",
+                      file=sys.stderr)
             damaged.append(candidate)
             continue
-        if damaged:
+        if damaged and dist.is_main():
             print(f"falling back to the previous checkpoint {candidate}", file=sys.stderr)
         return state
     if damaged:
@@ -301,13 +334,18 @@ def check_resume_args(saved: dict, now: dict):
 
 
 def _atomic(path: str, write):
+    if not dist.is_main():  # torchrun: rank 0 writes every file
+        return
     tmp = path + ".tmp"
     write(tmp)
     os.replace(tmp, path)
 
 
 def save_state(path: str, state: dict):
-    """Write atomically; the file it replaces stays beside it as `.prev.pt`. A full disk: one line."""
+    """Write atomically; the file it replaces stays beside it as `.prev.pt`. A full disk: one line. Under
+    torchrun only rank 0 writes."""
+    if not dist.is_main():
+        return
     tmp = path + ".tmp"
     try:
         torch.save(state, tmp)
@@ -324,7 +362,7 @@ def save_checkpoint(out_dir: str, state: dict):
     """The phase-end checkpoint; the in-phase ones of that phase are dropped. Stops here on SIGTERM / Ctrl-C."""
     save_state(os.path.join(out_dir, CHECKPOINT), state)
     for name in (IN_PHASE, _prev(IN_PHASE)):
-        if os.path.exists(os.path.join(out_dir, name)):
+        if dist.is_main() and os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
     run = _RUNS.setdefault(out_dir, {"in_phase": None, "steps": 0})
     run.update(finished={}, last_save=time.time())
@@ -370,6 +408,7 @@ class Stage:
         self.state, self.epoch_rng, self.step_rng, self._since = {}, None, None, time.time()
         self.stats = self._saved_stats = None
         _STAGES_USED.append(label)
+        dist.broadcast_state(model)  # torchrun: every rank starts from rank 0's weights (a resume loads the same)
         self.run = _RUNS.setdefault(args.out_dir, {"in_phase": None, "finished": {}, "last_save": time.time(),
                                                    "steps": 0})
         saved = self.run["in_phase"]
@@ -430,14 +469,16 @@ class Stage:
         while True:
             try:
                 x, y = next(stream)
-            except StopIteration:
+            except StopIteration:  # torchrun: rank 0's BN statistics everywhere, the ranks' mean epoch sums
+                dist.sync_buffers(self.model)
+                dist.average_(self.stats)
                 return
             except Exception:  # Ctrl-C also reaches the DataLoader workers, which then exit
                 if not _STOP_SIGNALS:
                     raise
                 self._stop()
             yield x, y
-            self.step, self.seen = self.step + 1, self.seen + len(y)
+            self.step, self.seen = self.step + 1, self.seen + len(y) * dist.world_size()  # all ranks'
             self.run["steps"] += 1
             limit = getattr(self.args, "stop_after_steps", None)
             if limit is not None and self.run["steps"] >= limit:
@@ -544,6 +585,7 @@ def environment(device: torch.device, script_path: str) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
         "script_sha256": script_sha256, "hostname": platform.node(), "date": time.strftime("%Y-%m-%d"),
+        "processes": dist.world_size(),  # torchrun --nproc_per_node (times nodes); 1 for a plain run
     }
 
 

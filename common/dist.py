@@ -1,0 +1,211 @@
+"""Several processes under `torchrun --nproc_per_node=N` (NCCL on GPUs, gloo on CPU), without a DDP wrapper.
+
+Every rank holds the whole model and the same random generators (same seed): every rank draws the same shuffle
+and the same augmentation of each global batch of --batch-size and keeps its own 1/N slice (common.data
+.train_batches). Gradients are averaged over the ranks just before each optimiser step (`sync_gradients`, a
+step pre-hook, so a step still captures as one CUDA graph), which keeps the parameters equal on every rank.
+Evaluation and feature extraction split the evaluation batches over the ranks (batch b on rank b mod N) and
+gather the outputs in the original order (`shard`, `gather`): the same batches as one process, so the same
+numbers. Rank 0 alone writes files and prints. A single process (no WORLD_SIZE, or 1) takes none of these paths.
+
+Verified on CPU with gloo and 2 processes (tests/test_ddp.py); the NCCL / GPU path is written the same way but
+was not run (no GPU was available), in particular the all_reduce inside a captured CUDA graph.
+"""
+import os
+import sys
+import weakref
+
+import torch
+import torch.distributed as dist
+
+_hooked = weakref.WeakSet()  # the optimisers whose gradients are already averaged
+
+
+def launched() -> bool:
+    """Started by torchrun with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    """This process's rank (from torchrun's RANK before the process group is joined); 0 in a single process."""
+    return dist.get_rank() if active() else int(os.environ.get("RANK", "0")) if launched() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init(device: torch.device) -> torch.device:
+    """Join the process group (once per process): NCCL and cuda:LOCAL_RANK on GPUs, gloo on CPU. Ranks other
+    than 0 print nothing on stdout (their stderr stays, for errors)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if dist.get_rank() > 0:
+            sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def close():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _comm_device() -> torch.device:
+    """NCCL works on CUDA tensors, gloo here on CPU tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def broadcast_error(message):
+    """Rank 0's error message (or None) on every rank: a failure of rank 0 alone (e.g. an unwritable --out-dir)
+    then ends every rank with the same error instead of leaving the others waiting. Also a barrier."""
+    if not active():
+        return message
+    box = [message]
+    dist.broadcast_object_list(box, src=0, device=_comm_device())
+    return box[0]
+
+
+# ----------------------------------------------------------------------------------------------- training
+def per_rank(n: int) -> int:
+    """This rank's share of a global batch of n (the caller checks that N divides n)."""
+    return n // world_size()
+
+
+def local_slice(batch: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a global batch (rank r: rows r*n/N .. (r+1)*n/N)."""
+    if not active():
+        return batch
+    n = len(batch) // world_size()
+    return batch[rank() * n:(rank() + 1) * n]
+
+
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank `src`'s values in `tensor` on every rank, in place."""
+    if active():
+        buffer = tensor.to(_comm_device())
+        dist.broadcast(buffer, src)
+        if buffer is not tensor:
+            tensor.copy_(buffer)
+    return tensor
+
+
+@torch.no_grad()
+def broadcast_state(module: torch.nn.Module):
+    """Rank 0's parameters and buffers on every rank (as DDP does when it wraps a model): every rank starts a
+    stage from the same weights even where something drew a different random number on one rank."""
+    if active():
+        for t in list(module.parameters()) + list(module.buffers()):
+            broadcast_(t.data)
+
+
+@torch.no_grad()
+def sync_buffers(module: torch.nn.Module):
+    """Rank 0's buffers (BatchNorm running statistics, which each rank updates from its own slice) on every
+    rank, as DDP's broadcast_buffers does; called after every epoch (common.run.Stage) so that evaluation,
+    herding and checkpoints use one model."""
+    if active():
+        for t in module.buffers():
+            broadcast_(t)
+
+
+def _average(grads: list):
+    """Every gradient replaced by its mean over the ranks, one flat all_reduce per dtype (equal slices, so the
+    mean of the ranks' batch means is the global batch mean). No host sync, so it can be captured in a CUDA
+    graph with the step (NCCL all_reduce is capturable; not run on GPUs here)."""
+    for dtype in {g.dtype for g in grads}:
+        same = [g for g in grads if g.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in same])
+        dist.all_reduce(flat)
+        flat /= world_size()
+        for g, part in zip(same, flat.split([g.numel() for g in same])):
+            g.copy_(part.view_as(g))
+
+
+def _average_hook(optimizer, args, kwargs):  # an optimiser step pre-hook
+    _average([p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None])
+
+
+def seed_worker(worker_id: int):
+    """DataLoader workers under torchrun: the ranks' workers would start from equal seeds (the ranks' generators
+    are equal), so their random crops would repeat across ranks; offset the seeds by the rank."""
+    import random
+    import numpy as np
+    seed = (torch.initial_seed() + 1_000_003 * rank()) % 2 ** 32
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def sync_gradients(optimizer):
+    """Average the gradients over the ranks before every `optimizer.step()` (once per optimiser), and start
+    from rank 0's parameters. Single process: nothing."""
+    if not active() or optimizer is None or optimizer in _hooked:
+        return
+    _hooked.add(optimizer)
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                broadcast_(p.data)
+    optimizer.register_step_pre_hook(_average_hook)
+
+
+def average_gradients(params):
+    """The same averaging, called by hand where a loop changes the gradients before its step (clipping must
+    see the global gradient). Single process: nothing."""
+    if active():
+        _average([p.grad for p in params if p.grad is not None])
+
+
+def average_(stats: torch.Tensor):
+    """An epoch's running sums (of batch-mean losses, of counts) in place: their mean over the ranks, i.e. the
+    loss sums of the global batches and the counts of one rank's share; a NaN on one rank is a NaN on all, so
+    every rank stops at the same epoch with the same error."""
+    if active() and stats is not None:
+        buffer = stats.to(_comm_device())
+        dist.all_reduce(buffer)
+        stats.copy_(buffer / world_size())
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+def shard(indices: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """This rank's part of `indices` for an evaluation pass in batches of `batch_size`: the batches b with
+    b mod N = rank, so each batch is the same as in one process (and gives the same outputs)."""
+    if not active():
+        return indices
+    mine = indices.split(batch_size)[rank()::world_size()]
+    return torch.cat(mine) if mine else indices[:0]
+
+
+def gather(local: list, total: int, batch_size: int) -> torch.Tensor:
+    """The outputs of every rank's `shard` (a list of per-batch tensors, rows first), concatenated on every rank
+    in the original order of the `total` rows. Single process: torch.cat(local)."""
+    if not active():
+        return torch.cat(local)
+    world, sizes = world_size(), [len(b) for b in torch.arange(total).split(batch_size)]
+    counts = [sum(sizes[r::world]) for r in range(world)]
+    meta = [(tuple(local[0].shape[1:]), local[0].dtype, local[0].device) if local else None]
+    dist.broadcast_object_list(meta, src=0, device=_comm_device())  # rank 0 holds a batch whenever total > 0
+    shape, dtype, device = meta[0]
+    device = local[0].device if local else device if device.type == "cpu" else _comm_device()
+    wire = torch.uint8 if dtype == torch.bool else dtype  # gloo sends no bool
+    padded = torch.zeros(max(counts), *shape, dtype=wire, device=_comm_device())
+    if local:
+        mine = torch.cat(local)
+        padded[:len(mine)] = mine.to(wire)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    chunks = [list(p[:c].split(sizes[r::world])) for r, (p, c) in enumerate(zip(parts, counts))]
+    ordered = [chunks[b % world][b // world] for b in range(len(sizes))]
+    return torch.cat(ordered).to(device=device, dtype=dtype)
