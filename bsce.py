@@ -67,7 +67,7 @@ import torch.nn.functional as F
 
 from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_subset_flags, apply_class_order, class_order,
                          indices_of, load_dataset, phase_splits, subset_flags, train_batches)
-from common.dist import per_rank
+from common.dist import is_main, per_rank
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep, graph_used
 from common.memory import (check_budget, class_means, exemplars_per_class, extract_features, memory_indices,
@@ -448,7 +448,7 @@ def run(args, shared_base=None):
         write_metrics(args.out_dir, rows)
         state = {"phase": phase, "model": model.state_dict(), "memory": memory, "rows": rows, "rng": rng_state(),
                  "args": vars(args)}
-        if phase == 0 and share and not os.path.exists(shared_base):  # before save_checkpoint, which may stop
+        if phase == 0 and share and not os.path.exists(shared_base) and is_main():  # before save_checkpoint (may stop)
             torch.save({**state, "base_key": base_key}, shared_base + ".tmp")
             os.replace(shared_base + ".tmp", shared_base)
         save_checkpoint(args.out_dir, state)

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 from common.data import (SHAPES, add_subset_flags, apply_class_order, class_order, eval_batches, indices_of,
                          load_dataset, phase_splits, subset_flags, train_batches)
+from common.dist import is_main
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep
 from common.models import count_parameters, create_backbone, to_channels_last
@@ -500,7 +501,8 @@ def gan_batches(data, indices, batch_size, device, workers=0):
     if data.on_device:
         shuffled = indices.to(device)[torch.randperm(len(indices), device=device)]
         return islice(eval_batches(data, shuffled, device, "train", batch_size), len(indices) // batch_size)
-    return islice(train_batches(data, indices, batch_size, device, workers), len(indices) // batch_size)
+    return islice(train_batches(data, indices, batch_size, device, workers, shard=False),  # torchrun: every rank
+                  len(indices) // batch_size)  # the whole batch (the GAN steps run replicated)
 
 
 def make_gan_steps(gan, model, prev_g, num_old, total, args, device):
@@ -713,7 +715,8 @@ def run(args, shared_base=None):
         state = {"phase": phase, "model": model.state_dict(), "rows": rows, "rng": rng_state(), "args": vars(args),
                  "gan": None if gan is None else {k: gan[k].state_dict() for k in GAN_PARTS}}
         save_checkpoint(args.out_dir, state)
-        if phase == 0 and shared_base is not None and not os.path.exists(shared_base) and gan is not None:
+        if phase == 0 and shared_base is not None and not os.path.exists(shared_base) and gan is not None and \
+                is_main():  # torchrun: rank 0 writes
             torch.save({**state, "base_key": base_key}, shared_base + ".tmp")
             os.replace(shared_base + ".tmp", shared_base)
         if args.stop_after == phase and phase < len(splits) - 1:

@@ -16,7 +16,7 @@ import sys
 import weakref
 
 import torch
-import torch.distributed as dist
+import torch.distributed as tdist
 
 _hooked = weakref.WeakSet()  # the optimisers whose gradients are already averaged
 
@@ -27,16 +27,16 @@ def launched() -> bool:
 
 
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
 
 
 def world_size() -> int:
-    return dist.get_world_size() if active() else 1
+    return tdist.get_world_size() if active() else 1
 
 
 def rank() -> int:
     """This process's rank (from torchrun's RANK before the process group is joined); 0 in a single process."""
-    return dist.get_rank() if active() else int(os.environ.get("RANK", "0")) if launched() else 0
+    return tdist.get_rank() if active() else int(os.environ.get("RANK", "0")) if launched() else 0
 
 
 def is_main() -> bool:
@@ -50,21 +50,22 @@ def init(device: torch.device) -> torch.device:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if dist.get_rank() > 0:
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if tdist.get_rank() > 0:
             sys.stdout = open(os.devnull, "w")
     return device
 
 
 def close():
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 def _comm_device() -> torch.device:
     """NCCL works on CUDA tensors, gloo here on CPU tensors."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else \
+        torch.device("cpu")
 
 
 def broadcast_error(message):
@@ -73,7 +74,7 @@ def broadcast_error(message):
     if not active():
         return message
     box = [message]
-    dist.broadcast_object_list(box, src=0, device=_comm_device())
+    tdist.broadcast_object_list(box, src=0, device=_comm_device())
     return box[0]
 
 
@@ -91,11 +92,22 @@ def local_slice(batch: torch.Tensor) -> torch.Tensor:
     return batch[rank() * n:(rank() + 1) * n]
 
 
+def seed_worker(worker_id: int):
+    """DataLoader workers under torchrun: the ranks' workers would start from equal seeds (the ranks' generators
+    are equal), so their random crops would repeat across ranks; offset the seeds by the rank."""
+    import random
+    import numpy as np
+    seed = (torch.initial_seed() + 1_000_003 * rank()) % 2 ** 32
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Rank `src`'s values in `tensor` on every rank, in place."""
     if active():
         buffer = tensor.to(_comm_device())
-        dist.broadcast(buffer, src)
+        tdist.broadcast(buffer, src)
         if buffer is not tensor:
             tensor.copy_(buffer)
     return tensor
@@ -127,7 +139,7 @@ def _average(grads: list):
     for dtype in {g.dtype for g in grads}:
         same = [g for g in grads if g.dtype == dtype]
         flat = torch.cat([g.reshape(-1) for g in same])
-        dist.all_reduce(flat)
+        tdist.all_reduce(flat)
         flat /= world_size()
         for g, part in zip(same, flat.split([g.numel() for g in same])):
             g.copy_(part.view_as(g))
@@ -135,17 +147,6 @@ def _average(grads: list):
 
 def _average_hook(optimizer, args, kwargs):  # an optimiser step pre-hook
     _average([p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None])
-
-
-def seed_worker(worker_id: int):
-    """DataLoader workers under torchrun: the ranks' workers would start from equal seeds (the ranks' generators
-    are equal), so their random crops would repeat across ranks; offset the seeds by the rank."""
-    import random
-    import numpy as np
-    seed = (torch.initial_seed() + 1_000_003 * rank()) % 2 ** 32
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
 
 
 def sync_gradients(optimizer):
@@ -174,7 +175,7 @@ def average_(stats: torch.Tensor):
     every rank stops at the same epoch with the same error."""
     if active() and stats is not None:
         buffer = stats.to(_comm_device())
-        dist.all_reduce(buffer)
+        tdist.all_reduce(buffer)
         stats.copy_(buffer / world_size())
 
 
@@ -196,7 +197,7 @@ def gather(local: list, total: int, batch_size: int) -> torch.Tensor:
     world, sizes = world_size(), [len(b) for b in torch.arange(total).split(batch_size)]
     counts = [sum(sizes[r::world]) for r in range(world)]
     meta = [(tuple(local[0].shape[1:]), local[0].dtype, local[0].device) if local else None]
-    dist.broadcast_object_list(meta, src=0, device=_comm_device())  # rank 0 holds a batch whenever total > 0
+    tdist.broadcast_object_list(meta, src=0, device=_comm_device())  # rank 0 holds a batch whenever total > 0
     shape, dtype, device = meta[0]
     device = local[0].device if local else device if device.type == "cpu" else _comm_device()
     wire = torch.uint8 if dtype == torch.bool else dtype  # gloo sends no bool
@@ -205,7 +206,7 @@ def gather(local: list, total: int, batch_size: int) -> torch.Tensor:
         mine = torch.cat(local)
         padded[:len(mine)] = mine.to(wire)
     parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
+    tdist.all_gather(parts, padded)
     chunks = [list(p[:c].split(sizes[r::world])) for r, (p, c) in enumerate(zip(parts, counts))]
     ordered = [chunks[b % world][b // world] for b in range(len(sizes))]
     return torch.cat(ordered).to(device=device, dtype=dtype)
