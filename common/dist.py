@@ -57,8 +57,12 @@ def init(device: torch.device) -> torch.device:
     return device
 
 
-def close():
+def close(wait: bool = False):
+    """Leave the process group; `wait`: first wait for every rank (a finished run: no rank tears its connections
+    down while another still uses them)."""
     if tdist.is_available() and tdist.is_initialized():
+        if wait:
+            tdist.barrier()
         tdist.destroy_process_group()
 
 

@@ -59,6 +59,7 @@ def run_main(main):
     previous = {s: signal.signal(s, _request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         main()
+        dist.close(wait=True)
     except UserError as e:
         if dist.is_main():  # under torchrun every rank meets the same error; rank 0 says it
             print(f"error: {e}", file=sys.stderr)

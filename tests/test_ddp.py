@@ -144,4 +144,4 @@ if __name__ == "__main__":  # one rank of the 2-process run: python -m torch.dis
     except UserError as e:
         saved["error"] = str(e)
     torch.save(saved, os.path.join(sys.argv[1], f"rank{dist.rank()}.pt"))
-    dist.close()
+    dist.close(wait=True)
