@@ -67,16 +67,15 @@ import torch.nn.functional as F
 
 from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_subset_flags, apply_class_order, class_order,
                          indices_of, load_dataset, phase_splits, subset_flags, train_batches)
-from common.dist import is_main, per_rank
+from common.dist import per_rank
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep, graph_used
 from common.memory import (check_budget, class_means, exemplars_per_class, extract_features, memory_indices,
                            reduce_memory, select_exemplars)
 from common.models import count_parameters, create_backbone, to_channels_last
-from common.run import (RUN_ONLY_FLAGS, Progress, Stage, UserError, add_system_flags, autocast, check_resume_args,
-                        default_out_dir, finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state,
-                        run_main, save_checkpoint, seed_everything, set_rng_state, setup_device, write_metrics,
-                        write_paired)
+from common.run import (Progress, Stage, UserError, add_system_flags, autocast, default_out_dir, end_phase,
+                        finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_main,
+                        seed_everything, set_rng_state, setup_device, start_state, write_paired)
 
 # Per-dataset defaults; a flag given on the command line wins. CIFAR and ImageNet rows: LUCIR's protocol
 # (papers.md 1.2, 3.4); the others are not in the paper (ResNet-18, CIFAR or ImageNet schedule).
@@ -99,8 +98,7 @@ DATASET_DEFAULTS = {
 DATASET_DEFAULTS["cifar100-synthetic"] = {**DATASET_DEFAULTS["cifar100"], "data_dir": ""}  # speed runs (common/data.py)
 SMOKE = dict(dataset="synthetic", batch_size=32, rebalance_epochs=1, rebalance_milestones=[1])
 # Settings an arm of a pair may change without changing the base phase (which the arms then share).
-ARM_KEYS = ("loss", "rebalance", "rebalance_epochs", "rebalance_lr", "rebalance_milestones", "out_dir",
-            "paired") + RUN_ONLY_FLAGS
+ARM_KEYS = ("loss", "rebalance", "rebalance_epochs", "rebalance_lr", "rebalance_milestones", "paired")
 
 
 def parse_args(argv=None):
@@ -372,17 +370,9 @@ def run(args, shared_base=None):
     ckpt = prepare_out_dir(args.out_dir, args.resume)  # only now: bad input has had its one-line error
     print(f"BSCE ({arm}): {args.dataset}, {len(splits) - 1} phases after B{args.base_classes}, out: {args.out_dir}")
     print_args(args)
-    base_key = {k: v for k, v in vars(args).items() if k not in ARM_KEYS}
-    share = shared_base is not None  # every arm trains its base phase with plain CE: one base phase for all
     memory, rows, start_phase = {}, [], 0
-    if ckpt is None and share and os.path.exists(shared_base):
-        ckpt = torch.load(shared_base, map_location="cpu", weights_only=True)
-        if ckpt["base_key"] != base_key:
-            raise UserError(f"{shared_base} was trained with other settings; delete it or choose another --out-dir")
-        print(f"base phase shared with the other arm: {shared_base}")
-    elif ckpt is not None:
-        check_resume_args(ckpt["args"], vars(args))
-        print(f"resumed after phase {ckpt['phase']} from {args.out_dir}")
+    # every arm trains its base phase with plain CE: a pair shares one base phase (papers.md 3.5)
+    ckpt = start_state(ckpt, args, shared_base, ARM_KEYS)
     if ckpt is not None:
         for a, b in splits[:ckpt["phase"] + 1]:
             model.classifier.add_classes(b - a)
@@ -445,15 +435,8 @@ def run(args, shared_base=None):
         rows.append(row)
         nme = f"{row['nme_acc']:>6.2f}" if means is not None else f"{'-':>6}"
         print(f"{phase:>5} {total:>7} {row['cnn_acc']:>6.2f} {nme} {row['phase_s']:>6.0f}s {ips:>7.0f}")
-        write_metrics(args.out_dir, rows)
-        state = {"phase": phase, "model": model.state_dict(), "memory": memory, "rows": rows, "rng": rng_state(),
-                 "args": vars(args)}
-        if phase == 0 and share and not os.path.exists(shared_base) and is_main():  # before save_checkpoint (may stop)
-            torch.save({**state, "base_key": base_key}, shared_base + ".tmp")
-            os.replace(shared_base + ".tmp", shared_base)
-        save_checkpoint(args.out_dir, state)
-        if args.stop_after == phase and phase < len(splits) - 1:
-            print(f"stopped after phase {phase} (--stop-after); continue with the same flags and --resume")
+        if end_phase(args, rows, {"phase": phase, "model": model.state_dict(), "memory": memory, "rows": rows,
+                                  "rng": rng_state(), "args": vars(args)}, len(splits), shared_base, ARM_KEYS):
             return None
 
     return finish_run(args, "bsce", data, order, device, __file__, t0, results_from_rows(rows), arm=arm,

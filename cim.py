@@ -57,8 +57,6 @@ Deviations:
 - Meta batches cycle through the phase data (the code's iterator would stop); an epoch's last partial batch wraps
   around (static shapes for CUDA graphs). `--paired` runs both arms in full: CIM already differs in the base
   phase (rationals train; new images are compressed at random from epoch 40), so no base phase is shared.
-Not yet: checkpoints are written after each phase only (`--checkpoint-minutes` has no effect here, and SIGTERM
-stops the run at once instead of after a checkpoint), unlike lucir.py, tbbn.py and bsce.py.
 """
 import argparse
 import copy
@@ -73,14 +71,14 @@ import torch.nn.functional as F
 
 from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_subset_flags, apply_class_order, class_order,
                          eval_batches, indices_of, load_dataset, phase_splits, subset_flags, train_batches)
-from common.dist import average_gradients, shard
+from common.dist import average_gradients, per_rank, shard
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep
 from common.memory import check_budget, exemplars_per_class, extract_features, herding
 from common.models import count_parameters, create_backbone, to_channels_last
-from common.run import (Progress, UserError, add_system_flags, autocast, check_resume_args, default_out_dir,
-                        finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_main,
-                        save_checkpoint, seed_everything, set_rng_state, setup_device, write_metrics, write_paired)
+from common.run import (Progress, Stage, UserError, add_system_flags, autocast, default_out_dir, end_phase, finish_run,
+                        prepare_out_dir, print_args, resolve_defaults, rng_state, run_main, seed_everything,
+                        set_rng_state, setup_device, start_state, write_paired)
 
 # Per-dataset defaults (cim-*.json); a flag given on the command line wins. tinyimagenet and synthetic are ours.
 R18 = dict(backbone="resnet18")  # official convnet_type
@@ -430,22 +428,27 @@ def run_stage(model, step_model, data, train_idx, ctx, args, device, *, epochs, 
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, 0.1) if args.milestones else \
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
+    extra = [] if meta is None else [meta["optimizer"]], [] if meta is None else [meta["scheduler"]]
+    stage = Stage(args, label, step_model, [optimizer] + extra[0], [scheduler] + extra[1], epochs)  # faults
+    if "box_table" in stage.state:  # resumed: the boxes and probability as they were at the checkpoint
+        ctx["box_table"].copy_(stage.state["box_table"])
+        ctx["prob"] = stage.state["prob"]
+    stage.state.update(box_table=ctx["box_table"], prob=ctx["prob"])
     captured = CapturedStep(make_step(step_model, optimizer, weights, num_old, args, device, teacher), device,
                             enabled=not args.no_graph, optimizer=optimizer)
-    progress = Progress(epochs, f"  {label} epoch")
-    seen, start, meta_loss = 0, time.time(), float("nan")
-    for epoch in range(epochs):
-        if meta is not None and epoch and epoch % args.cam_interval == 0:  # official: refresh CAMs, raise prob
-            set_boxes(model, data, ctx["new_idx"], ctx["box_table"], args.tau, device, args.workers)
-            ctx["prob"] = args.random_compress_step * (epoch // args.cam_interval)
+    progress, meta_loss = Progress(epochs, f"  {label} epoch"), float("nan")
+    for epoch in stage.epochs():
+        if meta is not None and epoch and epoch % args.cam_interval == 0 and stage.step == 0:  # official: refresh
+            set_boxes(model, data, ctx["new_idx"], ctx["box_table"], args.tau, device, args.workers)  # CAMs, prob
+            ctx["prob"] = stage.state["prob"] = args.random_compress_step * (epoch // args.cam_interval)
         step_model.train()
         if teacher is None and model.fe_fc is not None:
             model.backbones[0].eval()  # official FOSTER.train(): the old backbone's BN stays fixed
-        stats = torch.zeros(2, device=device)
-        for x, y in train_batches(data, train_idx, args.batch_size, device, args.workers, train_transform=ctx["tf"],
-                                  batch_fn=make_batch_fn(ctx["box_table"], ctx["new_mask"], ctx["prob"], args.eta)):
+        stats = stage.running(torch.zeros(2, device=device))
+        for x, y in stage.batches(train_batches(
+                data, train_idx, args.batch_size, device, args.workers, train_transform=ctx["tf"],
+                batch_fn=make_batch_fn(ctx["box_table"], ctx["new_mask"], ctx["prob"], args.eta))):
             stats += captured(x, y)
-            seen += len(y)
         if meta is not None:
             model.eval()
             inner_lr = optimizer.param_groups[0]["lr"] * args.lr_ratio
@@ -463,10 +466,10 @@ def run_stage(model, step_model, data, train_idx, ctx, args, device, *, epochs, 
         if not math.isfinite(loss_sum) or (meta is not None and meta["iters"] and not math.isfinite(meta_loss)):
             raise UserError(f"loss is NaN in {label} epoch {epoch + 1}; the last finished phase stays in the "
                             "checkpoint (try a lower --lr or --meta-lr, or --no-amp)")
-        acc = 100 * correct / (steps * args.batch_size)
+        acc = 100 * correct / (steps * per_rank(args.batch_size))  # torchrun: counts of one rank's share
         progress.update(epoch + 1, f"loss {loss_sum / steps:.3f} train-acc {acc:.1f}"
-                        f"{f' meta {meta_loss:.3f}' if meta else ''} {seen / (time.time() - start):.0f} img/s")
-    return seen / (time.time() - start)
+                        f"{f' meta {meta_loss:.3f}' if meta else ''} {stage.images_per_s():.0f} img/s")
+    return stage.images_per_s()
 
 
 def bench_step(args, device):
@@ -510,13 +513,12 @@ def run(args):
     print(f"CIM ({arm}): {args.dataset}, {len(splits) - 1} phases after B{args.base_classes}, out: {args.out_dir}")
     print_args(args)
     memory, rows, start_phase = {}, [], 0
+    ckpt = start_state(ckpt, args)
     if ckpt is not None:
-        check_resume_args(ckpt["args"], vars(args))
         model = to_channels_last(build_model(args, splits[ckpt["phase"]][1]), device)
         model.load_state_dict(ckpt["model"])
         memory, rows, start_phase = ckpt["memory"], ckpt["rows"], ckpt["phase"] + 1
         set_rng_state(ckpt["rng"])
-        print(f"resumed after phase {ckpt['phase']} from {args.out_dir}")
     print(f"backbone {args.backbone}: {count_parameters(model.backbones[0]):,} parameters")
     print(f"{'phase':>5} {'classes':>7} {'CNN':>6} {'NME':>6} {'teacher':>7} {'ex/cls':>6} {'time':>7}")
     size = data.image_size
@@ -573,11 +575,8 @@ def run(args):
         rows.append(row)
         print(f"{phase:>5} {total:>7} {row['cnn_acc']:>6.2f} {row['nme_acc']:>6.2f} {teacher_acc:>7.2f} "
               f"{row['exemplars_mean']:>6.1f} {row['phase_s']:>6.0f}s")
-        write_metrics(args.out_dir, rows)
-        save_checkpoint(args.out_dir, {"phase": phase, "model": model.state_dict(), "memory": memory,
-                                       "rows": rows, "rng": rng_state(), "args": vars(args)})
-        if args.stop_after == phase and phase < len(splits) - 1:
-            print(f"stopped after phase {phase} (--stop-after); continue with the same flags and --resume")
+        if end_phase(args, rows, {"phase": phase, "model": model.state_dict(), "memory": memory, "rows": rows,
+                                  "rng": rng_state(), "args": vars(args)}, len(splits)):
             return None
 
     return finish_run(args, "cim", data, order, device, __file__, t0, results_from_rows(rows), arm=arm,

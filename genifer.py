@@ -44,8 +44,6 @@ Deviations:
   being the other real half of the batch. In a pair it reuses Genifer's task 0 (classifier and RNG state after
   task 0's GAN), so a no-replay run alone differs from its paired twin. The R1 and ADA step counters restart each
   task (official: one global step counter). ResNet-18 is timm's (same layers as torchvision's).
-Not yet: checkpoints are written after each phase only (`--checkpoint-minutes` has no effect here, and SIGTERM
-stops the run at once instead of after a checkpoint), unlike lucir.py, tbbn.py and bsce.py.
 """
 import argparse
 import copy
@@ -58,16 +56,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import (SHAPES, add_subset_flags, apply_class_order, class_order, eval_batches, indices_of,
-                         load_dataset, phase_splits, subset_flags, train_batches)
-from common.dist import is_main
+from common.data import (SHAPES, add_subset_flags, apply_class_order, augment, class_order, eval_batches,
+                         indices_of, load_dataset, phase_splits, subset_flags, train_batches)
+from common.dist import per_rank
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep
 from common.models import count_parameters, create_backbone, to_channels_last
-from common.run import (RUN_ONLY_FLAGS, Progress, UserError, add_system_flags, autocast, check_resume_args,
-                        default_out_dir, finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state,
-                        run_main, save_checkpoint, seed_everything, set_rng_state, setup_device, write_metrics,
-                        write_paired)
+from common.run import (Progress, Stage, UserError, add_system_flags, autocast, default_out_dir, end_phase,
+                        finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_main,
+                        seed_everything, set_rng_state, setup_device, start_state, write_paired)
 
 GENIFER_CIFAR_MEAN, GENIFER_CIFAR_STD = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)  # official constants.py
 # Per-dataset defaults; a flag given on the command line wins. CIFAR-100: official config/examples (papers.md 5.3);
@@ -83,7 +80,7 @@ DATASET_DEFAULTS = {
 }
 SMOKE = dict(dataset="synthetic", gan_batch_size=16, latent_dim=32, label_dim=16, d_width=32, inc_lr=1e-3)
 # Settings an arm of a pair may change without changing task 0 (which the arms then share).
-ARM_KEYS = ("no_replay", "out_dir", "paired") + RUN_ONLY_FLAGS
+ARM_KEYS = ("no_replay", "paired")
 STAGES = {"stage3": "layer2", "stage4": "layer3", "stage5": "layer4"}  # official backbones.py stage names
 GAN_PARTS = ("g", "g_ema", "d", "ada")  # what a checkpoint holds of the GAN
 
@@ -413,18 +410,6 @@ def classifier_losses(logits, old_logits, fmap, old_fmap, y_new, n_gen, num_old,
     return ce, kd, feat
 
 
-def crop_flip(x, padding=4):
-    """RandomCrop(size, padding, edge mode) + horizontal flip on a float NCHW batch (official GAN replay aug)."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (padding,) * 4, mode="replicate")
-    dy, dx = (torch.randint(0, 2 * padding + 1, (n, 1), device=x.device) for _ in range(2))
-    cols = torch.arange(w, device=x.device).expand(n, w)
-    cols = torch.where(torch.rand(n, 1, device=x.device) < 0.5, w - 1 - cols, cols) + dx
-    rows = torch.arange(h, device=x.device).expand(n, h) + dy
-    return padded[torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]] \
-        .permute(0, 3, 1, 2)
-
-
 # ----------------------------------------------------------------------------------------------- training
 def make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, args, device):
     """One classifier step. Task 0: CE. Later: batch [replayed | real new] (official prev_curr_ratio), loss 0.02 CE
@@ -449,7 +434,8 @@ def make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, a
                 else:
                     fake = prev_g(torch.randn(n_gen, prev_g.latent_dim, device=device),
                                   torch.randint(0, num_old, (n_gen,), device=device))
-                    replay = crop_flip(torch.maximum(torch.minimum(fake, bounds[1]), bounds[0]))
+                    clamped = torch.maximum(torch.minimum(fake, bounds[1]), bounds[0]).permute(0, 2, 3, 1)
+                    replay = augment(clamped, 4, "replicate").permute(0, 3, 1, 2)  # official: crop, edge pad, flip
                 x_in = torch.cat([replay.to(x.dtype), x_new]).contiguous(memory_format=torch.channels_last)
                 with autocast(device, amp):
                     old_logits, _, old_fmap = old_model(x_in)  # official freeze_bn=false: train mode
@@ -474,25 +460,25 @@ def train_classifier(model, old_model, prev_g, data, train_idx, num_old, bounds,
         optimizer = torch.optim.RAdam(model.parameters(), lr=args.inc_lr, weight_decay=args.weight_decay,
                                       decoupled_weight_decay=True, capturable=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=args.lr_gamma)
+    # the old model's BN statistics move too (train mode): the in-task checkpoint keeps both
+    both = nn.ModuleDict({"model": model, "old": nn.Identity() if old_model is None else old_model})
+    stage = Stage(args, label, both, optimizer, scheduler, args.epochs)  # in-task checkpoints, SIGTERM
     step = CapturedStep(make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, args, device),
                         device, enabled=not args.no_graph, optimizer=optimizer)
-    progress, seen, start = Progress(args.epochs, f"  {label} epoch"), 0, time.time()
-    for epoch in range(args.epochs):
-        model.train()
-        if old_model is not None:
-            old_model.train()
-        stats = torch.zeros(5, device=device)
-        for x, y in train_batches(data, train_idx, args.batch_size, device, args.workers):
+    progress = Progress(args.epochs, f"  {label} epoch")
+    for epoch in stage.epochs():
+        both.train()  # official freeze_bn=false: the old model runs in train mode
+        stats = stage.running(torch.zeros(5, device=device))
+        for x, y in stage.batches(train_batches(data, train_idx, args.batch_size, device, args.workers)):
             stats += step(x, y)
-            seen += len(y)
         scheduler.step()
         loss, ce, kd, feat, correct = (stats / -(-len(train_idx) // args.batch_size)).tolist()  # one host sync
         if not math.isfinite(loss):
             raise UserError(f"loss is NaN in {label} epoch {epoch + 1}; the last finished task stays in the "
                             "checkpoint (try a lower --lr, or --no-amp)")
         progress.update(epoch + 1, f"loss {loss:.3f} (ce {ce:.3f} kd {kd:.3f} feat {feat:.3f}) train-acc "
-                        f"{100 * correct / args.batch_size:.1f} {seen / (time.time() - start):.0f} img/s")
-    return seen / (time.time() - start)
+                        f"{100 * correct / per_rank(args.batch_size):.1f} {stage.images_per_s():.0f} img/s")
+    return stage.images_per_s()
 
 
 def gan_batches(data, indices, batch_size, device, workers=0):
@@ -564,19 +550,23 @@ def train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, d
     g, g_ema, ada = gan["g"], gan["g_ema"], gan["ada"]
     g.load_state_dict(g_ema.state_dict())
     ada.p.zero_()
+    step_fns = make_gan_steps(gan, model, prev_g, first, total, args, device)  # new optimisers, then the Stage
+    stage = Stage(args, f"{label} GAN", nn.ModuleDict({k: gan[k] for k in GAN_PARTS}), [gan["opt_d"], gan["opt_g"]],
+                  None, epochs)
     steps = [CapturedStep(s, device, enabled=not args.no_graph, optimizer=gan[o]) for s, o in
-             zip(make_gan_steps(gan, model, prev_g, first, total, args, device), ("opt_d", "opt_d", "opt_g"))]
+             zip(step_fns, ("opt_d", "opt_d", "opt_g"))]
     batch, per_epoch = args.gan_batch_size, len(train_idx) // args.gan_batch_size
     n_prev = batch // 2 if prev_g is not None else 0
     horizon = args.ema_half_life_kimg * 1000
     # official ema_rampup counts epochs / 4 x the classifier loader's batches (32): half the GAN steps at 64
     ramp = horizon / max(batch * epochs / 4 * -(-len(train_idx) // args.batch_size), 1)
     g_params, ema_params = list(g.parameters()), list(g_ema.parameters())
-    progress, done, start = Progress(epochs, f"  {label} GAN epoch"), 0, time.time()
-    sign_sum = torch.zeros((), device=device)
-    for epoch in range(epochs):
-        stats = torch.zeros(5, device=device)
-        for x, y in gan_batches(data, train_idx, batch, device, args.workers):
+    progress = Progress(epochs, f"  {label} GAN epoch")
+    sign_sum = stage.state["sign_sum"] = stage.state.get("sign_sum", torch.zeros(())).to(device)  # ADA's window
+    for epoch in stage.epochs():
+        stats = stage.running(torch.zeros(5, device=device))
+        for x, y in stage.batches(gan_batches(data, train_idx, batch, device, args.workers)):
+            done = epoch * per_epoch + stage.step  # D steps so far this task
             z = torch.randn(batch, g.latent_dim, device=device)
             y_fake = torch.cat([torch.randint(0, max(first, 1), (n_prev,), device=device),
                                 torch.randint(first, total, (batch - n_prev,), device=device)])
@@ -587,8 +577,7 @@ def train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, d
             beta = 0.5 ** (batch / max(min(horizon, batch * done * ramp), 1e-8))  # official EMA with ramp-up
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, g_params, 1 - beta)
-            done += 1
-            if not args.no_ada and done % args.ada_interval == 0:
+            if not args.no_ada and (done + 1) % args.ada_interval == 0:
                 ada.adjust(sign_sum / args.ada_interval, args.ada_target, args.ada_interval, args.ada_ksteps,
                            args.ada_max)
                 sign_sum.zero_()
@@ -596,8 +585,8 @@ def train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, d
         if not math.isfinite(d_loss + g_loss):
             raise UserError(f"GAN loss is NaN in {label} GAN epoch {epoch + 1} (try a lower --gan-lr)")
         progress.update(epoch + 1, f"D {d_loss:.3f} G {g_gan:.3f} dist {g_dist:.4f} sign(D real) {sign:+.2f} "
-                        f"p {ada.p.item():.3f} {done * batch / (time.time() - start):.0f} img/s")
-    return done * batch / max(time.time() - start, 1e-9)
+                        f"p {ada.p.item():.3f} {stage.images_per_s():.0f} img/s")
+    return stage.images_per_s()
 
 
 def build_gan(args, data, model, device):
@@ -671,16 +660,8 @@ def run(args, shared_base=None):
     ckpt = prepare_out_dir(args.out_dir, args.resume)  # only now: bad input has had its one-line error
     print(f"Genifer ({arm}): {args.dataset}, {len(splits) - 1} tasks after B{args.base_classes}, out: {args.out_dir}")
     print_args(args)
-    base_key = {k: v for k, v in vars(args).items() if k not in ARM_KEYS}
     rows, start_phase = [], 0
-    if ckpt is None and shared_base is not None and os.path.exists(shared_base):
-        ckpt = torch.load(shared_base, map_location="cpu", weights_only=True)
-        if ckpt["base_key"] != base_key:
-            raise UserError(f"{shared_base} was trained with other settings; delete it or choose another --out-dir")
-        print(f"task 0 shared with the other arm: {shared_base}")
-    elif ckpt is not None:
-        check_resume_args(ckpt["args"], vars(args))
-        print(f"resumed after task {ckpt['phase']} from {args.out_dir}")
+    ckpt = start_state(ckpt, args, shared_base, ARM_KEYS)  # a no-replay arm reuses Genifer's task 0
     if ckpt is not None:
         model.add_classes(splits[ckpt["phase"]][1])
         model.load_state_dict(ckpt["model"])
@@ -711,16 +692,9 @@ def run(args, shared_base=None):
                "gan_img_per_s": gan_ips, "ada_p": None if gan is None else gan["ada"].p.item()}
         rows.append(row)
         print(f"{phase:>5} {total:>7} {row['cnn_acc']:>6.2f} {row['phase_s']:>6.0f}s {ips:>7.0f} {gan_ips:>9.0f}")
-        write_metrics(args.out_dir, rows)
         state = {"phase": phase, "model": model.state_dict(), "rows": rows, "rng": rng_state(), "args": vars(args),
                  "gan": None if gan is None else {k: gan[k].state_dict() for k in GAN_PARTS}}
-        save_checkpoint(args.out_dir, state)
-        if phase == 0 and shared_base is not None and not os.path.exists(shared_base) and gan is not None and \
-                is_main():  # torchrun: rank 0 writes
-            torch.save({**state, "base_key": base_key}, shared_base + ".tmp")
-            os.replace(shared_base + ".tmp", shared_base)
-        if args.stop_after == phase and phase < len(splits) - 1:
-            print(f"stopped after task {phase} (--stop-after); continue with the same flags and --resume")
+        if end_phase(args, rows, state, len(splits), shared_base if gan else None, ARM_KEYS):  # Genifer writes task 0
             return None
 
     n = count_parameters(gan["g_ema"]) if gan else 0  # exemplar-free accounting: what the replay memory costs

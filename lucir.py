@@ -65,9 +65,9 @@ from common.graph import CapturedStep, graph_used
 from common.memory import (NME_VIEWS, check_budget, class_means, exemplars_per_class, extract_features,
                            memory_indices, reduce_memory, select_exemplars)
 from common.models import count_parameters, create_backbone, to_channels_last
-from common.run import (Progress, Stage, UserError, add_system_flags, autocast, check_resume_args, default_out_dir,
+from common.run import (Progress, Stage, UserError, add_system_flags, autocast, default_out_dir, end_phase,
                         finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_main,
-                        save_checkpoint, seed_everything, set_rng_state, setup_device, write_metrics)
+                        seed_everything, set_rng_state, setup_device, start_state)
 
 # Per-dataset defaults; a flag given on the command line wins. Sources: paper Sec. 4.1, official run.sh.
 DATASET_DEFAULTS = {
@@ -328,14 +328,13 @@ def main(argv=None):
     print(f"LUCIR: {args.dataset}, {len(splits) - 1} phases after B{args.base_classes}, out: {args.out_dir}")
     print_args(args)
     memory, rows, start_phase = {}, [], 0
+    ckpt = start_state(ckpt, args)
     if ckpt is not None:
-        check_resume_args(ckpt["args"], vars(args))
         for a, b in splits[:ckpt["phase"] + 1]:
             model.classifier.add_classes(b - a)
         model.load_state_dict(ckpt["model"])
         memory, rows, start_phase = ckpt["memory"], ckpt["rows"], ckpt["phase"] + 1
         set_rng_state(ckpt["rng"])
-        print(f"resumed after phase {ckpt['phase']} from {args.out_dir}")
     print(f"backbone {args.backbone}: {count_parameters(model.backbone):,} parameters")
     print(f"{'phase':>5} {'classes':>7} {'CNN':>6} {'NME':>6} {'time':>7} {'img/s':>7}")
 
@@ -379,11 +378,8 @@ def main(argv=None):
         rows.append(row)
         print(f"{phase:>5} {total:>7} {row['cnn_acc']:>6.2f} {row['nme_acc']:>6.2f} {row['phase_s']:>6.0f}s "
               f"{ips:>7.0f}")
-        write_metrics(args.out_dir, rows)
-        save_checkpoint(args.out_dir, {"phase": phase, "model": model.state_dict(), "memory": memory,
-                                       "rows": rows, "rng": rng_state(), "args": vars(args)})
-        if args.stop_after == phase and phase < len(splits) - 1:
-            print(f"stopped after phase {phase} (--stop-after); continue with the same flags and --resume")
+        if end_phase(args, rows, {"phase": phase, "model": model.state_dict(), "memory": memory, "rows": rows,
+                                  "rng": rng_state(), "args": vars(args)}, len(splits)):
             return
 
     finish_run(args, "lucir", data, order, device, __file__, t0, results_from_rows(rows),

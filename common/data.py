@@ -352,20 +352,22 @@ def load_dataset(name: str, data_dir: str, device: torch.device, class_list=None
 
 
 # ----------------------------------------------------------------------------------------------- batches
-def augment(x_uint8: torch.Tensor, padding: int = 4) -> torch.Tensor:
-    """Random crop after zero padding, and horizontal flip, in batch on the device (NHWC uint8 -> NHWC uint8).
-
-    Same distribution as torchvision's RandomCrop(size, padding) + RandomHorizontalFlip(), one gather per batch.
+def augment(x: torch.Tensor, padding: int = 4, mode: str = "constant") -> torch.Tensor:
+    """Random crop after padding and horizontal flip, in batch on the device (NHWC -> NHWC, any dtype). Padding
+    with zeros (torchvision's RandomCrop(size, padding) + RandomHorizontalFlip()), or with `mode="replicate"` the
+    edge pixel repeated (RandomCrop's padding_mode="edge"). One gather per batch.
     """
-    n, h, w, _ = x_uint8.shape
-    padded = torch.nn.functional.pad(x_uint8, (0, 0, padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (n, 1), device=x_uint8.device)
-    dx = torch.randint(0, 2 * padding + 1, (n, 1), device=x_uint8.device)
-    flip = torch.rand(n, 1, device=x_uint8.device) < 0.5
-    cols = torch.arange(w, device=x_uint8.device).expand(n, w)
+    n, h, w, _ = x.shape
+    dy = torch.randint(0, 2 * padding + 1, (n, 1), device=x.device)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1), device=x.device)
+    flip = torch.rand(n, 1, device=x.device) < 0.5
+    cols = torch.arange(w, device=x.device).expand(n, w)
     cols = torch.where(flip, w - 1 - cols, cols) + dx
-    rows = torch.arange(h, device=x_uint8.device).expand(n, h) + dy
-    batch = torch.arange(n, device=x_uint8.device)[:, None, None]
+    rows = torch.arange(h, device=x.device).expand(n, h) + dy
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    if mode == "replicate":  # a clamped index is the edge pixel of the padded image
+        return x[batch, (rows - padding).clamp(0, h - 1)[:, :, None], (cols - padding).clamp(0, w - 1)[:, None, :]]
+    padded = torch.nn.functional.pad(x, (0, 0, padding, padding, padding, padding))
     return padded[batch, rows[:, :, None], cols[:, None, :]]
 
 

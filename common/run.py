@@ -334,6 +334,40 @@ def check_resume_args(saved: dict, now: dict):
                         "original flags or another --out-dir")
 
 
+def start_state(ckpt, args, shared_base: str = None, arm_keys=()):
+    """The phase-end state a run starts from: its own checkpoint (--resume; the settings must match), else the
+    base phase of a pair written by the other arm to `shared_base` (every setting but `arm_keys` must match),
+    else None. The caller rebuilds its model, loads the state, then restores `state["rng"]` (after any layer it
+    creates, so the resumed run draws what the uninterrupted one draws)."""
+    if ckpt is None and shared_base is not None and os.path.exists(shared_base):
+        ckpt = torch.load(shared_base, map_location="cpu", weights_only=True)
+        if ckpt["base_key"] != _base_key(args, arm_keys):
+            raise UserError(f"{shared_base} was trained with other settings; delete it or choose another --out-dir")
+        print(f"base phase shared with the other arm: {shared_base}")
+    elif ckpt is not None:
+        check_resume_args(ckpt["args"], vars(args))
+        print(f"resumed after phase {ckpt['phase']} from {args.out_dir}")
+    return ckpt
+
+
+def _base_key(args, arm_keys) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in set(arm_keys) | set(RUN_ONLY_FLAGS) | {"out_dir"}}
+
+
+def end_phase(args, rows: list, state: dict, num_phases: int, shared_base: str = None, arm_keys=()) -> bool:
+    """After each phase: metrics.jsonl, the base phase of a pair for the other arm (`shared_base`, once), the
+    checkpoint `state` (which stops the run here on SIGTERM / Ctrl-C), then --stop-after. Returns True when the run
+    stops here (it continues with --resume)."""
+    write_metrics(args.out_dir, rows)
+    if state["phase"] == 0 and shared_base is not None and not os.path.exists(shared_base):
+        _atomic(shared_base, lambda p: torch.save({**state, "base_key": _base_key(args, arm_keys)}, p))
+    save_checkpoint(args.out_dir, state)
+    if args.stop_after == state["phase"] and state["phase"] < num_phases - 1:
+        print(f"stopped after phase {state['phase']} (--stop-after); continue with the same flags and --resume")
+        return True
+    return False
+
+
 def _atomic(path: str, write):
     if not dist.is_main():  # torchrun: rank 0 writes every file
         return
@@ -479,7 +513,7 @@ class Stage:
                     raise
                 self._stop()
             yield x, y
-            self.step, self.seen = self.step + 1, self.seen + len(y) * dist.world_size()  # all ranks'
+            self.step, self.seen = self.step + 1, self.seen + len(y)  # torchrun: this process's images
             self.run["steps"] += 1
             limit = getattr(self.args, "stop_after_steps", None)
             if limit is not None and self.run["steps"] >= limit:

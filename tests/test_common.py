@@ -47,11 +47,12 @@ def test_apply_class_order_relabels_by_rank():
     assert indices_of(data.train_y, 0, 1).tolist() == [6, 7]            # rank 0 = original class 3
 
 
-def test_augment_is_a_pure_translation_or_flip():
+@pytest.mark.parametrize("mode", ["constant", "replicate"])
+def test_augment_is_a_pure_translation_or_flip(mode):
     torch.manual_seed(0)
     x = torch.randint(0, 256, (16, 8, 8, 3), dtype=torch.uint8)
-    out = augment(x, padding=2)
-    padded = F.pad(x, (0, 0, 2, 2, 2, 2))
+    out = augment(x, padding=2, mode=mode)
+    padded = F.pad(x.permute(0, 3, 1, 2).float(), (2, 2, 2, 2), mode=mode).permute(0, 2, 3, 1).to(torch.uint8)
     for i in range(len(x)):
         candidates = [padded[i, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
         candidates += [c.flip(1) for c in candidates]

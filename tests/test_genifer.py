@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import genifer  # noqa: E402
+from common.run import Stopped  # noqa: E402
 
 RESULT_KEYS = {"method", "finished", "args", "class_order", "normalization", "backbone", "memory_policy",
                "acc_per_phase", "nme_acc_per_phase", "avg_inc_acc", "last_acc", "forgetting", "nme_avg_inc_acc",
@@ -279,9 +280,9 @@ def test_smoke_paired_no_replay_vs_genifer(paired_run):
 
 
 def test_resume_matches_and_no_old_real_image_is_read(paired_run, tmp_path, monkeypatch):
-    """Resume from task 0 (the pair's shared task-0 checkpoint: what --stop-after 0 leaves), --stop-after 1,
-    --resume: the numbers of the paired run's Genifer arm; every batch the classifier and GAN loaders draw holds
-    only the current task's classes, tasks in order (exemplar-free)."""
+    """Resume from task 0 (the pair's shared task-0 checkpoint), stop (as by SIGTERM) inside task 1's GAN
+    training, --resume: the numbers of the paired run's Genifer arm. Every batch the classifier and GAN loaders
+    draw holds only the current task's classes, tasks in order (exemplar-free)."""
     out = tmp_path / "resumed"
     out.mkdir()
     state = torch.load(paired_run[0] / "task0.pt", weights_only=False)
@@ -299,16 +300,19 @@ def test_resume_matches_and_no_old_real_image_is_read(paired_run, tmp_path, monk
     flags = ["--smoke", "--out-dir", str(out), "--device", "cpu"]
     with pytest.raises(genifer.UserError):
         genifer.main(flags)  # an unfinished run is never overwritten without --resume
-    assert genifer.main(flags + ["--resume", "--stop-after", "1"]) is None
-    assert len(open(out / "metrics.jsonl").readlines()) == 2
+    # task 1: classifier 5 epochs x 4 steps (120 images, batch 32), GAN 1 epoch x 7 steps (batch 16)
+    with pytest.raises(Stopped, match="in task 1 GAN, epoch 1 after step 3"):
+        genifer.main(flags + ["--resume", "--checkpoint-minutes", "0", "--stop-after-steps", "23"])
+    assert (out / "in_phase.pt").exists() and not (out / "results.json").exists()
     res = genifer.main(flags + ["--resume"])
     ref = json.load(open(paired_run[0] / "genifer" / "results.json"))
     assert res["acc_matrix"] == ref["acc_matrix"]
+    assert [r["ada_p"] for r in map(json.loads, open(out / "metrics.jsonl"))] == \
+        [r["ada_p"] for r in map(json.loads, open(paired_run[0] / "genifer" / "metrics.jsonl"))]
     splits = [(0, 10), (10, 15), (15, 20)]
     tasks = []
     for labels in seen:
         task = [t for t, (a, b) in enumerate(splits) if ((labels >= a) & (labels < b)).all()]
         assert len(task) == 1 and len(labels) > 0
         tasks.append(task[0])
-    epochs = state["args"]["epochs"]  # task 1: classifier epochs + GAN epochs; task 2: classifier epochs only
-    assert tasks == [1] * (epochs + state["args"]["gan_epochs"]) + [2] * epochs
+    assert tasks == sorted(tasks) and set(tasks) == {1, 2}
