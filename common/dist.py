@@ -57,6 +57,15 @@ def init(device: torch.device) -> torch.device:
     return device
 
 
+def launcher() -> list:
+    """How this process was started, for the commands a run prints and records: python, or torchrun."""
+    if not launched():
+        return ["python"]
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+    nodes = int(os.environ["WORLD_SIZE"]) // int(per_node)
+    return ["torchrun", f"--nproc_per_node={per_node}"] + ([f"--nnodes={nodes}"] if nodes > 1 else [])
+
+
 def close(wait: bool = False):
     """Leave the process group; `wait`: first wait for every rank (a finished run: no rank tears its connections
     down while another still uses them)."""
@@ -200,9 +209,11 @@ def gather(local: list, total: int, batch_size: int) -> torch.Tensor:
         return torch.cat(local)
     world, sizes = world_size(), [len(b) for b in torch.arange(total).split(batch_size)]
     counts = [sum(sizes[r::world]) for r in range(world)]
-    meta = [(tuple(local[0].shape[1:]), local[0].dtype, local[0].device) if local else None]
+    meta = [(total, tuple(local[0].shape[1:]), local[0].dtype, local[0].device) if local else None]
     tdist.broadcast_object_list(meta, src=0, device=_comm_device())  # rank 0 holds a batch whenever total > 0
-    shape, dtype, device = meta[0]
+    total_0, shape, dtype, device = meta[0]
+    if total_0 != total:  # a bug, not bad input: say so instead of a size mismatch deep in the backend
+        raise RuntimeError(f"rank {rank()} gathers {total} rows, rank 0 {total_0}: the processes diverged")
     device = local[0].device if local else device if device.type == "cpu" else _comm_device()
     wire = torch.uint8 if dtype == torch.bool else dtype  # gloo sends no bool
     padded = torch.zeros(max(counts), *shape, dtype=wire, device=_comm_device())

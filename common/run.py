@@ -410,8 +410,8 @@ def _stopped(where: str) -> Stopped:
     _STOP_SIGNALS.clear()  # the request is served (matters only to several runs in one process, e.g. tests)
     argv = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
     argv = [a for i, a in enumerate(argv) if a != "--stop-after-steps" and argv[i - 1:i] != ["--stop-after-steps"]]
-    return Stopped(128 + signum, f"stopped by {signal.Signals(signum).name} {where}\ncontinue with: python "
-                   f"{shlex.join([os.path.basename(sys.argv[0])] + argv)}")
+    return Stopped(128 + signum, f"stopped by {signal.Signals(signum).name} {where}\ncontinue with: "
+                   f"{shlex.join(dist.launcher() + [os.path.basename(sys.argv[0])] + argv)}")
 
 
 class Stage:
@@ -564,7 +564,8 @@ def finish_run(args, method: str, data, order: list, device, script_path: str, s
     """Write results.json (atomically, only now that every phase is done) and print the summary line."""
     command = None  # how to run it again, when it was started from the command line
     if os.path.basename(sys.argv[0]) == os.path.basename(script_path):
-        command = shlex.join(["python", os.path.basename(script_path)] + [a for a in sys.argv[1:] if a != "--resume"])
+        command = shlex.join(dist.launcher() + [os.path.basename(script_path)] +
+                             [a for a in sys.argv[1:] if a != "--resume"])
     results = {"method": method, **extra, "finished": True, "command": command, "args": vars(args),
                "class_order": order,
                "normalization": {"mean": data.mean, "std": data.std}, "backbone": args.backbone,

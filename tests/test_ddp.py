@@ -127,6 +127,7 @@ def test_lucir_smoke_under_torchrun_writes_one_results_json(tmp_path):
     lucir.main(flags + ["--out-dir", str(tmp_path / "one")])
     one = json.load(open(tmp_path / "one" / "results.json"))
     assert set(two) == set(one) and two["finished"] and (two["processes"], one["processes"]) == (2, 1)
+    assert two["command"].startswith("torchrun --nproc_per_node=2 lucir.py --smoke")
     assert len(two["acc_per_phase"]) == len(one["acc_per_phase"]) == 2
     assert len(open(tmp_path / "two" / "metrics.jsonl").read().splitlines()) == 2
 
