@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ROOT
+from conftest import ROOT, colour_of, solid_image
 
 
 def torchrun(*args, timeout=240):
@@ -39,11 +39,11 @@ def fixed_model():
     return backbone.eval(), head.eval()
 
 
-def computations():
-    """What both sides compute: evaluation, herding, class means of a fixed model; one epoch's batches; one SGD
-    step through CapturedStep on the global batch of 8."""
+def computations(files_root):
+    """What both sides compute: evaluation, herding, class means of a fixed model; one epoch's batches (on-device
+    images and image files); one SGD step through CapturedStep on the global batch of 8."""
     from common import dist
-    from common.data import synthetic, train_batches
+    from common.data import load_dataset, synthetic, train_batches
     from common.evaluation import evaluate
     from common.graph import CapturedStep
     from common.memory import class_means, select_exemplars
@@ -68,16 +68,23 @@ def computations():
     captured = CapturedStep(step, cpu, optimizer=optimizer)
     for x, y in batches[:2]:
         captured(x, y)
-    return {"evaluate": result, "memory": memory, "means": means, "batches": batches,
+    files = load_dataset("imagenet", str(files_root), cpu, image_size=16)  # the DataLoader path
+    torch.manual_seed(5)
+    file_batches = list(train_batches(files, torch.arange(len(files.train_y)), 8, cpu))
+    return {"evaluate": result, "memory": memory, "means": means, "batches": batches, "file_batches": file_batches,
             "weights": linear.weight.detach().clone(), "eval_shard": len(dist.shard(torch.arange(2400), 1000))}
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    proc = torchrun(os.path.join("tests", "test_ddp.py"), str(out))
+    out, files = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("imagenet")
+    for split, per_class in (("train", 6), ("val", 1)):  # solid colours: every crop of an image is the same
+        for c in range(4):
+            for i in range(per_class):
+                solid_image(str(files / split / f"n{c:08d}" / f"{split}_{i}.JPEG"), colour_of(c), 8)
+    proc = torchrun(os.path.join("tests", "test_ddp.py"), str(out), str(files))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)], computations()
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)], computations(files)
 
 
 def test_evaluation_under_two_processes_equals_one_process(two_ranks):
@@ -99,11 +106,12 @@ def test_herding_and_class_means_under_two_processes_equal_one_process(two_ranks
 
 def test_batches_are_slices_of_the_global_batch_and_a_step_uses_its_mean_gradient(two_ranks):
     ranks, single = two_ranks
-    assert len(ranks[0]["batches"]) == len(single["batches"]) == 5
-    for b, (x, y) in enumerate(single["batches"]):
-        assert ranks[0]["batches"][b][0].shape[0] == 4
-        assert torch.equal(torch.cat([r["batches"][b][0] for r in ranks]), x)  # same draws, same augmentation
-        assert torch.equal(torch.cat([r["batches"][b][1] for r in ranks]), y)
+    for kind, steps in (("batches", 5), ("file_batches", 3)):
+        assert len(ranks[0][kind]) == len(single[kind]) == steps
+        for b, (x, y) in enumerate(single[kind]):
+            assert ranks[0][kind][b][0].shape[0] == 4
+            assert torch.equal(torch.cat([r[kind][b][0] for r in ranks]), x)  # same draws, same augmentation
+            assert torch.equal(torch.cat([r[kind][b][1] for r in ranks]), y)
     for r in ranks:  # averaged gradients: the step of the global batch (up to rounding of the mean)
         torch.testing.assert_close(r["weights"], single["weights"], rtol=0, atol=1e-6)
     assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])
@@ -136,7 +144,7 @@ if __name__ == "__main__":  # one rank of the 2-process run: python -m torch.dis
     from common import dist
     from common.run import UserError, prepare_out_dir
     dist.init(torch.device("cpu"))
-    saved = computations()
+    saved = computations(sys.argv[2])
     blocker = os.path.join(sys.argv[1], "a_file")
     open(blocker, "w").close() if dist.is_main() else None
     try:  # rank 0 cannot create the folder (its parent is a file); rank 1 must get the same error, not hang
