@@ -192,6 +192,43 @@ def average_(stats: torch.Tensor):
         stats.copy_(buffer / world_size())
 
 
+class StopVote:
+    """SIGTERM / Ctrl-C under torchrun reach every rank, but not always within the same training step; a rank
+    that stopped alone would leave the others waiting in the next all_reduce (and, were it not rank 0, rank 0
+    would never write its checkpoint). So after every step each rank adds its stop request (0 or 1) to a small
+    all_reduce, and the sum is read one step later (the device never waits for the host): every rank stops
+    after the same step."""
+
+    def __init__(self):
+        self.pending = None
+
+    def __call__(self, requested: bool) -> bool:
+        """Vote for this step; True when some rank asked to stop in the step before."""
+        flag = torch.full((1,), float(requested), device=_comm_device())
+        tdist.all_reduce(flag)
+        host = torch.empty(1, pin_memory=flag.is_cuda)
+        host.copy_(flag, non_blocking=True)
+        event = torch.cuda.Event() if flag.is_cuda else None
+        if event is not None:
+            event.record()
+        previous, self.pending = self.pending, (host, event)
+        return self._read(previous)
+
+    def last(self) -> bool:
+        """At the end of the batches: whether the last step's vote asked to stop."""
+        previous, self.pending = self.pending, None
+        return self._read(previous)
+
+    @staticmethod
+    def _read(vote) -> bool:
+        if vote is None:
+            return False
+        host, event = vote
+        if event is not None:
+            event.synchronize()
+        return host.item() > 0
+
+
 # ----------------------------------------------------------------------------------------------- evaluation
 def shard(indices: torch.Tensor, batch_size: int) -> torch.Tensor:
     """This rank's part of `indices` for an evaluation pass in batches of `batch_size`: the batches b with

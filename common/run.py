@@ -49,8 +49,9 @@ def _request_stop(signum, frame):
         raise Stopped(128 + signum, f"stopped by {name}; the last checkpoint in the run folder is kept; rerun "
                       "with --resume")
     _STOP_SIGNALS.append(signum)
-    print(f"\n{name}: finishing the current step, then writing a checkpoint (send it again "
-          "to stop at once)", file=sys.stderr, flush=True)
+    if dist.is_main():  # torchrun passes the signal to every rank
+        print(f"\n{name}: finishing the current step, then writing a checkpoint (send it again "
+              "to stop at once)", file=sys.stderr, flush=True)
 
 
 def run_main(main):
@@ -501,10 +502,13 @@ class Stage:
             for _ in range(self.step):
                 next(stream)
             set_rng_state(self.step_rng)
+        vote = dist.StopVote() if dist.active() else None  # torchrun: every rank stops after the same step
         while True:
             try:
                 x, y = next(stream)
             except StopIteration:  # torchrun: rank 0's BN statistics everywhere, the ranks' mean epoch sums
+                if vote is not None and vote.last():
+                    self._stop()
                 dist.sync_buffers(self.model)
                 dist.average_(self.stats)
                 return
@@ -518,7 +522,10 @@ class Stage:
             limit = getattr(self.args, "stop_after_steps", None)
             if limit is not None and self.run["steps"] >= limit:
                 _STOP_SIGNALS.append(signal.SIGTERM)  # the test hook behaves as a real SIGTERM
-            if _STOP_SIGNALS:
+            if vote is not None:
+                if vote(bool(_STOP_SIGNALS)):
+                    self._stop()
+            elif _STOP_SIGNALS:
                 self._stop()
 
     def images_per_s(self) -> float:
