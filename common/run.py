@@ -539,6 +539,19 @@ def finish_run(args, method: str, data, order: list, device, script_path: str, s
     return results
 
 
+def run_arms(args, run, arms, root: str, **kwargs):
+    """The arms of a paired claim in turn: `arms` is [(name, flag overrides)], each arm runs `run(arm_args,
+    **kwargs)` into root/<name>/. Returns {name: results}, or None once an arm stops (--stop-after: the next
+    --resume continues there)."""
+    results = {}
+    for name, overrides in arms:
+        arm_args = argparse.Namespace(**{**vars(args), **overrides, "paired": None, "out_dir": os.path.join(root, name)})
+        results[name] = run(arm_args, **kwargs)
+        if results[name] is None:
+            return None
+    return results
+
+
 PAIRED_METRICS = ("avg_inc_acc", "last_acc", "forgetting", "nme_avg_inc_acc", "nme_last_acc", "nme_forgetting",
                   "wall_s")
 
