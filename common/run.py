@@ -101,6 +101,7 @@ def add_system_flags(parser: argparse.ArgumentParser):
 
 def resolve_defaults(args, table: dict, smoke: dict):
     """Fill flags left at None from the per-dataset default table; `--smoke` overrides protocol flags."""
+    check_flags(args)  # the values as given, before --smoke may replace one (`--smoke --batch-size 0`: an error)
     if args.smoke:
         for key, value in smoke.items():
             setattr(args, key, value)
