@@ -74,7 +74,7 @@ from common.memory import (check_budget, class_means, exemplars_per_class, extra
                            reduce_memory, select_exemplars)
 from common.models import count_parameters, create_backbone, to_channels_last
 from common.run import (Progress, Stage, UserError, add_system_flags, autocast, default_out_dir, end_phase,
-                        finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_main,
+                        finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_arms, run_main,
                         seed_everything, set_rng_state, setup_device, start_state, write_paired)
 
 # Per-dataset defaults; a flag given on the command line wins. CIFAR and ImageNet rows: LUCIR's protocol
@@ -458,16 +458,11 @@ def run_paired(args):
     """Both arms of one claim, same seed, data and class order, sharing the base phase; writes paired.json."""
     # `out` is made by the first arm's prepare_out_dir, after its write probe (an unwritable folder: one line)
     out = args.out_dir or default_out_dir(f"bsce-paired-{args.paired}-{args.host}", args)
-    arms = {}
-    for name, overrides in PAIRS[args.paired]:
-        arm_args = argparse.Namespace(**{**vars(args), **overrides, "paired": None, "out_dir": os.path.join(out, name)})
-        res = run(arm_args, shared_base=os.path.join(out, "base_phase.pt"))
-        if res is None:  # --stop-after: continue later with --resume
-            return None
-        arms[name] = res
-    paired = write_paired(out, arms, PAIRS[args.paired][0][0], extra_metrics=("incremental_train_s",),
-                          paired=args.paired, host=args.host, dataset=args.dataset, seed=args.seed)
-    return paired
+    arms = run_arms(args, run, PAIRS[args.paired], out, shared_base=os.path.join(out, "base_phase.pt"))
+    if arms is None:  # --stop-after: continue later with --resume
+        return None
+    return write_paired(out, arms, PAIRS[args.paired][0][0], extra_metrics=("incremental_train_s",),
+                        paired=args.paired, host=args.host, dataset=args.dataset, seed=args.seed)
 
 
 def main(argv=None):

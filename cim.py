@@ -76,9 +76,9 @@ from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep
 from common.memory import check_budget, exemplars_per_class, extract_features, herding
 from common.models import count_parameters, create_backbone, to_channels_last
-from common.run import (Progress, Stage, UserError, add_system_flags, autocast, default_out_dir, end_phase, finish_run,
-                        prepare_out_dir, print_args, resolve_defaults, rng_state, run_main, seed_everything,
-                        set_rng_state, setup_device, start_state, write_paired)
+from common.run import (Progress, Stage, UserError, add_system_flags, autocast, default_out_dir, end_phase,
+                        finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_arms, run_main,
+                        seed_everything, set_rng_state, setup_device, start_state, write_paired)
 
 # Per-dataset defaults (cim-*.json); a flag given on the command line wins. tinyimagenet and synthetic are ours.
 R18 = dict(backbone="resnet18")  # official convnet_type
@@ -588,13 +588,11 @@ def run_paired(args):
     """FOSTER then FOSTER w/ CIM, same seed, data and class order, into sub-folders; writes paired.json."""
     out = args.out_dir or default_out_dir("cim-paired", args)
     os.makedirs(out, exist_ok=True)
-    arms = {}
-    for name, no_cim in (("foster", True), ("foster_cim", False)):
-        res = run(argparse.Namespace(**{**vars(args), "no_cim": no_cim, "paired": False,
-                                        "out_dir": os.path.join(out, name)}))
-        if res is None:  # --stop-after: continue later with --resume
-            return None
-        arms[name] = {**res, "exemplars_mean_last": res["exemplars_mean_per_phase"][-1]}
+    arms = run_arms(args, run, [("foster", {"no_cim": True}), ("foster_cim", {"no_cim": False})], out)
+    if arms is None:  # --stop-after: continue later with --resume
+        return None
+    for res in arms.values():
+        res["exemplars_mean_last"] = res["exemplars_mean_per_phase"][-1]
     return write_paired(out, arms, "foster", extra_metrics=("exemplars_mean_last",), dataset=args.dataset,
                         seed=args.seed)
 

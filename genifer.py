@@ -61,9 +61,9 @@ from common.data import (SHAPES, add_subset_flags, apply_class_order, augment, c
 from common.dist import per_rank
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep
-from common.models import count_parameters, create_backbone, to_channels_last
+from common.models import count_parameters, create_backbone, stage_features, to_channels_last
 from common.run import (Progress, Stage, UserError, add_system_flags, autocast, default_out_dir, end_phase,
-                        finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_main,
+                        finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_arms, run_main,
                         seed_everything, set_rng_state, setup_device, start_state, write_paired)
 
 GENIFER_CIFAR_MEAN, GENIFER_CIFAR_STD = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)  # official constants.py
@@ -146,17 +146,6 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------- classifier
-def stage_features(backbone: nn.Module, x: torch.Tensor, layer: str = "layer3"):
-    """(feature map after `layer`, pooled features) of a timm ResNet or common.models' CIFAR ResNet, stage by
-    stage (official backbones.py: stage4 = layer3 output)."""
-    b, fmap = backbone, None
-    x = getattr(b, "maxpool", nn.Identity())(getattr(b, "act1", getattr(b, "relu", None))(b.bn1(b.conv1(x))))
-    for name in [n for n in ("layer1", "layer2", "layer3", "layer4") if hasattr(b, n)]:
-        x = getattr(b, name)(x)
-        fmap = x if name == layer else fmap
-    return fmap, x.mean((2, 3))
-
-
 class GeniferNet(nn.Module):
     """Backbone + one linear head over all seen classes (official: prev and curr readouts, concatenated; the
     previous readout is initialised from the old model's concatenated readouts, i.e. the rows are copied)."""
@@ -713,12 +702,10 @@ PAIRS = {"replay": (("no_replay", dict(no_replay=True)), ("genifer", dict(no_rep
 def run_paired(args):
     out = args.out_dir or default_out_dir(f"genifer-paired-{args.paired}", args)
     os.makedirs(out, exist_ok=True)
-    arms, shared_base = {}, os.path.join(out, "task0.pt") if args.paired == "replay" else None
-    for name, overrides in reversed(PAIRS[args.paired]):
-        arm_args = argparse.Namespace(**{**vars(args), **overrides, "paired": None, "out_dir": os.path.join(out, name)})
-        arms[name] = run(arm_args, shared_base)
-        if arms[name] is None:  # --stop-after: continue later with --resume
-            return None
+    shared_base = os.path.join(out, "task0.pt") if args.paired == "replay" else None
+    arms = run_arms(args, run, reversed(PAIRS[args.paired]), out, shared_base=shared_base)  # Genifer first
+    if arms is None:  # --stop-after: continue later with --resume
+        return None
     return write_paired(out, arms, PAIRS[args.paired][0][0], extra_metrics=("generator_bytes",),
                         paired=args.paired, dataset=args.dataset, seed=args.seed)
 

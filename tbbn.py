@@ -67,7 +67,6 @@ Deviations:
 import argparse
 import copy
 import math
-import os
 import time
 from itertools import islice
 
@@ -86,7 +85,7 @@ from common.memory import (check_budget, class_means, exemplars_per_class, memor
                            select_exemplars)
 from common.models import count_parameters, create_backbone, to_channels_last
 from common.run import (Progress, Stage, UserError, add_system_flags, autocast, default_out_dir, end_phase,
-                        finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_main,
+                        finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_arms, run_main,
                         seed_everything, set_rng_state, setup_device, start_state, write_paired)
 
 HOSTS, NORMS = ("er", "ssil"), ("bn", "tbbn", "cn")
@@ -457,9 +456,10 @@ def bench_step(args, device):
 
 
 # ----------------------------------------------------------------------------------------------- main
-def run(args, device, t0):
+def run(args, device, t0=None):
     """One host + norm run over all phases (= tasks); returns the results dict (also in results.json), or None
     after --stop-after."""
+    t0 = t0 or time.time()
     data = load_dataset(args.dataset, args.data_dir, device, args.class_list, **subset_flags(args))
     splits = phase_splits(data.num_classes, args.base_classes, args.increment)
     check_budget(data.num_classes, args.memory_per_class, args.memory_total)
@@ -527,14 +527,10 @@ def main(argv=None):
     # Paired claim (papers.md 2.3): the same host, seed, data, order and batch geometry with each norm in turn.
     norms = args.paired or ["bn", "tbbn"]
     root = args.out_dir or default_out_dir(f"tbbn-{args.host}-paired", args)
-    arms = {}
-    for norm in norms:
-        arm = argparse.Namespace(**{**vars(args), "norm": norm, "paired": None, "out_dir": os.path.join(root, norm)})
-        arms[norm] = run(arm, device, time.time())
-        if arms[norm] is None:  # --stop-after: continue later with --resume
-            return
-    write_paired(root, arms, "bn" if "bn" in arms else norms[0], host=args.host, dataset=args.dataset,
-                 seed=args.seed)
+    arms = run_arms(args, run, [(norm, {"norm": norm}) for norm in norms], root, device=device)
+    if arms is not None:  # None: stopped (--stop-after), continue with --resume
+        write_paired(root, arms, "bn" if "bn" in arms else norms[0], host=args.host, dataset=args.dataset,
+                     seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,17 @@ def create_backbone(name: str, last_relu: bool = True, small_input: bool = False
     return model
 
 
+def stage_features(backbone: nn.Module, x: torch.Tensor, layer: str = "layer3"):
+    """(feature map after `layer`, pooled features of the last stage) of a timm ResNet or the CIFAR ResNet above,
+    run stage by stage (e.g. Genifer's discriminator judges the layer3 maps)."""
+    b, fmap = backbone, None
+    x = getattr(b, "maxpool", nn.Identity())(getattr(b, "act1", getattr(b, "relu", None))(b.bn1(b.conv1(x))))
+    for name in [n for n in ("layer1", "layer2", "layer3", "layer4") if hasattr(b, n)]:
+        x = getattr(b, name)(x)
+        fmap = x if name == layer else fmap
+    return fmap, x.mean((2, 3))
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -108,6 +108,7 @@ def add_system_flags(parser: argparse.ArgumentParser):
 
 def resolve_defaults(args, table: dict, smoke: dict):
     """Fill flags left at None from the per-dataset default table; `--smoke` overrides protocol flags."""
+    check_flags(args)  # the values as given, before --smoke may replace one (`--smoke --batch-size 0`: an error)
     if args.smoke:
         for key, value in smoke.items():
             setattr(args, key, value)
@@ -586,6 +587,19 @@ def finish_run(args, method: str, data, order: list, device, script_path: str, s
           f"   last: CNN {fmt(metrics['last_acc'])}  NME {fmt(metrics['nme_last_acc'])}   forgetting (CNN): "
           f"{fmt(metrics['forgetting'])}")
     print(f"results: {os.path.join(args.out_dir, 'results.json')}")
+    return results
+
+
+def run_arms(args, run, arms, root: str, **kwargs):
+    """The arms of a paired claim in turn: `arms` is [(name, flag overrides)], each arm runs `run(arm_args,
+    **kwargs)` into root/<name>/. Returns {name: results}, or None once an arm stops (--stop-after: the next
+    --resume continues there)."""
+    results = {}
+    for name, overrides in arms:
+        arm_args = argparse.Namespace(**{**vars(args), **overrides, "paired": None, "out_dir": os.path.join(root, name)})
+        results[name] = run(arm_args, **kwargs)
+        if results[name] is None:
+            return None
     return results
 
 

@@ -72,7 +72,9 @@ def paper_row(method, args):
 
 
 def setting_of(folder, root):
-    return re.sub(r"_*seed\d+", "", os.path.relpath(folder, root)).strip("_/") or "."
+    """The folder's path under `root` without its seed: `x__seed0/arm` and `x/seed0/arm` -> `x/arm`."""
+    parts = [re.sub(r"_*seed\d+$", "", p) for p in os.path.relpath(folder, root).split(os.sep)]
+    return "/".join(p for p in parts if p and p != ".") or "."
 
 
 def collect(root):
@@ -103,14 +105,14 @@ def command_of(r):
 
 def tables(runs, paired, link_base):
     lines = ["| setting | n | paper avg CNN / NME | avg inc CNN | avg inc NME | last CNN | last NME | forgetting CNN | "
-             "forgetting NME | wall (min) | device | date | command | results |", "|" + "---|" * 14]
+             "forgetting NME | wall (min) | device | date | commit | command | results |", "|" + "---|" * 15]
     for setting, rs in runs.items():
         first = rs[-1]
         lines.append(f"| {setting} | {len(rs)} | {paper_row(first['method'], first['args'])} | "
                      + " | ".join(mean_std([r.get(k) for r in rs]) for k in (
                          "avg_inc_acc", "nme_avg_inc_acc", "last_acc", "nme_last_acc", "forgetting", "nme_forgetting"))
                      + f" | {statistics.mean(r['wall_s'] for r in rs) / 60:.1f} | {first.get('device', '-')} | "
-                     f"{first.get('date', '-')} | `{command_of(first)}` | "
+                     f"{first.get('date', '-')} | {(first.get('git_commit') or '-')[:7]} | `{command_of(first)}` | "
                      f"{links([r['_path'] for r in rs], link_base)} |")
     if paired:
         lines += ["", "Paired claims: arm - baseline on the same seed, data and class order; mean [95% CI over "

@@ -11,7 +11,7 @@ from common.data import (apply_class_order, augment, class_order, eval_batches, 
                          phase_splits, synthetic, train_batches)
 from common.evaluation import evaluate, summarize
 from common.memory import check_budget, class_means, exemplars_per_class, herding, reduce_memory, select_exemplars
-from common.models import count_parameters, create_backbone
+from common.models import count_parameters, create_backbone, stage_features
 from common.run import UserError
 from conftest import colour_of
 
@@ -343,3 +343,18 @@ def test_two_file_streams_side_by_side_keep_their_own_samples(food_dir):
         assert len(pairs) == 2
         for (_, ya), (_, yb) in pairs:
             assert ya.tolist() == [0] and yb.item() in (1, 2)
+
+
+@pytest.mark.parametrize("name,layer,small", [("resnet32", "layer2", False), ("resnet18", "layer3", True)])
+def test_stage_features_are_the_backbones_own_stages(name, layer, small):
+    """The map after `layer` and the pooled last stage equal what the backbone's own forward computes."""
+    torch.manual_seed(0)
+    backbone = create_backbone(name, small_input=small).eval()
+    x = torch.randn(2, 3, 32, 32)
+    fmap, pooled = stage_features(backbone, x, layer)
+    with torch.no_grad():
+        assert torch.allclose(pooled, backbone.forward_features(x).mean((2, 3)), atol=1e-6)
+        expected = getattr(backbone, "maxpool", torch.nn.Identity())(backbone.bn1(backbone.conv1(x)).relu())
+        for stage in ("layer1", "layer2", "layer3")[:int(layer[-1])]:
+            expected = getattr(backbone, stage)(expected)
+        assert fmap.shape == expected.shape and torch.allclose(fmap, expected, atol=1e-6)

@@ -13,7 +13,7 @@ def write(path, seed, acc, dataset="cifar100"):
     path.mkdir(parents=True)
     (path / "results.json").write_text(json.dumps({
         "method": "lucir", "finished": True, "device": "cpu", "date": "2026-11-26", "wall_s": 120.0,
-        "command": f"python lucir.py --seed {seed}", "class_order": list(range(100)),
+        "command": f"python lucir.py --seed {seed}", "git_commit": "abc1234def", "class_order": list(range(100)),
         "args": {"dataset": dataset, "base_classes": 50, "increment": 10, "seed": seed},
         "acc_per_phase": [acc + 10, acc, acc - 10], "nme_acc_per_phase": [acc + 9, acc - 1, acc - 11],
         "avg_inc_acc": acc, "nme_avg_inc_acc": acc - 1, "last_acc": acc - 10, "nme_last_acc": acc - 11,
@@ -34,20 +34,23 @@ def test_seeds_pool_into_one_row_with_the_paper_value(tmp_path):
     write(tmp_path / "lucir__cifar100_B50_Inc10__seed1", 1, 62.0)
     (tmp_path / "unfinished__seed2").mkdir()
     (tmp_path / "unfinished__seed2" / "results.json").write_text(json.dumps({"finished": False}))
+    write(tmp_path / "laptop" / "seed0" / "arm", 0, 60.0)  # a seed folder inside the path
+    write(tmp_path / "laptop" / "seed1" / "arm", 1, 60.0)
     groups = summary_main([str(tmp_path)])
-    assert list(groups) == ["lucir__cifar100_B50_Inc10"] and len(groups["lucir__cifar100_B50_Inc10"]) == 2
+    assert list(groups) == ["laptop/arm", "lucir__cifar100_B50_Inc10"] and len(groups["laptop/arm"]) == 2
+    assert len(groups["lucir__cifar100_B50_Inc10"]) == 2
     row = [line for line in (tmp_path / "SUMMARY.md").read_text().splitlines() if line.startswith("| lucir")][0]
     # paper (Fig. 5 legend); avg CNN, NME; last CNN, NME; forgetting CNN, NME: mean ± sample std; 2.0 minutes
     assert "| 2 | 63.42 / 63.12 | 61.00 ± 1.41 | 60.00 ± 1.41 | 51.00 ± 1.41 | 50.00 ± 1.41 | 5.00 ± 0.00 | " \
-           "6.00 ± 0.00 | 2.0 | cpu | 2026-11-26 | `python lucir.py --seed 1` |" in row
+           "6.00 ± 0.00 | 2.0 | cpu | 2026-11-26 | abc1234 | `python lucir.py --seed 1` |" in row
     assert "[0](lucir__cifar100_B50_Inc10__seed0/results.json)" in row
 
 
 def test_paired_differences_get_a_t_interval_and_a_sign_verdict(tmp_path):
     for seed, (bn, tbbn) in enumerate([(50.0, 53.0), (52.0, 53.0)]):
         write_pair(tmp_path / f"tbbn-er-paired__cifar100_B10_Inc10__seed{seed}", seed, bn, tbbn)
-    for seed, gain in enumerate([2.0, 3.0, 4.0]):
-        write_pair(tmp_path / f"tbbn-ssil-paired__cifar100_B10_Inc10__seed{seed}", seed, 50.0, 50.0 + gain)
+    for seed, gain in enumerate([2.0, 3.0, 4.0]):  # seeds as sub-folders: grouped the same way
+        write_pair(tmp_path / "tbbn-ssil-paired__cifar100_B10_Inc10" / f"seed{seed}", seed, 50.0, 50.0 + gain)
     summary_main([str(tmp_path)])
     rows = {line.split(" | ")[0][2:]: line for line in (tmp_path / "SUMMARY.md").read_text().splitlines()
             if "tbbn - bn" in line}
