@@ -1,5 +1,5 @@
-"""torchrun on the CPU (gloo, 2 processes): one results.json, and evaluation, herding, class means, batches and
-a training step that equal the one-process ones.
+"""torchrun on the CPU (gloo, 2 processes): one results.json; evaluation, herding, class means, batches and a
+training step that equal the one-process ones; an error of rank 0 and a stop request of one rank reach all.
 
 The 2-process part runs this file under `python -m torch.distributed.run --nproc_per_node 2` (the block at the
 end): each rank saves what it computed, and the tests compare it with the same calls in this (single) process.
@@ -122,6 +122,11 @@ def test_rank0_error_ends_every_rank(two_ranks):
     assert ranks[0]["error"] == ranks[1]["error"] and "cannot write to --out-dir" in ranks[0]["error"]
 
 
+def test_a_stop_request_of_one_rank_stops_every_rank_after_the_same_step(two_ranks):
+    ranks, _ = two_ranks  # rank 1 alone asked in step 1 (SIGTERM need not reach both ranks within one step)
+    assert ranks[0]["votes"] == ranks[1]["votes"] == [False, False, True, False, False]
+
+
 def test_lucir_smoke_under_torchrun_writes_one_results_json(tmp_path):
     flags = ["--smoke", "--device", "cpu", "--epochs", "1", "--milestones", "1", "--classes", "10",
              "--base-classes", "5", "--increment", "5", "--train-per-class", "16"]
@@ -152,5 +157,7 @@ if __name__ == "__main__":  # one rank of the 2-process run: python -m torch.dis
         saved["error"] = None
     except UserError as e:
         saved["error"] = str(e)
+    vote = dist.StopVote()
+    saved["votes"] = [vote(dist.rank() == 1 and step == 1) for step in range(4)] + [vote.last()]
     torch.save(saved, os.path.join(sys.argv[1], f"rank{dist.rank()}.pt"))
     dist.close(wait=True)
