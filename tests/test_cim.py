@@ -3,13 +3,12 @@ activation, the bilevel step, FOSTER's class weights and losses against hand-com
 runs (paired; stop + --resume). CPU."""
 import json
 import math
-import os
 
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ROOT, run_script
+from conftest import run_script
 
 import cim  # noqa: E402
 from common.data import apply_class_order, class_order, load_dataset  # noqa: E402
