@@ -56,8 +56,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import (SHAPES, add_subset_flags, apply_class_order, augment, class_order, eval_batches,
-                         indices_of, load_dataset, phase_splits, subset_flags, train_batches)
+from common.data import (SHAPES, add_subset_flags, apply_class_order, augment, class_order, indices_of,
+                         load_dataset, phase_splits, subset_flags, train_batches)
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep
 from common.models import count_parameters, create_backbone, stage_features, to_channels_last
@@ -65,7 +65,6 @@ from common.run import (Progress, Stage, UserError, add_system_flags, autocast, 
                         finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_arms, run_main,
                         seed_everything, set_rng_state, setup_device, start_state, write_paired)
 
-GENIFER_CIFAR_MEAN, GENIFER_CIFAR_STD = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)  # official constants.py
 # Per-dataset defaults; a flag given on the command line wins. CIFAR-100: official config/examples (papers.md 5.3);
 # the other rows are ours (no official config).
 _CIFAR = dict(data_dir="data", backbone="resnet18", base_classes=50, increment=10, epochs=100,
@@ -78,8 +77,7 @@ DATASET_DEFAULTS = {
                       gan_epochs_first=1, gan_epochs=1, g_channels=[32, 16, 16, 8]),
 }
 SMOKE = dict(dataset="synthetic", gan_batch_size=16, latent_dim=32, label_dim=16, d_width=32, inc_lr=1e-3)
-# Settings an arm of a pair may change without changing task 0 (which the arms then share).
-ARM_KEYS = ("no_replay", "paired")
+ARM_KEYS = ("no_replay", "paired")  # what an arm of a pair may change without changing task 0 (then shared)
 STAGES = {"stage3": "layer2", "stage4": "layer3", "stage5": "layer4"}  # official backbones.py stage names
 GAN_PARTS = ("g", "g_ema", "d", "ada")  # what a checkpoint holds of the GAN
 
@@ -111,12 +109,9 @@ def parse_args(argv=None):
     g.add_argument("--kd-weight", type=float, default=0.98, help="KD, generated samples (official: coefficient)")
     g.add_argument("--feat-weight", type=float, default=1.0, help="feature L2 (official: feat_coefficient 1.0)")
     g.add_argument("--kd-temperature", type=float, default=1.0, help="(official: temperature 1)")
-    g.add_argument("--replay-fraction", type=float, default=0.5, help="generated share of a classifier batch "
-                   "(official: prev_curr_ratio 0.5)")
-    g.add_argument("--feat-layer", default="stage4", choices=sorted(STAGES), help="features D judges and KD "
-                   "distils (official: stage4 = layer3 output)")
-    g.add_argument("--no-replay", action="store_true", help="baseline: the distilled half of a batch is real new "
-                   "data, no generator (papers.md 5.4)")
+    g.add_argument("--replay-fraction", type=float, default=0.5, help="generated share (official: prev_curr_ratio)")
+    g.add_argument("--feat-layer", default="stage4", choices=sorted(STAGES), help="D and KD features (official stage4)")
+    g.add_argument("--no-replay", action="store_true", help="baseline: distilled half = real new data (papers.md 5.4)")
     g.add_argument("--paired", nargs="?", const="replay", choices=["replay", "ada"], default=None, help="replay: "
                    "no replay vs Genifer (shared task 0); ada: Genifer without vs with ADA; writes paired.json")
     g = p.add_argument_group("GAN (generator, feature discriminator, ADA)")
@@ -136,8 +131,7 @@ def parse_args(argv=None):
                    "(official: gen_coefficient 10, gen_dist_ada)")
     g.add_argument("--latent-dim", type=int, default=512, help="z and w size (official: latent_dim 512)")
     g.add_argument("--label-dim", type=int, default=256, help="label embedding (official generator: 256)")
-    g.add_argument("--g-channels", type=int, nargs="+", default=None, help="generator channels per resolution "
-                   "(official 32 px: 512 256 128 64)")
+    g.add_argument("--g-channels", type=int, nargs="+", default=None, help="G widths (official 32 px: 512 256 128 64)")
     g.add_argument("--d-width", type=int, default=512, help="discriminator max channels (official: 512)")
     add_system_flags(p)
     p.set_defaults(seed=1212)  # official config: seed 1212
@@ -157,8 +151,7 @@ class GeniferNet(nn.Module):
         self.head = nn.Linear(self.backbone.num_features, n + (old.out_features if old else 0)).to(device)
         if old is not None:
             with torch.no_grad():
-                self.head.weight[:old.out_features] = old.weight
-                self.head.bias[:old.out_features] = old.bias
+                self.head.weight[:old.out_features], self.head.bias[:old.out_features] = old.weight, old.bias
 
     def forward(self, x):
         fmap, features = stage_features(self.backbone, x, self.layer)
@@ -167,8 +160,7 @@ class GeniferNet(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- GAN modules
 class EqualLinear(nn.Module):
-    """Equalised learning rate (official layers.EQLinear): weight ~ N(0, 1/lr_mul^2) used as w * lr_mul/sqrt(fan_in),
-    bias used as b * lr_mul, so Adam sees unit-scale parameters."""
+    """Equalised learning rate (official layers.EQLinear): unit-scale parameters for Adam, scaled in forward."""
     def __init__(self, fan_in, fan_out, bias=True, bias_init=0.0, lr_mul=1.0):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(fan_out, fan_in) / lr_mul)
@@ -340,10 +332,8 @@ def colour_matrix(n, p, ops, device):
     v = torch.full((4,), a, device=device)
     v[3] = 0  # the luma axis (fills only: no host-to-device copy inside a captured graph)
     vv, mat = torch.outer(v, v), eye.repeat(n, 1, 1)
-    if "brightness" in ops:
-        t = eye.repeat(n, 1, 1)
-        t[:, :3, 3] = _gate(torch.randn(n, device=device) * 0.2, 0.0, p)[:, None]
-        mat = t @ mat
+    if "brightness" in ops:  # the first op: a translation of the identity
+        mat[:, :3, 3] = _gate(torch.randn(n, device=device) * 0.2, 0.0, p)[:, None]
     if "contrast" in ops:
         c = _gate(2 ** (torch.randn(n, device=device) * 0.5), 1.0, p)
         mat = torch.diag_embed(torch.stack([c, c, c, torch.ones_like(c)], 1)) @ mat
@@ -403,12 +393,10 @@ def make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, a
     """One classifier step. Task 0: CE. Later: batch [replayed | real new] (official prev_curr_ratio), loss 0.02 CE
     + 0.98 KD + 1.0 feature L2 (learner.py: ce_coefficient * CE + the two weighted terms). Replayed: the previous
     EMA G's clamped, crop+flipped images of uniform old labels. Returns [loss, ce, kd, feat, correct] (no sync)."""
-    amp = not args.no_amp
-
     def step(x, y):
         optimizer.zero_grad(set_to_none=True)
         if old_model is None:
-            with autocast(device, amp):
+            with autocast(device, not args.no_amp):
                 logits = model(x)[0]
             loss = ce = F.cross_entropy(logits.float(), y)
             kd = feat = torch.zeros((), device=device)
@@ -425,9 +413,9 @@ def make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, a
                     clamped = torch.maximum(torch.minimum(fake, bounds[1]), bounds[0]).permute(0, 2, 3, 1)
                     replay = augment(clamped, 4, "replicate").permute(0, 3, 1, 2)  # official: crop, edge pad, flip
                 x_in = torch.cat([replay.to(x.dtype), x_new]).contiguous(memory_format=torch.channels_last)
-                with autocast(device, amp):
+                with autocast(device, not args.no_amp):
                     old_logits, _, old_fmap = old_model(x_in)  # official freeze_bn=false: train mode
-            with autocast(device, amp):
+            with autocast(device, not args.no_amp):
                 logits, _, fmap = model(x_in)
             ce, kd, feat = classifier_losses(logits.float(), old_logits.float(), fmap.float(), old_fmap.float(),
                                              y_new, n_gen, num_old, args.kd_temperature)
@@ -472,10 +460,7 @@ def train_classifier(model, old_model, prev_g, data, train_idx, num_old, bounds,
 def gan_batches(data, indices, batch_size, device, workers=0):
     """Real GAN batches: shuffled, un-augmented, last partial batch dropped (official gan_dataloader); large images:
     the augmented file loader (deviations)."""
-    if data.on_device:
-        shuffled = indices.to(device)[torch.randperm(len(indices), device=device)]
-        return islice(eval_batches(data, shuffled, device, "train", batch_size), len(indices) // batch_size)
-    return islice(train_batches(data, indices, batch_size, device, workers), len(indices) // batch_size)
+    return islice(train_batches(data, indices, batch_size, device, workers, "none"), len(indices) // batch_size)
 
 
 def make_gan_steps(gan, model, prev_g, num_old, total, args, device):
@@ -632,8 +617,8 @@ def run(args, shared_base=None):
     arm = "no_replay" if args.no_replay else ("genifer_no_ada" if args.no_ada else "genifer")
     args.out_dir = args.out_dir or default_out_dir(f"genifer-{arm}", args)
     data = load_dataset(args.dataset, args.data_dir, device, args.class_list, **subset_flags(args))
-    if args.dataset == "cifar100":
-        data.mean, data.std = GENIFER_CIFAR_MEAN, GENIFER_CIFAR_STD
+    if args.dataset == "cifar100":  # official constants.py
+        data.mean, data.std = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)
     splits = phase_splits(data.num_classes, args.base_classes, args.increment)
     order = class_order(data.num_classes, args.class_order_seed)
     apply_class_order(data, order)
@@ -699,7 +684,6 @@ PAIRS = {"replay": (("no_replay", dict(no_replay=True)), ("genifer", dict(no_rep
 
 def run_paired(args):
     out = args.out_dir or default_out_dir(f"genifer-paired-{args.paired}", args)
-    os.makedirs(out, exist_ok=True)
     shared_base = os.path.join(out, "task0.pt") if args.paired == "replay" else None
     arms = run_arms(args, run, reversed(PAIRS[args.paired]), out, shared_base=shared_base)  # Genifer first
     if arms is None:  # --stop-after: continue later with --resume
