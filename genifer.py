@@ -13,10 +13,9 @@ After each task a conditional StyleGAN-like generator is trained adversarially a
 the stage-4 (layer3, 256x8x8) features of the frozen classifier (642 GAN epochs on task 0, 1026 later, batch 64,
 ADA, lazy R1); its EMA copy replays the old classes: loss 0.02 CE (real new) + 0.98 KD + 1.0 feature L2 (generated).
 
-The claim (abstract): generative feature-driven replay (with image-space augmentation) beats the previous state of
-the art without exemplars. Its numbers are unknown to us, so the table holds paired runs (papers.md 5.4): the same
-classifier update without replay (its distillation half is real new data) vs Genifer, same seed, data and order,
-one shared task 0. CNN top-1 %, average incremental accuracy includes task 0 (official `avg_inc_accuracy_0`).
+The claim (abstract): generative feature-driven replay (with image-space augmentation) beats the previous state of the
+art without exemplars. Its numbers unknown to us, the table pairs runs (papers.md 5.4): no replay vs Genifer, same
+seed, data, order and task 0. CNN top-1 %; average incremental accuracy with task 0 (official `avg_inc_accuracy_0`).
 | pair: arm A vs arm B (CNN top-1 %)  | A avg / last / forg | B avg / last / forg | B - A       | wall | GPU | date |
 |-------------------------------------|---------------------|---------------------|-------------|------|-----|------|
 | CIFAR-100 B50: no replay vs Genifer | not run yet         | not run yet         | not run yet |      |     |      |
@@ -31,7 +30,6 @@ Deviations:
   warp; p adapts from the mean sign of D(real) over the last --ada-interval D steps (official: a sliding window).
 - RAdam: torch.optim.RAdam with decoupled weight decay (lr * wd * param), as in the widely used radam.py
   (LiyuanLucasLiu/RAdam, first steps SGD-like): the official radam.py is not in the release, so this is [unverified].
-- The GAN after the last task is skipped (nothing replays it). The no-replay arm trains no GAN at all.
 - Classifier epochs: the last partial real batch wraps around the shuffled order (static shapes for CUDA graphs);
   as officially, a replay step uses the first 32 - 16 real images of a 32 batch. GAN epochs drop the last partial
   batch, as the official loader. Large-image datasets (cub200) feed the GAN augmented crops (common.data loader).
@@ -40,10 +38,10 @@ Deviations:
   stages (512, 512, 256, 128, 64, 32 channels), as the official large generator is not in the release.
 - Mixed precision: the classifier's feature pass runs in bf16 autocast on CUDA; G and D stay fp32 (R1 needs
   second derivatives). CIFAR normalisation: the official (0.507, 0.487, 0.441) / (0.267, 0.256, 0.276).
-- The no-replay baseline is ours (papers.md 5.4 names it): same batches, losses and weights, its distilled half
-  being the other real half of the batch. In a pair it reuses Genifer's task 0 (classifier and RNG state after
-  task 0's GAN), so a no-replay run alone differs from its paired twin. The R1 and ADA step counters restart each
-  task (official: one global step counter). ResNet-18 is timm's (same layers as torchvision's).
+- The no-replay baseline is ours (papers.md 5.4 names it): same batches, losses and weights, its distilled half being
+  the other real half of the batch, and no GAN. In a pair it reuses Genifer's task 0 (classifier and RNG state after
+  task 0's GAN), so alone it differs from its paired twin. No GAN follows the last task (nothing replays it). R1 and
+  ADA step counters restart each task (official: one global counter). ResNet-18: timm's (torchvision's layers).
 """
 import argparse
 import copy
@@ -65,8 +63,7 @@ from common.run import (Progress, Stage, UserError, add_system_flags, autocast, 
                         finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_arms, run_main,
                         seed_everything, set_rng_state, setup_device, start_state, write_paired)
 
-# Per-dataset defaults; a flag given on the command line wins. CIFAR-100: official config/examples (papers.md 5.3);
-# the other rows are ours (no official config).
+# Per-dataset defaults (a flag given wins): CIFAR-100 official config/examples (papers.md 5.3); the rest ours.
 _CIFAR = dict(data_dir="data", backbone="resnet18", base_classes=50, increment=10, epochs=100,
               milestones=[30, 60, 80], gan_epochs_first=642, gan_epochs=1026, g_channels=[512, 256, 128, 64])
 DATASET_DEFAULTS = {
