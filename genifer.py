@@ -197,10 +197,9 @@ class StyleConv(nn.Module):
 
 
 class Generator(nn.Module):
-    """Conditional StyleGAN-like generator (official conditional_eql_style_generator.py): one-hot label ->
-    EqualLinear -> `label_dim`, concatenated with z, two mapping layers (lr x0.01, LeakyReLU 0.2) -> w; learned
-    constant; per resolution two style convs with noise, bilinear x2 between resolutions; one more style conv at
-    the top and a linear style conv to RGB without noise. Output in normalised image space."""
+    """Conditional StyleGAN-like generator (official conditional_eql_style_generator.py): w = two mapping layers (lr
+    x0.01, LeakyReLU 0.2) on [z, embedded label]; from a learned constant, two style convs with noise a resolution,
+    bilinear x2 between, one more at the top, a noise-free linear style conv to RGB (normalised image space)."""
     def __init__(self, num_classes, image_size, channels=(512, 256, 128, 64), latent_dim=512, label_dim=256):
         super().__init__()
         n_up, base = len(channels) - 1, image_size >> (len(channels) - 1)
@@ -461,10 +460,9 @@ def gan_batches(data, indices, batch_size, device, workers=0):
 
 
 def make_gan_steps(gan, model, prev_g, num_old, total, args, device):
-    """The D step (non-saturating loss, + lazy R1 in its R1 variant) and the G step (non-saturating loss + the
-    generator distillation L1), official genifer_trainer.prepare_next_training, against the stage features of a
-    frozen copy of `model` (eval mode). New Adam optimisers in `gan` (official: made each task). For t > 0 the first
-    half of D's 'real' batch is the previous EMA generator's images for the old-class half of z (sample_d_inputs)."""
+    """Official genifer_trainer.prepare_next_training: D and G steps (non-saturating losses; D has a lazy R1 variant, G
+    a generator distillation L1) on a frozen eval copy's stage features; new Adam optimisers in `gan` (official: each
+    task). For t > 0 D's 'real' batch starts with the old EMA G's images of the old-class z (sample_d_inputs)."""
     g, d, ada = gan["g"], gan["d"], gan["ada"]
     n_prev = args.gan_batch_size // 2 if prev_g is not None else 0
     lazy = args.r1_interval / (args.r1_interval + 1)  # official lazy_c: also scales D's lr and betas
