@@ -13,10 +13,9 @@ After each task a conditional StyleGAN-like generator is trained adversarially a
 the stage-4 (layer3, 256x8x8) features of the frozen classifier (642 GAN epochs on task 0, 1026 later, batch 64,
 ADA, lazy R1); its EMA copy replays the old classes: loss 0.02 CE (real new) + 0.98 KD + 1.0 feature L2 (generated).
 
-The claim (abstract): generative feature-driven replay (with image-space augmentation) beats the previous state of
-the art without exemplars. Its numbers are unknown to us, so the table holds paired runs (papers.md 5.4): the same
-classifier update without replay (its distillation half is real new data) vs Genifer, same seed, data and order,
-one shared task 0. CNN top-1 %, average incremental accuracy includes task 0 (official `avg_inc_accuracy_0`).
+The claim (abstract): generative feature-driven replay (with image-space augmentation) beats the previous state of the
+art without exemplars. Its numbers unknown to us, the table pairs runs (papers.md 5.4): no replay vs Genifer, same
+seed, data, order and task 0. CNN top-1 %; average incremental accuracy with task 0 (official `avg_inc_accuracy_0`).
 | pair: arm A vs arm B (CNN top-1 %)  | A avg / last / forg | B avg / last / forg | B - A       | wall | GPU | date |
 |-------------------------------------|---------------------|---------------------|-------------|------|-----|------|
 | CIFAR-100 B50: no replay vs Genifer | not run yet         | not run yet         | not run yet |      |     |      |
@@ -31,7 +30,6 @@ Deviations:
   warp; p adapts from the mean sign of D(real) over the last --ada-interval D steps (official: a sliding window).
 - RAdam: torch.optim.RAdam with decoupled weight decay (lr * wd * param), as in the widely used radam.py
   (LiyuanLucasLiu/RAdam, first steps SGD-like): the official radam.py is not in the release, so this is [unverified].
-- The GAN after the last task is skipped (nothing replays it). The no-replay arm trains no GAN at all.
 - Classifier epochs: the last partial real batch wraps around the shuffled order (static shapes for CUDA graphs);
   as officially, a replay step uses the first 32 - 16 real images of a 32 batch. GAN epochs drop the last partial
   batch, as the official loader. Large-image datasets (cub200) feed the GAN augmented crops (common.data loader).
@@ -40,10 +38,10 @@ Deviations:
   stages (512, 512, 256, 128, 64, 32 channels), as the official large generator is not in the release.
 - Mixed precision: the classifier's feature pass runs in bf16 autocast on CUDA; G and D stay fp32 (R1 needs
   second derivatives). CIFAR normalisation: the official (0.507, 0.487, 0.441) / (0.267, 0.256, 0.276).
-- The no-replay baseline is ours (papers.md 5.4 names it): same batches, losses and weights, its distilled half
-  being the other real half of the batch. In a pair it reuses Genifer's task 0 (classifier and RNG state after
-  task 0's GAN), so a no-replay run alone differs from its paired twin. The R1 and ADA step counters restart each
-  task (official: one global step counter). ResNet-18 is timm's (same layers as torchvision's).
+- The no-replay baseline is ours (papers.md 5.4 names it): same batches, losses and weights, its distilled half being
+  the other real half of the batch, and no GAN. In a pair it reuses Genifer's task 0 (classifier and RNG state after
+  task 0's GAN), so alone it differs from its paired twin. No GAN follows the last task (nothing replays it). R1 and
+  ADA step counters restart each task (official: one global counter). ResNet-18: timm's (torchvision's layers).
 """
 import argparse
 import copy
@@ -56,8 +54,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import (SHAPES, add_subset_flags, apply_class_order, augment, class_order, eval_batches,
-                         indices_of, load_dataset, phase_splits, subset_flags, train_batches)
+from common.data import (SHAPES, add_subset_flags, apply_class_order, augment, class_order, indices_of,
+                         load_dataset, phase_splits, subset_flags, train_batches)
 from common.dist import per_rank
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep
@@ -66,9 +64,7 @@ from common.run import (Progress, Stage, UserError, add_system_flags, autocast, 
                         finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_arms, run_main,
                         seed_everything, set_rng_state, setup_device, start_state, write_paired)
 
-GENIFER_CIFAR_MEAN, GENIFER_CIFAR_STD = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)  # official constants.py
-# Per-dataset defaults; a flag given on the command line wins. CIFAR-100: official config/examples (papers.md 5.3);
-# the other rows are ours (no official config).
+# Per-dataset defaults (a flag given wins): CIFAR-100 official config/examples (papers.md 5.3); the rest ours.
 _CIFAR = dict(data_dir="data", backbone="resnet18", base_classes=50, increment=10, epochs=100,
               milestones=[30, 60, 80], gan_epochs_first=642, gan_epochs=1026, g_channels=[512, 256, 128, 64])
 DATASET_DEFAULTS = {
@@ -79,8 +75,7 @@ DATASET_DEFAULTS = {
                       gan_epochs_first=1, gan_epochs=1, g_channels=[32, 16, 16, 8]),
 }
 SMOKE = dict(dataset="synthetic", gan_batch_size=16, latent_dim=32, label_dim=16, d_width=32, inc_lr=1e-3)
-# Settings an arm of a pair may change without changing task 0 (which the arms then share).
-ARM_KEYS = ("no_replay", "paired")
+ARM_KEYS = ("no_replay", "paired")  # what an arm of a pair may change without changing task 0 (then shared)
 STAGES = {"stage3": "layer2", "stage4": "layer3", "stage5": "layer4"}  # official backbones.py stage names
 GAN_PARTS = ("g", "g_ema", "d", "ada")  # what a checkpoint holds of the GAN
 
@@ -112,12 +107,9 @@ def parse_args(argv=None):
     g.add_argument("--kd-weight", type=float, default=0.98, help="KD, generated samples (official: coefficient)")
     g.add_argument("--feat-weight", type=float, default=1.0, help="feature L2 (official: feat_coefficient 1.0)")
     g.add_argument("--kd-temperature", type=float, default=1.0, help="(official: temperature 1)")
-    g.add_argument("--replay-fraction", type=float, default=0.5, help="generated share of a classifier batch "
-                   "(official: prev_curr_ratio 0.5)")
-    g.add_argument("--feat-layer", default="stage4", choices=sorted(STAGES), help="features D judges and KD "
-                   "distils (official: stage4 = layer3 output)")
-    g.add_argument("--no-replay", action="store_true", help="baseline: the distilled half of a batch is real new "
-                   "data, no generator (papers.md 5.4)")
+    g.add_argument("--replay-fraction", type=float, default=0.5, help="generated share (official: prev_curr_ratio)")
+    g.add_argument("--feat-layer", default="stage4", choices=sorted(STAGES), help="D and KD features (official stage4)")
+    g.add_argument("--no-replay", action="store_true", help="baseline: distilled half = real new data (papers.md 5.4)")
     g.add_argument("--paired", nargs="?", const="replay", choices=["replay", "ada"], default=None, help="replay: "
                    "no replay vs Genifer (shared task 0); ada: Genifer without vs with ADA; writes paired.json")
     g = p.add_argument_group("GAN (generator, feature discriminator, ADA)")
@@ -137,8 +129,7 @@ def parse_args(argv=None):
                    "(official: gen_coefficient 10, gen_dist_ada)")
     g.add_argument("--latent-dim", type=int, default=512, help="z and w size (official: latent_dim 512)")
     g.add_argument("--label-dim", type=int, default=256, help="label embedding (official generator: 256)")
-    g.add_argument("--g-channels", type=int, nargs="+", default=None, help="generator channels per resolution "
-                   "(official 32 px: 512 256 128 64)")
+    g.add_argument("--g-channels", type=int, nargs="+", default=None, help="G widths (official 32 px: 512 256 128 64)")
     g.add_argument("--d-width", type=int, default=512, help="discriminator max channels (official: 512)")
     add_system_flags(p)
     p.set_defaults(seed=1212)  # official config: seed 1212
@@ -158,8 +149,7 @@ class GeniferNet(nn.Module):
         self.head = nn.Linear(self.backbone.num_features, n + (old.out_features if old else 0)).to(device)
         if old is not None:
             with torch.no_grad():
-                self.head.weight[:old.out_features] = old.weight
-                self.head.bias[:old.out_features] = old.bias
+                self.head.weight[:old.out_features], self.head.bias[:old.out_features] = old.weight, old.bias
 
     def forward(self, x):
         fmap, features = stage_features(self.backbone, x, self.layer)
@@ -168,8 +158,7 @@ class GeniferNet(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- GAN modules
 class EqualLinear(nn.Module):
-    """Equalised learning rate (official layers.EQLinear): weight ~ N(0, 1/lr_mul^2) used as w * lr_mul/sqrt(fan_in),
-    bias used as b * lr_mul, so Adam sees unit-scale parameters."""
+    """Equalised learning rate (official layers.EQLinear): unit-scale parameters for Adam, scaled in forward."""
     def __init__(self, fan_in, fan_out, bias=True, bias_init=0.0, lr_mul=1.0):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(fan_out, fan_in) / lr_mul)
@@ -209,10 +198,9 @@ class StyleConv(nn.Module):
 
 
 class Generator(nn.Module):
-    """Conditional StyleGAN-like generator (official conditional_eql_style_generator.py): one-hot label ->
-    EqualLinear -> `label_dim`, concatenated with z, two mapping layers (lr x0.01, LeakyReLU 0.2) -> w; learned
-    constant; per resolution two style convs with noise, bilinear x2 between resolutions; one more style conv at
-    the top and a linear style conv to RGB without noise. Output in normalised image space."""
+    """Conditional StyleGAN-like generator (official conditional_eql_style_generator.py): w = two mapping layers (lr
+    x0.01, LeakyReLU 0.2) on [z, embedded label]; from a learned constant, two style convs with noise a resolution,
+    bilinear x2 between, one more at the top, a noise-free linear style conv to RGB (normalised image space)."""
     def __init__(self, num_classes, image_size, channels=(512, 256, 128, 64), latent_dim=512, label_dim=256):
         super().__init__()
         n_up, base = len(channels) - 1, image_size >> (len(channels) - 1)
@@ -341,10 +329,8 @@ def colour_matrix(n, p, ops, device):
     v = torch.full((4,), a, device=device)
     v[3] = 0  # the luma axis (fills only: no host-to-device copy inside a captured graph)
     vv, mat = torch.outer(v, v), eye.repeat(n, 1, 1)
-    if "brightness" in ops:
-        t = eye.repeat(n, 1, 1)
-        t[:, :3, 3] = _gate(torch.randn(n, device=device) * 0.2, 0.0, p)[:, None]
-        mat = t @ mat
+    if "brightness" in ops:  # the first op: a translation of the identity
+        mat[:, :3, 3] = _gate(torch.randn(n, device=device) * 0.2, 0.0, p)[:, None]
     if "contrast" in ops:
         c = _gate(2 ** (torch.randn(n, device=device) * 0.5), 1.0, p)
         mat = torch.diag_embed(torch.stack([c, c, c, torch.ones_like(c)], 1)) @ mat
@@ -404,12 +390,10 @@ def make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, a
     """One classifier step. Task 0: CE. Later: batch [replayed | real new] (official prev_curr_ratio), loss 0.02 CE
     + 0.98 KD + 1.0 feature L2 (learner.py: ce_coefficient * CE + the two weighted terms). Replayed: the previous
     EMA G's clamped, crop+flipped images of uniform old labels. Returns [loss, ce, kd, feat, correct] (no sync)."""
-    amp = not args.no_amp
-
     def step(x, y):
         optimizer.zero_grad(set_to_none=True)
         if old_model is None:
-            with autocast(device, amp):
+            with autocast(device, not args.no_amp):
                 logits = model(x)[0]
             loss = ce = F.cross_entropy(logits.float(), y)
             kd = feat = torch.zeros((), device=device)
@@ -426,9 +410,9 @@ def make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, a
                     clamped = torch.maximum(torch.minimum(fake, bounds[1]), bounds[0]).permute(0, 2, 3, 1)
                     replay = augment(clamped, 4, "replicate").permute(0, 3, 1, 2)  # official: crop, edge pad, flip
                 x_in = torch.cat([replay.to(x.dtype), x_new]).contiguous(memory_format=torch.channels_last)
-                with autocast(device, amp):
+                with autocast(device, not args.no_amp):
                     old_logits, _, old_fmap = old_model(x_in)  # official freeze_bn=false: train mode
-            with autocast(device, amp):
+            with autocast(device, not args.no_amp):
                 logits, _, fmap = model(x_in)
             ce, kd, feat = classifier_losses(logits.float(), old_logits.float(), fmap.float(), old_fmap.float(),
                                              y_new, n_gen, num_old, args.kd_temperature)
@@ -473,18 +457,14 @@ def train_classifier(model, old_model, prev_g, data, train_idx, num_old, bounds,
 def gan_batches(data, indices, batch_size, device, workers=0):
     """Real GAN batches: shuffled, un-augmented, last partial batch dropped (official gan_dataloader); large images:
     the augmented file loader (deviations)."""
-    if data.on_device:
-        shuffled = indices.to(device)[torch.randperm(len(indices), device=device)]
-        return islice(eval_batches(data, shuffled, device, "train", batch_size), len(indices) // batch_size)
-    return islice(train_batches(data, indices, batch_size, device, workers, shard=False),  # torchrun: every rank
-                  len(indices) // batch_size)  # the whole batch (the GAN steps run replicated)
+    return islice(train_batches(data, indices, batch_size, device, workers, "none", shard=False),  # torchrun:
+                  len(indices) // batch_size)  # every rank the whole batch (the GAN steps run replicated)
 
 
 def make_gan_steps(gan, model, prev_g, num_old, total, args, device):
-    """The D step (non-saturating loss, + lazy R1 in its R1 variant) and the G step (non-saturating loss + the
-    generator distillation L1), official genifer_trainer.prepare_next_training, against the stage features of a
-    frozen copy of `model` (eval mode). New Adam optimisers in `gan` (official: made each task). For t > 0 the first
-    half of D's 'real' batch is the previous EMA generator's images for the old-class half of z (sample_d_inputs)."""
+    """Official genifer_trainer.prepare_next_training: D and G steps (non-saturating losses; D has a lazy R1 variant, G
+    a generator distillation L1) on a frozen eval copy's stage features; new Adam optimisers in `gan` (official: each
+    task). For t > 0 D's 'real' batch starts with the old EMA G's images of the old-class z (sample_d_inputs)."""
     g, d, ada = gan["g"], gan["d"], gan["ada"]
     n_prev = args.gan_batch_size // 2 if prev_g is not None else 0
     lazy = args.r1_interval / (args.r1_interval + 1)  # official lazy_c: also scales D's lr and betas
@@ -634,8 +614,8 @@ def run(args, shared_base=None):
     arm = "no_replay" if args.no_replay else ("genifer_no_ada" if args.no_ada else "genifer")
     args.out_dir = args.out_dir or default_out_dir(f"genifer-{arm}", args)
     data = load_dataset(args.dataset, args.data_dir, device, args.class_list, **subset_flags(args))
-    if args.dataset == "cifar100":
-        data.mean, data.std = GENIFER_CIFAR_MEAN, GENIFER_CIFAR_STD
+    if args.dataset == "cifar100":  # official constants.py
+        data.mean, data.std = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)
     splits = phase_splits(data.num_classes, args.base_classes, args.increment)
     order = class_order(data.num_classes, args.class_order_seed)
     apply_class_order(data, order)
@@ -701,7 +681,6 @@ PAIRS = {"replay": (("no_replay", dict(no_replay=True)), ("genifer", dict(no_rep
 
 def run_paired(args):
     out = args.out_dir or default_out_dir(f"genifer-paired-{args.paired}", args)
-    os.makedirs(out, exist_ok=True)
     shared_base = os.path.join(out, "task0.pt") if args.paired == "replay" else None
     arms = run_arms(args, run, reversed(PAIRS[args.paired]), out, shared_base=shared_base)  # Genifer first
     if arms is None:  # --stop-after: continue later with --resume

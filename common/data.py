@@ -411,7 +411,7 @@ def random_resized_crop(x_uint8: torch.Tensor, padding: int = 4, scale=(0.08, 1.
     return out.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
-AUGMENTATIONS = {"crop": augment, "resized-crop": random_resized_crop}
+AUGMENTATIONS = {"crop": augment, "resized-crop": random_resized_crop, "none": lambda x: x}
 
 
 def to_input(x_uint8: torch.Tensor, data: Data) -> torch.Tensor:
@@ -481,7 +481,7 @@ def train_batches(data: Data, indices: torch.Tensor, batch_size: int, device: to
                   shard: bool = True):
     """One epoch of augmented (x, y) batches of exactly `batch_size` over a shuffled `indices`.
 
-    Small images: `augmentation` "crop" (padded random crop + flip) or "resized-crop" (`random_resized_crop`);
+    Small images: `augmentation` "crop" (padded random crop + flip), "resized-crop" (`random_resized_crop`) or "none";
     large images: RandomResizedCrop + flip in the DataLoader, or the PIL transforms `train_transform(image_size)`
     returns. `stream` names the batch stream: streams iterated side by side need different names (each gets its
     own DataLoader). Optional `batch_fn(x, idx) -> x` edits each batch given its dataset indices (a device

@@ -73,6 +73,18 @@ def test_train_batches_fixed_size_cover_every_sample():
     assert len(few) == 1 and len(few[0][1]) == 8 and set(few[0][1].tolist()) == set(data.train_y[[2, 7, 11]].tolist())
 
 
+def test_train_batches_without_augmentation_are_the_shuffled_images():
+    data = synthetic(num_classes=4, train_per_class=5, test_per_class=1)
+    idx = torch.arange(3, 20)
+    torch.manual_seed(0)
+    batches = list(train_batches(data, idx, 8, CPU, augmentation="none"))  # as genifer's GAN batches
+    torch.manual_seed(0)
+    order = idx[torch.randperm(len(idx))]  # the same shuffle; the images as eval_batches reads them
+    for (x, y), (x_want, y_want) in zip(batches[:2], eval_batches(data, order[:16], CPU, "train", 8)):
+        assert torch.equal(x, x_want) and torch.equal(y, y_want)
+    assert len(batches) == 3
+
+
 def brute_force_herding(feats, m):
     feats = feats / np.linalg.norm(feats, axis=1, keepdims=True)
     mu = feats.mean(0)
