@@ -158,6 +158,8 @@ def test_every_numeric_flag_has_a_rule_and_a_bad_value_gets_one_line(name):
     for value in ("nan", "inf"):
         with pytest.raises(UserError, match="--lr .* is not a finite number"):
             module.parse_args(["--device", "cpu", "--lr", value])
+    with pytest.raises(UserError, match="--batch-size 0 must be"):  # not hidden by --smoke's own batch size
+        module.parse_args(["--smoke", "--batch-size", "0"])
 
 
 def test_flag_rules_by_hand():
