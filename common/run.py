@@ -108,8 +108,8 @@ def add_system_flags(parser: argparse.ArgumentParser):
 
 def resolve_defaults(args, table: dict, smoke: dict):
     """Fill flags left at None from the per-dataset default table; `--smoke` overrides protocol flags."""
-    check_flags(args)  # the values as given, before --smoke may replace one (`--smoke --batch-size 0`: an error)
-    if args.smoke:
+    if args.smoke:  # a bad value given with --smoke is an error too, before the smoke value replaces it
+        check_flags(argparse.Namespace(**{k: getattr(args, k, None) for k in smoke if flag_rule(k) != "milestones"}))
         for key, value in smoke.items():
             setattr(args, key, value)
     if args.dataset not in table:
