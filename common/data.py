@@ -513,13 +513,10 @@ def train_batches(data: Data, indices: torch.Tensor, batch_size: int, device: to
         for s in range(steps):
             sl = idx[s * batch_size:(s + 1) * batch_size]
             x = data.train_x[sl] if batch_fn is None else batch_fn(data.train_x[sl], sl)
-            if world > 1:
-                x = dist.local_slice(AUGMENTATIONS[augmentation](x))
-                yield to_input(x, data).contiguous(memory_format=torch.channels_last), \
-                    dist.local_slice(y_all[s * batch_size:(s + 1) * batch_size])
-                continue
-            yield to_input(AUGMENTATIONS[augmentation](x), data).contiguous(memory_format=torch.channels_last), \
-                y_all[s * batch_size:(s + 1) * batch_size]
+            x, y = AUGMENTATIONS[augmentation](x), y_all[s * batch_size:(s + 1) * batch_size]
+            if world > 1:  # this rank's slice of the global batch, augmented alike on every rank
+                x, y = dist.local_slice(x), dist.local_slice(y)
+            yield to_input(x, data).contiguous(memory_format=torch.channels_last), y
     else:
         order = indices[perm]
         if world > 1:  # this rank's slice of every global batch, decoded by its own loader
