@@ -56,27 +56,33 @@ def _request_stop(signum, frame):
 
 def run_main(main):
     """Call `main()`; turn a UserError into one line on stderr and exit code 2. SIGTERM and Ctrl-C finish the
-    current training step, write a checkpoint, print how to resume and exit 143 / 130."""
+    current training step, write a checkpoint, print how to resume and exit 143 / 130. Under torchrun the
+    process ends through `dist.exit_now` (no interpreter teardown: see there why)."""
     previous = {s: signal.signal(s, _request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    code = 0
     try:
         main()
         dist.close(wait=True)
     except UserError as e:
         if dist.is_main():  # under torchrun every rank meets the same error; rank 0 says it
             print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except Stopped as e:
         if dist.is_main():
             print(str(e), file=sys.stderr)
-        sys.exit(e.code)
+        code = e.code
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint in the run folder is kept; rerun with --resume", file=sys.stderr)
-        sys.exit(130)
+        code = 130
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
         _STOP_SIGNALS.clear()
         dist.close()
+    if dist.launched():
+        dist.exit_now(code)
+    if code:
+        sys.exit(code)
 
 
 # ----------------------------------------------------------------------------------------------- flags
