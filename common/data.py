@@ -351,6 +351,15 @@ def load_dataset(name: str, data_dir: str, device: torch.device, class_list=None
     return data
 
 
+def load_protocol(args, device: torch.device):
+    """What every script starts from: the --dataset (with the subset flags) on `device`, its phases (--base-classes,
+    --increment) and the class order of --class-order-seed applied to its labels. Returns (data, splits, order)."""
+    data = load_dataset(args.dataset, args.data_dir, device, args.class_list, **subset_flags(args))
+    splits = phase_splits(data.num_classes, args.base_classes, args.increment)
+    order = class_order(data.num_classes, args.class_order_seed)
+    return apply_class_order(data, order), splits, order
+
+
 # ----------------------------------------------------------------------------------------------- batches
 def augment(x: torch.Tensor, padding: int = 4, mode: str = "constant") -> torch.Tensor:
     """Random crop after padding and horizontal flip, in batch on the device (NHWC -> NHWC, any dtype). Padding
