@@ -56,7 +56,6 @@ Deviations and our design choices (the paper's details beyond the loss are unkno
 - Fixed total memory (--memory-total): ceil(total / seen) exemplars a class, as LUCIR's and FACIL's code.
 - The last partial batch of an epoch wraps around the shuffled order (static shapes for CUDA graphs).
 """
-import argparse
 import copy
 import os
 import time
@@ -65,7 +64,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_subset_flags, indices_of, load_protocol, phase_splits,
+from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_data_flags, indices_of, load_protocol, phase_splits,
                          train_batches)
 from common.dist import per_rank
 from common.evaluation import evaluate, results_from_rows
@@ -74,8 +73,8 @@ from common.memory import (check_budget, class_means, exemplars_per_class, extra
                            reduce_memory, select_exemplars)
 from common.models import count_parameters, create_backbone, to_channels_last
 from common.run import (Stage, UserError, add_system_flags, autocast, check_finite, default_out_dir, end_phase,
-                        finish_run, open_run, resolve_defaults, resume_point, run_arms, run_main, seed_everything,
-                        setup_device, write_paired)
+                        finish_run, new_parser, open_run, resolve_defaults, resume_point, run_arms, run_main,
+                        seed_everything, setup_device, write_paired)
 
 # Per-dataset defaults; a flag given on the command line wins. CIFAR and ImageNet rows: LUCIR's protocol
 # (papers.md 1.2, 3.4); the others are not in the paper (ResNet-18, CIFAR or ImageNet schedule).
@@ -102,14 +101,12 @@ ARM_KEYS = ("loss", "rebalance", "rebalance_epochs", "rebalance_lr", "rebalance_
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    g = p.add_argument_group("protocol (None = the --dataset default, printed at start-up)")
+    p, g = new_parser(__doc__)
     g.add_argument("--dataset", default="cifar100", help="cifar100 | imagenet100 | imagenet | tinyimagenet | "
                    "food101 | cub200 | synthetic | "
                    "cifar100-synthetic (generated, CIFAR-100's shapes, for timing; "
                    "abstract: CIFAR100, ImageNet-Subset, ImageNet)")
-    g.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
-    add_subset_flags(g)  # --classes, --train-per-class, --image-size (laptop protocol, README)
+    add_data_flags(g)  # --data-dir, --classes, --train-per-class, --image-size (laptop protocol, README)
     g.add_argument("--backbone", default=None, help="resnet32 (CIFAR) or a timm name (resnet18 for ImageNet); "
                    "papers.md 3.4")
     g.add_argument("--base-classes", type=int, default=None, help="classes of phase 0 (papers.md 3.4: 50 B50)")

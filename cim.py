@@ -58,7 +58,6 @@ Deviations:
   around (static shapes for CUDA graphs). `--paired` runs both arms in full: CIM already differs in the base
   phase (rationals train; new images are compressed at random from epoch 40), so no base phase is shared.
 """
-import argparse
 import copy
 import itertools
 import math
@@ -69,7 +68,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_subset_flags, eval_batches, indices_of, load_protocol,
+from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_data_flags, eval_batches, indices_of, load_protocol,
                          phase_splits, train_batches)
 from common.dist import average_gradients, per_rank, shard
 from common.evaluation import evaluate, results_from_rows
@@ -77,8 +76,8 @@ from common.graph import CapturedStep
 from common.memory import check_budget, exemplars_per_class, extract_features, herding
 from common.models import count_parameters, create_backbone, to_channels_last
 from common.run import (Stage, UserError, add_system_flags, autocast, check_finite, default_out_dir, end_phase,
-                        finish_run, open_run, resolve_defaults, resume_point, run_arms, run_main, seed_everything,
-                        setup_device, write_paired)
+                        finish_run, new_parser, open_run, resolve_defaults, resume_point, run_arms, run_main,
+                        seed_everything, setup_device, write_paired)
 
 # Per-dataset defaults (cim-*.json); a flag given on the command line wins. tinyimagenet and synthetic are ours.
 R18 = dict(backbone="resnet18")  # official convnet_type
@@ -96,12 +95,10 @@ RELU_DENOMINATOR = (1.19073, 4.39714, 0.9076, 0.34694)  # rational (ours: least 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    g = p.add_argument_group("protocol (None = the --dataset default, printed at start-up)")
+    p, g = new_parser(__doc__)
     g.add_argument("--dataset", default="food101", help="food101 | imagenet100 | imagenet | tinyimagenet | "
                    "synthetic (official configs: Food-101, ImageNet-100, ImageNet-1000)")
-    g.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
-    add_subset_flags(g)
+    add_data_flags(g)  # --data-dir, --classes, --train-per-class, --image-size (laptop protocol, README)
     g.add_argument("--backbone", default=None, help="timm name (official: resnet18; small-input stem for 64 px)")
     g.add_argument("--base-classes", type=int, default=None, help="phase-0 classes (official init_cls 11, 10, 100)")
     g.add_argument("--increment", type=int, default=None, help="new classes a phase (official: 10, 10, 100)")

@@ -54,14 +54,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import SHAPES, add_subset_flags, augment, indices_of, load_protocol, phase_splits, train_batches
+from common.data import SHAPES, add_data_flags, augment, indices_of, load_protocol, phase_splits, train_batches
 from common.dist import per_rank
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep
 from common.models import count_parameters, create_backbone, stage_features, to_channels_last
 from common.run import (Stage, UserError, add_system_flags, autocast, check_finite, default_out_dir, end_phase,
-                        finish_run, open_run, resolve_defaults, resume_point, run_arms, run_main, seed_everything,
-                        setup_device, write_paired)
+                        finish_run, new_parser, open_run, resolve_defaults, resume_point, run_arms, run_main,
+                        seed_everything, setup_device, write_paired)
 
 # Per-dataset defaults (a flag given wins): CIFAR-100 official config/examples (papers.md 5.3); the rest ours.
 _CIFAR = dict(data_dir="data", backbone="resnet18", base_classes=50, increment=10, epochs=100,
@@ -80,12 +80,10 @@ GAN_PARTS = ("g", "g_ema", "d", "ada")  # what a checkpoint holds of the GAN
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    g = p.add_argument_group("protocol (None = the --dataset default, printed at start-up)")
+    p, g = new_parser(__doc__)
     g.add_argument("--dataset", default="cifar100", help="cifar100 (official config) | tinyimagenet | cub200 | "
                    "synthetic | cifar100-synthetic (generated, CIFAR-100's shapes, for timing)")
-    g.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
-    add_subset_flags(g)  # --classes, --train-per-class, --image-size (laptop protocol, README)
+    add_data_flags(g)  # --data-dir, --classes, --train-per-class, --image-size (laptop protocol, README)
     g.add_argument("--backbone", default=None, help="timm ResNet (official: ResNet-18, 3x3 stem, no max-pool)")
     g.add_argument("--base-classes", type=int, default=None, help="classes of task 0 (official config: 50)")
     g.add_argument("--increment", type=int, default=None, help="new classes a task (official config: 10)")

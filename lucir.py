@@ -57,7 +57,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_subset_flags, indices_of, load_protocol, phase_splits,
+from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_data_flags, indices_of, load_protocol, phase_splits,
                          train_batches)
 from common.dist import per_rank
 from common.evaluation import evaluate, results_from_rows
@@ -66,7 +66,7 @@ from common.memory import (NME_VIEWS, check_budget, class_means, exemplars_per_c
                            memory_indices, reduce_memory, select_exemplars)
 from common.models import count_parameters, create_backbone, to_channels_last
 from common.run import (Stage, add_system_flags, autocast, check_finite, default_out_dir, end_phase, finish_run,
-                        open_run, resolve_defaults, resume_point, run_main, seed_everything, setup_device)
+                        new_parser, open_run, resolve_defaults, resume_point, run_main, seed_everything, setup_device)
 
 # Per-dataset defaults; a flag given on the command line wins. Sources: paper Sec. 4.1, official run.sh.
 DATASET_DEFAULTS = {
@@ -94,14 +94,12 @@ SMOKE = dict(dataset="synthetic", batch_size=32, cbf_epochs=1, cbf_milestones=[1
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    g = p.add_argument_group("protocol (None = the --dataset default, printed at start-up)")
+    p, g = new_parser(__doc__)
     g.add_argument("--dataset", default="cifar100", help="cifar100 | imagenet100 | imagenet | tinyimagenet | "
                    "food101 | cub200 | synthetic | "
                    "cifar100-synthetic (generated, CIFAR-100's shapes, for timing; "
                    "Sec. 4.1: CIFAR-100, ImageNet-Subset, ImageNet)")
-    g.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
-    add_subset_flags(g)  # --classes, --train-per-class, --image-size (laptop protocol, README)
+    add_data_flags(g)  # --data-dir, --classes, --train-per-class, --image-size (laptop protocol, README)
     g.add_argument("--backbone", default=None, help="resnet32 (CIFAR, Sec. 4.1) or a timm name (resnet18 for "
                    "ImageNet, Sec. 4.1)")
     g.add_argument("--base-classes", type=int, default=None, help="classes of phase 0 (Sec. 4.1: half: 50, 500)")

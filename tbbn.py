@@ -64,7 +64,6 @@ Deviations:
   hand). Before c3a5dee (9261ac0) the statistics came from the re-assembled output. bf16 autocast of the layer on
   CUDA is untested here.
 """
-import argparse
 import copy
 import math
 import time
@@ -75,7 +74,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import (AUGMENTATIONS, SHAPES, SMALL_IMAGE_DATASETS, add_subset_flags, eval_batches, indices_of,
+from common.data import (AUGMENTATIONS, SHAPES, SMALL_IMAGE_DATASETS, add_data_flags, eval_batches, indices_of,
                          load_protocol, phase_splits, train_batches)
 from common.dist import per_rank
 from common.evaluation import evaluate, results_from_rows
@@ -84,8 +83,8 @@ from common.memory import (check_budget, class_means, exemplars_per_class, memor
                            select_exemplars)
 from common.models import count_parameters, create_backbone, to_channels_last
 from common.run import (Stage, UserError, add_system_flags, autocast, check_finite, default_out_dir, end_phase,
-                        finish_run, open_run, resolve_defaults, resume_point, run_arms, run_main, seed_everything,
-                        setup_device, write_paired)
+                        finish_run, new_parser, open_run, resolve_defaults, resume_point, run_arms, run_main,
+                        seed_everything, setup_device, write_paired)
 
 HOSTS, NORMS = ("er", "ssil"), ("bn", "tbbn", "cn")
 # Per-dataset defaults; a flag given on the command line wins. Sources: official src/run_cifar100.sh and
@@ -117,13 +116,11 @@ PAPER_RESULTS = {}  # the paper's tables were not available to us: no number fro
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    g = p.add_argument_group("protocol (None = the --dataset default, printed at start-up)")
+    p, g = new_parser(__doc__)
     g.add_argument("--dataset", default="cifar100", help="cifar100 | imagenet100 | tinyimagenet | food101 | "
                    "cub200 | imagenet | synthetic | cifar100-synthetic (generated, CIFAR-100's shapes, for "
                    "timing; official scripts: CIFAR-100, ImageNet-100)")
-    g.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
-    add_subset_flags(g)  # --classes, --train-per-class, --image-size (laptop protocol, README)
+    add_data_flags(g)  # --data-dir, --classes, --train-per-class, --image-size (laptop protocol, README)
     g.add_argument("--backbone", default=None, help="resnet32 (official CIFAR-100) or a timm name (resnet18 for "
                    "ImageNet-100, official)")
     g.add_argument("--base-classes", type=int, default=None, help="classes of task 0 (official --nc-first-task 10)")

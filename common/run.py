@@ -80,6 +80,13 @@ def run_main(main):
 
 
 # ----------------------------------------------------------------------------------------------- flags
+def new_parser(doc: str):
+    """A script's parser (described by the first paragraph of its docstring `doc`) and its protocol group, which
+    the script fills with the flags whose defaults are its paper's protocol. Returns (parser, group)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    return p, p.add_argument_group("protocol (None = the --dataset default, printed at start-up)")
+
+
 def add_system_flags(parser: argparse.ArgumentParser):
     """System flags, identical in every script (no paper source: they change how, not what, is run)."""
     g = parser.add_argument_group("system")
