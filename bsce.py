@@ -56,7 +56,6 @@ Deviations and our design choices (the paper's details beyond the loss are unkno
 - Fixed total memory (--memory-total): ceil(total / seen) exemplars a class, as LUCIR's and FACIL's code.
 - The last partial batch of an epoch wraps around the shuffled order (static shapes for CUDA graphs).
 """
-import argparse
 import copy
 import os
 import time
@@ -65,17 +64,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_subset_flags, apply_class_order, class_order,
-                         indices_of, load_dataset, phase_splits, subset_flags, train_batches)
+from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_data_flags, indices_of, load_protocol, phase_splits,
+                         train_batches)
 from common.dist import per_rank
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep, graph_used
 from common.memory import (check_budget, class_means, exemplars_per_class, extract_features, memory_indices,
                            reduce_memory, select_exemplars)
 from common.models import count_parameters, create_backbone, to_channels_last
-from common.run import (Progress, Stage, UserError, add_system_flags, autocast, default_out_dir, end_phase,
-                        finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_arms, run_main,
-                        seed_everything, set_rng_state, setup_device, start_state, write_paired)
+from common.run import (Stage, UserError, add_system_flags, autocast, check_finite, default_out_dir, end_phase,
+                        finish_run, new_parser, open_run, resolve_defaults, resume_point, run_arms, run_main,
+                        seed_everything, setup_device, write_paired)
 
 # Per-dataset defaults; a flag given on the command line wins. CIFAR and ImageNet rows: LUCIR's protocol
 # (papers.md 1.2, 3.4); the others are not in the paper (ResNet-18, CIFAR or ImageNet schedule).
@@ -102,14 +101,12 @@ ARM_KEYS = ("loss", "rebalance", "rebalance_epochs", "rebalance_lr", "rebalance_
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    g = p.add_argument_group("protocol (None = the --dataset default, printed at start-up)")
+    p, g = new_parser(__doc__)
     g.add_argument("--dataset", default="cifar100", help="cifar100 | imagenet100 | imagenet | tinyimagenet | "
                    "food101 | cub200 | synthetic | "
                    "cifar100-synthetic (generated, CIFAR-100's shapes, for timing; "
                    "abstract: CIFAR100, ImageNet-Subset, ImageNet)")
-    g.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
-    add_subset_flags(g)  # --classes, --train-per-class, --image-size (laptop protocol, README)
+    add_data_flags(g)  # --data-dir, --classes, --train-per-class, --image-size (laptop protocol, README)
     g.add_argument("--backbone", default=None, help="resnet32 (CIFAR) or a timm name (resnet18 for ImageNet); "
                    "papers.md 3.4")
     g.add_argument("--base-classes", type=int, default=None, help="classes of phase 0 (papers.md 3.4: 50 B50)")
@@ -297,7 +294,6 @@ def train_phase(model, old_model, data, train_idx, counts, num_old, lam, args, d
     stage = Stage(args, label, model, optimizer, scheduler, epochs)  # in-phase checkpoints, resume, SIGTERM
     step = make_step(model, old_model, optimizer, counts.to(device), num_old, lam, args, device, loss_name)
     captured = CapturedStep(step, device, enabled=not args.no_graph, optimizer=optimizer)
-    progress = Progress(epochs, f"  {label} epoch")
     for epoch in stage.epochs():
         model.train()
         if freeze_bn:  # rebalancing: BN statistics frozen (LUCIR CBF)
@@ -308,12 +304,9 @@ def train_phase(model, old_model, data, train_idx, counts, num_old, lam, args, d
         scheduler.step()
         loss_sum, correct = stats.tolist()  # one host sync per epoch
         steps = -(-len(train_idx) // args.batch_size)
-        if not torch.isfinite(torch.tensor(loss_sum)):
-            raise UserError(f"loss is NaN in {label} epoch {epoch + 1}; the last finished phase stays in the "
-                            "checkpoint (try a lower --lr, or --no-amp)")
-        progress.update(epoch + 1, f"loss {loss_sum / steps:.3f} train-acc "
-                        f"{100 * correct / (steps * per_rank(args.batch_size)):.1f} "  # torchrun: one rank's count
-                        f"{stage.images_per_s():.0f} img/s")
+        check_finite(loss_sum, f"{label} epoch {epoch + 1}")
+        stage.report(epoch, f"loss {loss_sum / steps:.3f} train-acc "
+                     f"{100 * correct / (steps * per_rank(args.batch_size)):.1f}")  # torchrun: one rank's count
         stage.state["train_loss"] = loss_sum / steps  # kept in the in-phase checkpoint
     return stage.images_per_s(), stage.train_s, stage.state["train_loss"]
 
@@ -360,25 +353,20 @@ def run(args, shared_base=None):
         raise UserError("--rebalance finetunes on the exemplars; it needs --memory-per-class > 0")
     arm = f"{args.host}_{args.loss}" + ("_rebalance" if args.rebalance else "") + ("_nomem" if memory_free else "")
     args.out_dir = args.out_dir or default_out_dir(f"bsce-{arm}", args)
-    data = load_dataset(args.dataset, args.data_dir, device, args.class_list, **subset_flags(args))
-    splits = phase_splits(data.num_classes, args.base_classes, args.increment)
+    data, splits, order = load_protocol(args, device)
     check_budget(data.num_classes, args.memory_per_class, args.memory_total, allow_zero=True)
-    order = class_order(data.num_classes, args.class_order_seed)
-    apply_class_order(data, order)
     seed_everything(args.seed)
     model = build_model(args, device)
-    ckpt = prepare_out_dir(args.out_dir, args.resume)  # only now: bad input has had its one-line error
-    print(f"BSCE ({arm}): {args.dataset}, {len(splits) - 1} phases after B{args.base_classes}, out: {args.out_dir}")
-    print_args(args)
-    memory, rows, start_phase = {}, [], 0
-    # every arm trains its base phase with plain CE: a pair shares one base phase (papers.md 3.5)
-    ckpt = start_state(ckpt, args, shared_base, ARM_KEYS)
+    # only now, the run folder: bad input has had its one-line error. Every arm trains its base phase with plain
+    # CE: a pair shares one base phase (papers.md 3.5)
+    ckpt = open_run(args, f"BSCE ({arm}): {args.dataset}, {len(splits) - 1} phases after B{args.base_classes}",
+                    shared_base, ARM_KEYS)
     if ckpt is not None:
         for a, b in splits[:ckpt["phase"] + 1]:
             model.classifier.add_classes(b - a)
         model.load_state_dict(ckpt["model"])
-        memory, rows, start_phase = ckpt["memory"], ckpt["rows"], ckpt["phase"] + 1
-        set_rng_state(ckpt["rng"])
+    memory = ckpt["memory"] if ckpt is not None else {}
+    rows, start_phase = resume_point(ckpt)  # after the model's layers: restores the RNG state
     print(f"backbone {args.backbone}: {count_parameters(model.backbone):,} parameters")
     print(f"{'phase':>5} {'classes':>7} {'CNN':>6} {'NME':>6} {'time':>7} {'img/s':>7}")
 
@@ -435,8 +423,8 @@ def run(args, shared_base=None):
         rows.append(row)
         nme = f"{row['nme_acc']:>6.2f}" if means is not None else f"{'-':>6}"
         print(f"{phase:>5} {total:>7} {row['cnn_acc']:>6.2f} {nme} {row['phase_s']:>6.0f}s {ips:>7.0f}")
-        if end_phase(args, rows, {"phase": phase, "model": model.state_dict(), "memory": memory, "rows": rows,
-                                  "rng": rng_state(), "args": vars(args)}, len(splits), shared_base, ARM_KEYS):
+        if end_phase(args, phase, rows, {"model": model.state_dict(), "memory": memory}, len(splits), shared_base,
+                     ARM_KEYS):
             return None
 
     return finish_run(args, "bsce", data, order, device, __file__, t0, results_from_rows(rows), arm=arm,
@@ -459,8 +447,6 @@ def run_paired(args):
     # `out` is made by the first arm's prepare_out_dir, after its write probe (an unwritable folder: one line)
     out = args.out_dir or default_out_dir(f"bsce-paired-{args.paired}-{args.host}", args)
     arms = run_arms(args, run, PAIRS[args.paired], out, shared_base=os.path.join(out, "base_phase.pt"))
-    if arms is None:  # --stop-after: continue later with --resume
-        return None
     return write_paired(out, arms, PAIRS[args.paired][0][0], extra_metrics=("incremental_train_s",),
                         paired=args.paired, host=args.host, dataset=args.dataset, seed=args.seed)
 

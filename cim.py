@@ -58,7 +58,6 @@ Deviations:
   around (static shapes for CUDA graphs). `--paired` runs both arms in full: CIM already differs in the base
   phase (rationals train; new images are compressed at random from epoch 40), so no base phase is shared.
 """
-import argparse
 import copy
 import itertools
 import math
@@ -69,16 +68,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_subset_flags, apply_class_order, class_order,
-                         eval_batches, indices_of, load_dataset, phase_splits, subset_flags, train_batches)
+from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_data_flags, eval_batches, indices_of, load_protocol,
+                         phase_splits, train_batches)
 from common.dist import average_gradients, per_rank, shard
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep
 from common.memory import check_budget, exemplars_per_class, extract_features, herding
 from common.models import count_parameters, create_backbone, to_channels_last
-from common.run import (Progress, Stage, UserError, add_system_flags, autocast, default_out_dir, end_phase,
-                        finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_arms, run_main,
-                        seed_everything, set_rng_state, setup_device, start_state, write_paired)
+from common.run import (Stage, UserError, add_system_flags, autocast, check_finite, default_out_dir, end_phase,
+                        finish_run, new_parser, open_run, resolve_defaults, resume_point, run_arms, run_main,
+                        seed_everything, setup_device, write_paired)
 
 # Per-dataset defaults (cim-*.json); a flag given on the command line wins. tinyimagenet and synthetic are ours.
 R18 = dict(backbone="resnet18")  # official convnet_type
@@ -96,12 +95,10 @@ RELU_DENOMINATOR = (1.19073, 4.39714, 0.9076, 0.34694)  # rational (ours: least 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    g = p.add_argument_group("protocol (None = the --dataset default, printed at start-up)")
+    p, g = new_parser(__doc__)
     g.add_argument("--dataset", default="food101", help="food101 | imagenet100 | imagenet | tinyimagenet | "
                    "synthetic (official configs: Food-101, ImageNet-100, ImageNet-1000)")
-    g.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
-    add_subset_flags(g)
+    add_data_flags(g)  # --data-dir, --classes, --train-per-class, --image-size (laptop protocol, README)
     g.add_argument("--backbone", default=None, help="timm name (official: resnet18; small-input stem for 64 px)")
     g.add_argument("--base-classes", type=int, default=None, help="phase-0 classes (official init_cls 11, 10, 100)")
     g.add_argument("--increment", type=int, default=None, help="new classes a phase (official: 10, 10, 100)")
@@ -436,7 +433,6 @@ def run_stage(model, step_model, data, train_idx, ctx, args, device, *, epochs, 
     stage.state.update(box_table=ctx["box_table"], prob=ctx["prob"])
     captured = CapturedStep(make_step(step_model, optimizer, weights, num_old, args, device, teacher), device,
                             enabled=not args.no_graph, optimizer=optimizer)
-    progress, meta_loss = Progress(epochs, f"  {label} epoch"), float("nan")
     for epoch in stage.epochs():
         if meta is not None and epoch and epoch % args.cam_interval == 0 and stage.step == 0:  # official: refresh
             set_boxes(model, data, ctx["new_idx"], ctx["box_table"], args.tau, device, args.workers)  # CAMs, prob
@@ -463,12 +459,11 @@ def run_stage(model, step_model, data, train_idx, ctx, args, device, *, epochs, 
         scheduler.step()
         loss_sum, correct = stats.tolist()  # one host sync per epoch
         steps = -(-len(train_idx) // args.batch_size)
-        if not math.isfinite(loss_sum) or (meta is not None and meta["iters"] and not math.isfinite(meta_loss)):
-            raise UserError(f"loss is NaN in {label} epoch {epoch + 1}; the last finished phase stays in the "
-                            "checkpoint (try a lower --lr or --meta-lr, or --no-amp)")
+        check_finite(loss_sum + (meta_loss if meta is not None and meta["iters"] else 0.0),
+                     f"{label} epoch {epoch + 1}", "a lower --lr or --meta-lr, or --no-amp")
         acc = 100 * correct / (steps * per_rank(args.batch_size))  # torchrun: counts of one rank's share
-        progress.update(epoch + 1, f"loss {loss_sum / steps:.3f} train-acc {acc:.1f}"
-                        f"{f' meta {meta_loss:.3f}' if meta else ''} {stage.images_per_s():.0f} img/s")
+        stage.report(epoch, f"loss {loss_sum / steps:.3f} train-acc {acc:.1f}"
+                     f"{f' meta {meta_loss:.3f}' if meta else ''}")
     return stage.images_per_s()
 
 
@@ -502,23 +497,17 @@ def run(args):
     if args.eta < 1 or not 0 <= args.tau < 1:
         raise UserError("--eta must be >= 1 and --tau in [0, 1)")
     args.out_dir = args.out_dir or default_out_dir(f"cim-{arm}", args)
-    data = load_dataset(args.dataset, args.data_dir, device, args.class_list, **subset_flags(args))
-    splits = phase_splits(data.num_classes, args.base_classes, args.increment)
+    data, splits, order = load_protocol(args, device)
     check_budget(data.num_classes, 0, args.memory_total)  # fixed total memory: >= 1 image a class at the end
-    order = class_order(data.num_classes, args.class_order_seed)
-    apply_class_order(data, order)
     seed_everything(args.seed)
     model = to_channels_last(build_model(args, splits[0][1]), device)
-    ckpt = prepare_out_dir(args.out_dir, args.resume)  # only now: bad input has had its one-line error
-    print(f"CIM ({arm}): {args.dataset}, {len(splits) - 1} phases after B{args.base_classes}, out: {args.out_dir}")
-    print_args(args)
-    memory, rows, start_phase = {}, [], 0
-    ckpt = start_state(ckpt, args)
+    # only now, the run folder: bad input has had its one-line error
+    ckpt = open_run(args, f"CIM ({arm}): {args.dataset}, {len(splits) - 1} phases after B{args.base_classes}")
     if ckpt is not None:
         model = to_channels_last(build_model(args, splits[ckpt["phase"]][1]), device)
         model.load_state_dict(ckpt["model"])
-        memory, rows, start_phase = ckpt["memory"], ckpt["rows"], ckpt["phase"] + 1
-        set_rng_state(ckpt["rng"])
+    memory = ckpt["memory"] if ckpt is not None else {}
+    rows, start_phase = resume_point(ckpt)  # after the model's layers: restores the RNG state
     print(f"backbone {args.backbone}: {count_parameters(model.backbones[0]):,} parameters")
     print(f"{'phase':>5} {'classes':>7} {'CNN':>6} {'NME':>6} {'teacher':>7} {'ex/cls':>6} {'time':>7}")
     size = data.image_size
@@ -575,8 +564,7 @@ def run(args):
         rows.append(row)
         print(f"{phase:>5} {total:>7} {row['cnn_acc']:>6.2f} {row['nme_acc']:>6.2f} {teacher_acc:>7.2f} "
               f"{row['exemplars_mean']:>6.1f} {row['phase_s']:>6.0f}s")
-        if end_phase(args, rows, {"phase": phase, "model": model.state_dict(), "memory": memory, "rows": rows,
-                                  "rng": rng_state(), "args": vars(args)}, len(splits)):
+        if end_phase(args, phase, rows, {"model": model.state_dict(), "memory": memory}, len(splits)):
             return None
 
     return finish_run(args, "cim", data, order, device, __file__, t0, results_from_rows(rows), arm=arm,

@@ -54,15 +54,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import (SHAPES, add_subset_flags, apply_class_order, augment, class_order, indices_of,
-                         load_dataset, phase_splits, subset_flags, train_batches)
+from common.data import SHAPES, add_data_flags, augment, indices_of, load_protocol, phase_splits, train_batches
 from common.dist import per_rank
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep
 from common.models import count_parameters, create_backbone, stage_features, to_channels_last
-from common.run import (Progress, Stage, UserError, add_system_flags, autocast, default_out_dir, end_phase,
-                        finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_arms, run_main,
-                        seed_everything, set_rng_state, setup_device, start_state, write_paired)
+from common.run import (Stage, UserError, add_system_flags, autocast, check_finite, default_out_dir, end_phase,
+                        finish_run, new_parser, open_run, resolve_defaults, resume_point, run_arms, run_main,
+                        seed_everything, setup_device, write_paired)
 
 # Per-dataset defaults (a flag given wins): CIFAR-100 official config/examples (papers.md 5.3); the rest ours.
 _CIFAR = dict(data_dir="data", backbone="resnet18", base_classes=50, increment=10, epochs=100,
@@ -81,12 +80,10 @@ GAN_PARTS = ("g", "g_ema", "d", "ada")  # what a checkpoint holds of the GAN
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    g = p.add_argument_group("protocol (None = the --dataset default, printed at start-up)")
+    p, g = new_parser(__doc__)
     g.add_argument("--dataset", default="cifar100", help="cifar100 (official config) | tinyimagenet | cub200 | "
                    "synthetic | cifar100-synthetic (generated, CIFAR-100's shapes, for timing)")
-    g.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
-    add_subset_flags(g)  # --classes, --train-per-class, --image-size (laptop protocol, README)
+    add_data_flags(g)  # --data-dir, --classes, --train-per-class, --image-size (laptop protocol, README)
     g.add_argument("--backbone", default=None, help="timm ResNet (official: ResNet-18, 3x3 stem, no max-pool)")
     g.add_argument("--base-classes", type=int, default=None, help="classes of task 0 (official config: 50)")
     g.add_argument("--increment", type=int, default=None, help="new classes a task (official config: 10)")
@@ -438,7 +435,6 @@ def train_classifier(model, old_model, prev_g, data, train_idx, num_old, bounds,
     stage = Stage(args, label, both, optimizer, scheduler, args.epochs)  # in-task checkpoints, SIGTERM
     step = CapturedStep(make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, args, device),
                         device, enabled=not args.no_graph, optimizer=optimizer)
-    progress = Progress(args.epochs, f"  {label} epoch")
     for epoch in stage.epochs():
         both.train()  # official freeze_bn=false: the old model runs in train mode
         stats = stage.running(torch.zeros(5, device=device))
@@ -446,11 +442,9 @@ def train_classifier(model, old_model, prev_g, data, train_idx, num_old, bounds,
             stats += step(x, y)
         scheduler.step()
         loss, ce, kd, feat, correct = (stats / -(-len(train_idx) // args.batch_size)).tolist()  # one host sync
-        if not math.isfinite(loss):
-            raise UserError(f"loss is NaN in {label} epoch {epoch + 1}; the last finished task stays in the "
-                            "checkpoint (try a lower --lr, or --no-amp)")
-        progress.update(epoch + 1, f"loss {loss:.3f} (ce {ce:.3f} kd {kd:.3f} feat {feat:.3f}) train-acc "
-                        f"{100 * correct / per_rank(args.batch_size):.1f} {stage.images_per_s():.0f} img/s")
+        check_finite(loss, f"{label} epoch {epoch + 1}")
+        stage.report(epoch, f"loss {loss:.3f} (ce {ce:.3f} kd {kd:.3f} feat {feat:.3f}) train-acc "
+                     f"{100 * correct / per_rank(args.batch_size):.1f}")
     return stage.images_per_s()
 
 
@@ -530,7 +524,6 @@ def train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, d
     # official ema_rampup counts epochs / 4 x the classifier loader's batches (32): half the GAN steps at 64
     ramp = horizon / max(batch * epochs / 4 * -(-len(train_idx) // args.batch_size), 1)
     g_params, ema_params = list(g.parameters()), list(g_ema.parameters())
-    progress = Progress(epochs, f"  {label} GAN epoch")
     sign_sum = stage.state["sign_sum"] = stage.state.get("sign_sum", torch.zeros(())).to(device)  # ADA's window
     for epoch in stage.epochs():
         stats = stage.running(torch.zeros(5, device=device))
@@ -551,10 +544,9 @@ def train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, d
                            args.ada_max)
                 sign_sum.zero_()
         d_loss, sign, g_loss, g_gan, g_dist = (stats / max(per_epoch, 1)).tolist()
-        if not math.isfinite(d_loss + g_loss):
-            raise UserError(f"GAN loss is NaN in {label} GAN epoch {epoch + 1} (try a lower --gan-lr)")
-        progress.update(epoch + 1, f"D {d_loss:.3f} G {g_gan:.3f} dist {g_dist:.4f} sign(D real) {sign:+.2f} "
-                        f"p {ada.p.item():.3f} {stage.images_per_s():.0f} img/s")
+        check_finite(d_loss + g_loss, f"{label} GAN epoch {epoch + 1}", "a lower --gan-lr")
+        stage.report(epoch, f"D {d_loss:.3f} G {g_gan:.3f} dist {g_dist:.4f} sign(D real) {sign:+.2f} "
+                     f"p {ada.p.item():.3f}")
     return stage.images_per_s()
 
 
@@ -613,12 +605,9 @@ def run(args, shared_base=None):
         raise UserError("--gan-batch-size must be even and --replay-fraction in (0, 1)")
     arm = "no_replay" if args.no_replay else ("genifer_no_ada" if args.no_ada else "genifer")
     args.out_dir = args.out_dir or default_out_dir(f"genifer-{arm}", args)
-    data = load_dataset(args.dataset, args.data_dir, device, args.class_list, **subset_flags(args))
+    data, splits, order = load_protocol(args, device)
     if args.dataset == "cifar100":  # official constants.py
         data.mean, data.std = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)
-    splits = phase_splits(data.num_classes, args.base_classes, args.increment)
-    order = class_order(data.num_classes, args.class_order_seed)
-    apply_class_order(data, order)
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (data.mean, data.std))
     bounds = ((0 - mean) / std, (1 - mean) / std)  # official: generated images clamped to the valid range
     seed_everything(args.seed)
@@ -626,18 +615,15 @@ def run(args, shared_base=None):
     gan = None if args.no_replay else build_gan(args, data, model, device)
     if gan is not None and min(len(indices_of(data.train_y, a, b)) for a, b in splits) < args.gan_batch_size:
         raise UserError(f"--gan-batch-size {args.gan_batch_size} exceeds the training images of a task")
-    ckpt = prepare_out_dir(args.out_dir, args.resume)  # only now: bad input has had its one-line error
-    print(f"Genifer ({arm}): {args.dataset}, {len(splits) - 1} tasks after B{args.base_classes}, out: {args.out_dir}")
-    print_args(args)
-    rows, start_phase = [], 0
-    ckpt = start_state(ckpt, args, shared_base, ARM_KEYS)  # a no-replay arm reuses Genifer's task 0
+    # only now, the run folder: bad input has had its one-line error. A no-replay arm reuses Genifer's task 0
+    ckpt = open_run(args, f"Genifer ({arm}): {args.dataset}, {len(splits) - 1} tasks after B{args.base_classes}",
+                    shared_base, ARM_KEYS)
     if ckpt is not None:
         model.add_classes(splits[ckpt["phase"]][1])
         model.load_state_dict(ckpt["model"])
         for k in GAN_PARTS if gan else ():
             gan[k].load_state_dict(ckpt["gan"][k])
-        rows, start_phase = ckpt["rows"], ckpt["phase"] + 1
-        set_rng_state(ckpt["rng"])
+    rows, start_phase = resume_point(ckpt)  # after the model's layers: restores the RNG state
     print(f"backbone {args.backbone}: {count_parameters(model.backbone):,} parameters" + ("" if gan is None else
           f"; generator {count_parameters(gan['g']):,}, discriminator {count_parameters(gan['d']):,}"))
     print(f"{'task':>5} {'classes':>7} {'CNN':>6} {'time':>7} {'img/s':>7} {'GAN img/s':>9}")
@@ -661,9 +647,9 @@ def run(args, shared_base=None):
                "gan_img_per_s": gan_ips, "ada_p": None if gan is None else gan["ada"].p.item()}
         rows.append(row)
         print(f"{phase:>5} {total:>7} {row['cnn_acc']:>6.2f} {row['phase_s']:>6.0f}s {ips:>7.0f} {gan_ips:>9.0f}")
-        state = {"phase": phase, "model": model.state_dict(), "rows": rows, "rng": rng_state(), "args": vars(args),
-                 "gan": None if gan is None else {k: gan[k].state_dict() for k in GAN_PARTS}}
-        if end_phase(args, rows, state, len(splits), shared_base if gan else None, ARM_KEYS):  # Genifer writes task 0
+        gan_state = None if gan is None else {k: gan[k].state_dict() for k in GAN_PARTS}
+        if end_phase(args, phase, rows, {"model": model.state_dict(), "gan": gan_state}, len(splits),
+                     shared_base if gan else None, ARM_KEYS):  # Genifer writes task 0
             return None
 
     n = count_parameters(gan["g_ema"]) if gan else 0  # exemplar-free accounting: what the replay memory costs
@@ -683,8 +669,6 @@ def run_paired(args):
     out = args.out_dir or default_out_dir(f"genifer-paired-{args.paired}", args)
     shared_base = os.path.join(out, "task0.pt") if args.paired == "replay" else None
     arms = run_arms(args, run, reversed(PAIRS[args.paired]), out, shared_base=shared_base)  # Genifer first
-    if arms is None:  # --stop-after: continue later with --resume
-        return None
     return write_paired(out, arms, PAIRS[args.paired][0][0], extra_metrics=("generator_bytes",),
                         paired=args.paired, dataset=args.dataset, seed=args.seed)
 

@@ -57,17 +57,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_subset_flags, apply_class_order, class_order,
-                         indices_of, load_dataset, phase_splits, subset_flags, train_batches)
+from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_data_flags, indices_of, load_protocol, phase_splits,
+                         train_batches)
 from common.dist import per_rank
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep, graph_used
 from common.memory import (NME_VIEWS, check_budget, class_means, exemplars_per_class, extract_features,
                            memory_indices, reduce_memory, select_exemplars)
 from common.models import count_parameters, create_backbone, to_channels_last
-from common.run import (Progress, Stage, UserError, add_system_flags, autocast, default_out_dir, end_phase,
-                        finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_main,
-                        seed_everything, set_rng_state, setup_device, start_state)
+from common.run import (Stage, add_system_flags, autocast, check_finite, default_out_dir, end_phase, finish_run,
+                        new_parser, open_run, resolve_defaults, resume_point, run_main, seed_everything, setup_device)
 
 # Per-dataset defaults; a flag given on the command line wins. Sources: paper Sec. 4.1, official run.sh.
 DATASET_DEFAULTS = {
@@ -95,14 +94,12 @@ SMOKE = dict(dataset="synthetic", batch_size=32, cbf_epochs=1, cbf_milestones=[1
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    g = p.add_argument_group("protocol (None = the --dataset default, printed at start-up)")
+    p, g = new_parser(__doc__)
     g.add_argument("--dataset", default="cifar100", help="cifar100 | imagenet100 | imagenet | tinyimagenet | "
                    "food101 | cub200 | synthetic | "
                    "cifar100-synthetic (generated, CIFAR-100's shapes, for timing; "
                    "Sec. 4.1: CIFAR-100, ImageNet-Subset, ImageNet)")
-    g.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
-    add_subset_flags(g)  # --classes, --train-per-class, --image-size (laptop protocol, README)
+    add_data_flags(g)  # --data-dir, --classes, --train-per-class, --image-size (laptop protocol, README)
     g.add_argument("--backbone", default=None, help="resnet32 (CIFAR, Sec. 4.1) or a timm name (resnet18 for "
                    "ImageNet, Sec. 4.1)")
     g.add_argument("--base-classes", type=int, default=None, help="classes of phase 0 (Sec. 4.1: half: 50, 500)")
@@ -254,7 +251,6 @@ def train_phase(model, old_model, data, train_idx, num_old, lam, args, device, *
     stage = Stage(args, label, model, optimizer, scheduler, epochs)  # in-phase checkpoints, resume, SIGTERM
     step = make_step(model, old_model, optimizer, num_old, lam, args, device)
     captured = CapturedStep(step, device, enabled=not args.no_graph, optimizer=optimizer)
-    progress = Progress(epochs, f"  {label} epoch")
     for epoch in stage.epochs():
         model.train()
         if freeze_bn:  # CBF: BN statistics frozen (official cbf_..._imagenet.py)
@@ -265,12 +261,9 @@ def train_phase(model, old_model, data, train_idx, num_old, lam, args, device, *
         scheduler.step()
         loss_sum, correct = stats.tolist()  # one host sync per epoch
         steps = -(-len(train_idx) // args.batch_size)
-        if not torch.isfinite(torch.tensor(loss_sum)):
-            raise UserError(f"loss is NaN in {label} epoch {epoch + 1}; the last finished phase stays in the "
-                            "checkpoint (try a lower --lr, or --no-amp)")
-        progress.update(epoch + 1, f"loss {loss_sum / steps:.3f} train-acc "
-                        f"{100 * correct / (steps * per_rank(args.batch_size)):.1f} "  # torchrun: one rank's count
-                        f"{stage.images_per_s():.0f} img/s")
+        check_finite(loss_sum, f"{label} epoch {epoch + 1}")
+        stage.report(epoch, f"loss {loss_sum / steps:.3f} train-acc "
+                     f"{100 * correct / (steps * per_rank(args.batch_size)):.1f}")  # torchrun: one rank's count
         stage.state["train_loss"] = loss_sum / steps  # kept in the in-phase checkpoint
     return stage.images_per_s(), stage.state["train_loss"]
 
@@ -315,26 +308,20 @@ def main(argv=None):
     args = parse_args(argv)
     device = setup_device(args)
     args.out_dir = args.out_dir or default_out_dir("lucir", args)
-    data = load_dataset(args.dataset, args.data_dir, device, args.class_list, **subset_flags(args))
-    splits = phase_splits(data.num_classes, args.base_classes, args.increment)
+    data, splits, order = load_protocol(args, device)
     check_budget(data.num_classes, args.memory_per_class, args.memory_total)
-    order = class_order(data.num_classes, args.class_order_seed)
-    apply_class_order(data, order)
     seed_everything(args.seed)
     small = args.dataset in SMALL_IMAGE_DATASETS and args.backbone != "resnet32"
     model = LUCIRNet(create_backbone(args.backbone, last_relu=False, small_input=small))  # Sec. 4.1: no last ReLU
     model = to_channels_last(model, device)
-    ckpt = prepare_out_dir(args.out_dir, args.resume)  # only now: bad input has had its one-line error
-    print(f"LUCIR: {args.dataset}, {len(splits) - 1} phases after B{args.base_classes}, out: {args.out_dir}")
-    print_args(args)
-    memory, rows, start_phase = {}, [], 0
-    ckpt = start_state(ckpt, args)
+    # only now, the run folder: bad input has had its one-line error
+    ckpt = open_run(args, f"LUCIR: {args.dataset}, {len(splits) - 1} phases after B{args.base_classes}")
     if ckpt is not None:
         for a, b in splits[:ckpt["phase"] + 1]:
             model.classifier.add_classes(b - a)
         model.load_state_dict(ckpt["model"])
-        memory, rows, start_phase = ckpt["memory"], ckpt["rows"], ckpt["phase"] + 1
-        set_rng_state(ckpt["rng"])
+    memory = ckpt["memory"] if ckpt is not None else {}
+    rows, start_phase = resume_point(ckpt)  # after the model's layers: restores the RNG state
     print(f"backbone {args.backbone}: {count_parameters(model.backbone):,} parameters")
     print(f"{'phase':>5} {'classes':>7} {'CNN':>6} {'NME':>6} {'time':>7} {'img/s':>7}")
 
@@ -378,8 +365,7 @@ def main(argv=None):
         rows.append(row)
         print(f"{phase:>5} {total:>7} {row['cnn_acc']:>6.2f} {row['nme_acc']:>6.2f} {row['phase_s']:>6.0f}s "
               f"{ips:>7.0f}")
-        if end_phase(args, rows, {"phase": phase, "model": model.state_dict(), "memory": memory, "rows": rows,
-                                  "rng": rng_state(), "args": vars(args)}, len(splits)):
+        if end_phase(args, phase, rows, {"model": model.state_dict(), "memory": memory}, len(splits)):
             return
 
     finish_run(args, "lucir", data, order, device, __file__, t0, results_from_rows(rows),

@@ -64,7 +64,6 @@ Deviations:
   hand). Before c3a5dee (9261ac0) the statistics came from the re-assembled output. bf16 autocast of the layer on
   CUDA is untested here.
 """
-import argparse
 import copy
 import math
 import time
@@ -75,18 +74,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import (AUGMENTATIONS, SHAPES, SMALL_IMAGE_DATASETS, add_subset_flags, apply_class_order,
-                         class_order, eval_batches, indices_of, load_dataset, phase_splits, subset_flags,
-                         train_batches)
+from common.data import (AUGMENTATIONS, SHAPES, SMALL_IMAGE_DATASETS, add_data_flags, eval_batches, indices_of,
+                         load_protocol, phase_splits, train_batches)
 from common.dist import per_rank
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep, graph_used
 from common.memory import (check_budget, class_means, exemplars_per_class, memory_indices, reduce_memory,
                            select_exemplars)
 from common.models import count_parameters, create_backbone, to_channels_last
-from common.run import (Progress, Stage, UserError, add_system_flags, autocast, default_out_dir, end_phase,
-                        finish_run, prepare_out_dir, print_args, resolve_defaults, rng_state, run_arms, run_main,
-                        seed_everything, set_rng_state, setup_device, start_state, write_paired)
+from common.run import (Stage, UserError, add_system_flags, autocast, check_finite, default_out_dir, end_phase,
+                        finish_run, new_parser, open_run, resolve_defaults, resume_point, run_arms, run_main,
+                        seed_everything, setup_device, write_paired)
 
 HOSTS, NORMS = ("er", "ssil"), ("bn", "tbbn", "cn")
 # Per-dataset defaults; a flag given on the command line wins. Sources: official src/run_cifar100.sh and
@@ -118,13 +116,11 @@ PAPER_RESULTS = {}  # the paper's tables were not available to us: no number fro
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    g = p.add_argument_group("protocol (None = the --dataset default, printed at start-up)")
+    p, g = new_parser(__doc__)
     g.add_argument("--dataset", default="cifar100", help="cifar100 | imagenet100 | tinyimagenet | food101 | "
                    "cub200 | imagenet | synthetic | cifar100-synthetic (generated, CIFAR-100's shapes, for "
                    "timing; official scripts: CIFAR-100, ImageNet-100)")
-    g.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
-    add_subset_flags(g)  # --classes, --train-per-class, --image-size (laptop protocol, README)
+    add_data_flags(g)  # --data-dir, --classes, --train-per-class, --image-size (laptop protocol, README)
     g.add_argument("--backbone", default=None, help="resnet32 (official CIFAR-100) or a timm name (resnet18 for "
                    "ImageNet-100, official)")
     g.add_argument("--base-classes", type=int, default=None, help="classes of task 0 (official --nc-first-task 10)")
@@ -393,7 +389,6 @@ def train_phase(model, old_model, data, splits, phase, memory, held_out, args, d
     stage = Stage(args, f"phase {phase}", model, optimizer, scheduler, args.epochs)  # in-phase checkpoints, SIGTERM
     step = make_step(model, old_model, optimizer, splits, phase, per_rank(n_current), args, device)  # torchrun
     captured = CapturedStep(step, device, enabled=not args.no_graph, optimizer=optimizer)
-    progress = Progress(args.epochs, f"  phase {phase} epoch")
     best = stage.state.setdefault("best", {"val_loss": math.inf, "best_epoch": None})  # kept in the checkpoint
     for epoch in stage.epochs():
         model.train()
@@ -409,9 +404,7 @@ def train_phase(model, old_model, data, splits, phase, memory, held_out, args, d
             stats += captured(x, y)
         scheduler.step()
         loss_sum, correct = stats.tolist()  # one host sync per epoch
-        if not math.isfinite(loss_sum):
-            raise UserError(f"loss is NaN in phase {phase} epoch {epoch + 1}; the last finished phase stays in "
-                            "the checkpoint (try a lower --lr, or --no-amp)")
+        check_finite(loss_sum, f"phase {phase} epoch {epoch + 1}")
         accuracy = 100 * correct / (steps * per_rank(args.batch_size))
         val = ""
         if len(val_idx):
@@ -420,8 +413,7 @@ def train_phase(model, old_model, data, splits, phase, memory, held_out, args, d
                 best = stage.state["best"] = {"val_loss": val_loss, "best_epoch": epoch + 1, "state": {
                     k: v.detach().clone() for k, v in model.state_dict().items()}}
             val = f" val-loss {val_loss:.3f}"
-        progress.update(epoch + 1, f"loss {loss_sum / steps:.3f} train-acc {accuracy:.1f}{val} "
-                        f"{stage.images_per_s():.0f} img/s")
+        stage.report(epoch, f"loss {loss_sum / steps:.3f} train-acc {accuracy:.1f}{val}")
         stage.state["train_loss"] = loss_sum / steps
     if "state" in best:  # FACIL: the task ends with the lowest-validation-loss model
         model.load_state_dict(best.pop("state"))
@@ -460,24 +452,17 @@ def run(args, device, t0=None):
     """One host + norm run over all phases (= tasks); returns the results dict (also in results.json), or None
     after --stop-after."""
     t0 = t0 or time.time()
-    data = load_dataset(args.dataset, args.data_dir, device, args.class_list, **subset_flags(args))
-    splits = phase_splits(data.num_classes, args.base_classes, args.increment)
+    data, splits, order = load_protocol(args, device)
     check_budget(data.num_classes, args.memory_per_class, args.memory_total)
-    order = class_order(data.num_classes, args.class_order_seed)
-    apply_class_order(data, order)
     held_out = validation_split(data.train_y, args.validation, args.seed)  # FACIL: the same split for all tasks
     seed_everything(args.seed)
     model = to_channels_last(build_model(args, data.num_classes), device)  # checks --cn-groups before any output
-    ckpt = prepare_out_dir(args.out_dir, args.resume)
-    print(f"TBBN: host {args.host}, norm {args.norm}, {args.dataset}, {len(splits)} tasks, batch "
-          f"{args.batch_size - args.batch_memory}+{args.batch_memory}, out: {args.out_dir}")
-    print_args(args)
-    memory, rows, start_phase = {}, [], 0
-    ckpt = start_state(ckpt, args)
+    ckpt = open_run(args, f"TBBN: host {args.host}, norm {args.norm}, {args.dataset}, {len(splits)} tasks, batch "
+                    f"{args.batch_size - args.batch_memory}+{args.batch_memory}")
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        memory, rows, start_phase = ckpt["memory"], ckpt["rows"], ckpt["phase"] + 1
-        set_rng_state(ckpt["rng"])
+    memory = ckpt["memory"] if ckpt is not None else {}
+    rows, start_phase = resume_point(ckpt)  # restores the RNG state
     print(f"backbone {args.backbone}: {count_parameters(model.backbone):,} parameters, norm layers: {args.norm}")
     print(f"{'phase':>5} {'classes':>7} {'r':>3} {'CNN':>6} {'NME':>6} {'time':>7} {'img/s':>7}")
 
@@ -505,8 +490,7 @@ def run(args, device, t0=None):
         rows.append(row)
         print(f"{phase:>5} {total:>7} {r:>3} {row['cnn_acc']:>6.2f} {row['nme_acc']:>6.2f} {row['phase_s']:>6.0f}s "
               f"{trained['train_img_per_s']:>7.0f}")
-        if end_phase(args, rows, {"phase": phase, "model": model.state_dict(), "memory": memory, "rows": rows,
-                                  "rng": rng_state(), "args": vars(args)}, len(splits)):
+        if end_phase(args, phase, rows, {"model": model.state_dict(), "memory": memory}, len(splits)):
             return None
 
     return finish_run(args, "tbbn", data, order, device, __file__, t0, results_from_rows(rows), host=args.host,
@@ -528,9 +512,9 @@ def main(argv=None):
     norms = args.paired or ["bn", "tbbn"]
     root = args.out_dir or default_out_dir(f"tbbn-{args.host}-paired", args)
     arms = run_arms(args, run, [(norm, {"norm": norm}) for norm in norms], root, device=device)
-    if arms is not None:  # None: stopped (--stop-after), continue with --resume
-        write_paired(root, arms, "bn" if "bn" in arms else norms[0], host=args.host, dataset=args.dataset,
-                     seed=args.seed)
+    # arms None (stopped by --stop-after, continue with --resume): nothing is written
+    write_paired(root, arms, "bn" if "bn" in norms else norms[0], host=args.host, dataset=args.dataset,
+                 seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -265,9 +265,11 @@ def synthetic(num_classes=20, train_per_class=24, test_per_class=8, size=32, see
 
 
 # ----------------------------------------------------------------------------------------------- subsets
-def add_subset_flags(group):
-    """--classes, --train-per-class, --image-size: the same smaller problem in every script (laptop protocol,
-    README). They change the numbers, so they are protocol flags and results.json records them (in `args`)."""
+def add_data_flags(group):
+    """--data-dir, then --classes, --train-per-class, --image-size: the same smaller problem in every script (laptop
+    protocol, README). They change the numbers, so they are protocol flags and results.json records them (in
+    `args`). Each script adds its own --dataset (with the paper's datasets) before them."""
+    group.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
     group.add_argument("--classes", type=int, default=None, metavar="N", help="keep only the first N classes of "
                        "the dataset's own sorted class list (Tiny-ImageNet: sorted wnids), before the class order "
                        "is drawn; base + phases must add up to N (default: all classes)")
@@ -349,6 +351,15 @@ def load_dataset(name: str, data_dir: str, device: torch.device, class_list=None
     if data.on_device:
         data.train_x, data.test_x = data.train_x.to(device), data.test_x.to(device)
     return data
+
+
+def load_protocol(args, device: torch.device):
+    """What every script starts from: the --dataset (with the subset flags) on `device`, its phases (--base-classes,
+    --increment) and the class order of --class-order-seed applied to its labels. Returns (data, splits, order)."""
+    data = load_dataset(args.dataset, args.data_dir, device, args.class_list, **subset_flags(args))
+    splits = phase_splits(data.num_classes, args.base_classes, args.increment)
+    order = class_order(data.num_classes, args.class_order_seed)
+    return apply_class_order(data, order), splits, order
 
 
 # ----------------------------------------------------------------------------------------------- batches

@@ -86,6 +86,13 @@ def run_main(main):
 
 
 # ----------------------------------------------------------------------------------------------- flags
+def new_parser(doc: str):
+    """A script's parser (described by the first paragraph of its docstring `doc`) and its protocol group, which
+    the script fills with the flags whose defaults are its paper's protocol. Returns (parser, group)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    return p, p.add_argument_group("protocol (None = the --dataset default, printed at start-up)")
+
+
 def add_system_flags(parser: argparse.ArgumentParser):
     """System flags, identical in every script (no paper source: they change how, not what, is run)."""
     g = parser.add_argument_group("system")
@@ -345,8 +352,8 @@ def check_resume_args(saved: dict, now: dict):
 def start_state(ckpt, args, shared_base: str = None, arm_keys=()):
     """The phase-end state a run starts from: its own checkpoint (--resume; the settings must match), else the
     base phase of a pair written by the other arm to `shared_base` (every setting but `arm_keys` must match),
-    else None. The caller rebuilds its model, loads the state, then restores `state["rng"]` (after any layer it
-    creates, so the resumed run draws what the uninterrupted one draws)."""
+    else None (scripts reach it through open_run). The caller rebuilds its model, loads the state, then calls
+    resume_point (after any layer it creates, so the resumed run draws what the uninterrupted one draws)."""
     if ckpt is None and shared_base is not None and os.path.exists(shared_base):
         ckpt = torch.load(shared_base, map_location="cpu", weights_only=True)
         if ckpt["base_key"] != _base_key(args, arm_keys):
@@ -358,19 +365,42 @@ def start_state(ckpt, args, shared_base: str = None, arm_keys=()):
     return ckpt
 
 
+def open_run(args, title: str, shared_base: str = None, arm_keys=()):
+    """The start of every run, once bad input has had its one-line error: prepare the run folder
+    (prepare_out_dir), print `title` with the folder and the settings, and return the phase-end state the run
+    starts from (start_state), or None."""
+    ckpt = prepare_out_dir(args.out_dir, args.resume)
+    print(f"{title}, out: {args.out_dir}")
+    print_args(args)
+    return start_state(ckpt, args, shared_base, arm_keys)
+
+
+def resume_point(ckpt) -> tuple:
+    """(rows, first phase to run) of a run starting from the phase-end state `ckpt`; ([], 0) without one. Call it
+    once the model is rebuilt and loaded: it restores the checkpoint's RNG state, so the resumed run draws what the
+    uninterrupted one draws."""
+    if ckpt is None:
+        return [], 0
+    set_rng_state(ckpt["rng"])
+    return ckpt["rows"], ckpt["phase"] + 1
+
+
 def _base_key(args, arm_keys) -> dict:
     return {k: v for k, v in vars(args).items() if k not in set(arm_keys) | set(RUN_ONLY_FLAGS) | {"out_dir"}}
 
 
-def end_phase(args, rows: list, state: dict, num_phases: int, shared_base: str = None, arm_keys=()) -> bool:
+def end_phase(args, phase: int, rows: list, state: dict, num_phases: int, shared_base: str = None,
+              arm_keys=()) -> bool:
     """After each phase: metrics.jsonl, the base phase of a pair for the other arm (`shared_base`, once), the
-    checkpoint `state` (which stops the run here on SIGTERM / Ctrl-C), then --stop-after. Returns True when the run
+    checkpoint (which stops the run here on SIGTERM / Ctrl-C), then --stop-after. The checkpoint holds the
+    script's own `state` (model, memory, ...) and the phase, rows, RNG state and args. Returns True when the run
     stops here (it continues with --resume)."""
+    state = {"phase": phase, **state, "rows": rows, "rng": rng_state(), "args": vars(args)}
     write_metrics(args.out_dir, rows)
-    if state["phase"] == 0 and shared_base is not None and not os.path.exists(shared_base):
+    if phase == 0 and shared_base is not None and not os.path.exists(shared_base):
         _atomic(shared_base, lambda p: torch.save({**state, "base_key": _base_key(args, arm_keys)}, p))
     save_checkpoint(args.out_dir, state)
-    if args.stop_after == state["phase"] and state["phase"] < num_phases - 1:
+    if args.stop_after == phase and phase < num_phases - 1:
         print(f"stopped after phase {state['phase']} (--stop-after); continue with the same flags and --resume")
         return True
     return False
@@ -437,6 +467,9 @@ class Stage:
             for x, y in stage.batches(train_batches(data, idx, args.batch_size, device, args.workers)):
                 stats += captured(x, y)
             scheduler.step()
+            loss_sum, correct = stats.tolist()  # one host sync per epoch
+            check_finite(loss_sum, f"phase {phase} epoch {epoch + 1}")
+            stage.report(epoch, f"loss {loss_sum / steps:.3f}")  # the progress line, with images/s
 
     `optimizer` and `scheduler` may each be one object, a list (e.g. a GAN's two optimisers) or None. A stage
     finished before the checkpoint (e.g. the training before a finetuning stage) is restored whole and runs no
@@ -450,6 +483,7 @@ class Stage:
         self.total_epochs, self.epoch, self.step, self.seen, self.train_s = epochs, 0, 0, 0, 0.0
         self.state, self.epoch_rng, self.step_rng, self._since = {}, None, None, time.time()
         self.stats = self._saved_stats = None
+        self.progress = Progress(epochs, f"  {label} epoch")
         _STAGES_USED.append(label)
         dist.broadcast_state(model)  # torchrun: every rank starts from rank 0's weights (a resume loads the same)
         self.run = _RUNS.setdefault(args.out_dir, {"in_phase": None, "finished": {}, "last_save": time.time(),
@@ -538,6 +572,10 @@ class Stage:
     def images_per_s(self) -> float:
         return self.seen / max(self.train_s + time.time() - self._since, 1e-9)
 
+    def report(self, epoch: int, text: str):
+        """The progress line after `epoch`: `text` (losses, accuracy) and the training images/s."""
+        self.progress.update(epoch + 1, f"{text} {self.images_per_s():.0f} img/s")
+
     def _stop(self):
         self.train_s += time.time() - self._since
         self.step_rng = rng_state()
@@ -615,7 +653,10 @@ PAIRED_METRICS = ("avg_inc_acc", "last_acc", "forgetting", "nme_avg_inc_acc", "n
 
 def write_paired(root: str, arms: dict, baseline: str, extra_metrics=(), **info) -> dict:
     """paired.json for a paired claim: each arm's metrics and its difference to the baseline arm (same seed,
-    data, class order). `arms` maps an arm name to its results dict. Same schema in every script."""
+    data, class order). `arms` maps an arm name to its results dict. Same schema in every script. `arms` None
+    (run_arms after --stop-after; the next --resume continues): nothing is written, returns None."""
+    if arms is None:
+        return None
     keys = PAIRED_METRICS + tuple(extra_metrics)
     paired = {**info, "baseline": baseline, "arms": {n: {k: r.get(k) for k in keys} for n, r in arms.items()},
               "difference": {n: {k: r[k] - arms[baseline][k] for k in keys
@@ -653,6 +694,13 @@ def environment(device: torch.device, script_path: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- progress
+def check_finite(loss: float, where: str, hint: str = "a lower --lr, or --no-amp"):
+    """One line (UserError) when an epoch's loss is NaN or infinite: where (`phase 1 epoch 3`) and what to try."""
+    if not math.isfinite(loss):
+        raise UserError(f"loss is {'NaN' if math.isnan(loss) else loss} in {where}; the last checkpoint in the run "
+                        f"folder is kept (try {hint})")
+
+
 class Progress:
     """A rate/ETA line for long loops: rewritten in place on a terminal, one line per update otherwise."""
 

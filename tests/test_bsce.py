@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import bsce  # noqa: E402
+import common.data  # noqa: E402
 from common.data import apply_class_order, class_order, indices_of, synthetic  # noqa: E402
 from common.memory import memory_indices  # noqa: E402
 
@@ -257,7 +258,7 @@ def imbalanced_synthetic(*_, **__):
 def test_pair_shares_a_ce_base_phase_with_unequal_counts(tmp_path, monkeypatch, capsys):
     """--paired loss on data with unequal class counts: one base phase, trained with CE, shared by both arms
     (identical phase-0 rows); phase 1 differs (CE vs BSCE)."""
-    monkeypatch.setattr(bsce, "load_dataset", imbalanced_synthetic)
+    monkeypatch.setattr(common.data, "load_dataset", imbalanced_synthetic)  # what load_protocol reads
     out = tmp_path / "pair"
     bsce.main(["--smoke", "--device", "cpu", "--paired", "loss", "--epochs", "1", "--milestones", "1",
                "--increment", "10", "--out-dir", str(out)])
