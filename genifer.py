@@ -48,7 +48,6 @@ import copy
 import math
 import os
 import time
-from itertools import islice
 
 import torch
 import torch.nn as nn
@@ -448,13 +447,6 @@ def train_classifier(model, old_model, prev_g, data, train_idx, num_old, bounds,
     return stage.images_per_s()
 
 
-def gan_batches(data, indices, batch_size, device, workers=0):
-    """Real GAN batches: shuffled, un-augmented, last partial batch dropped (official gan_dataloader); large images:
-    the augmented file loader (deviations)."""
-    return islice(train_batches(data, indices, batch_size, device, workers, "none", shard=False),  # torchrun:
-                  len(indices) // batch_size)  # every rank the whole batch (the GAN steps run replicated)
-
-
 def make_gan_steps(gan, model, prev_g, num_old, total, args, device):
     """Official genifer_trainer.prepare_next_training: D and G steps (non-saturating losses; D has a lazy R1 variant, G
     a generator distillation L1) on a frozen eval copy's stage features; new Adam optimisers in `gan` (official: each
@@ -527,7 +519,10 @@ def train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, d
     sign_sum = stage.state["sign_sum"] = stage.state.get("sign_sum", torch.zeros(())).to(device)  # ADA's window
     for epoch in stage.epochs():
         stats = stage.running(torch.zeros(5, device=device))
-        for x, y in stage.batches(gan_batches(data, train_idx, batch, device, args.workers)):
+        # official gan_dataloader: shuffled, un-augmented (large images: the file loader's crops, deviations), the
+        # last partial batch dropped; torchrun: the whole batch on every rank (the GAN steps run replicated)
+        real = train_batches(data, train_idx, batch, device, args.workers, "none", shard=False, drop_last=True)
+        for x, y in stage.batches(real):
             done = epoch * per_epoch + stage.step  # D steps so far this task
             z = torch.randn(batch, g.latent_dim, device=device)
             y_fake = torch.cat([torch.randint(0, max(first, 1), (n_prev,), device=device),

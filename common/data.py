@@ -489,7 +489,7 @@ def _file_batches(data, split, train, batch_size, workers, order, stream="eval",
 
 def train_batches(data: Data, indices: torch.Tensor, batch_size: int, device: torch.device, workers: int = 0,
                   augmentation: str = "crop", stream: str = "train", batch_fn=None, train_transform=None,
-                  shard: bool = True):
+                  shard: bool = True, drop_last: bool = False):
     """One epoch of augmented (x, y) batches of exactly `batch_size` over a shuffled `indices`.
 
     Small images: `augmentation` "crop" (padded random crop + flip), "resized-crop" (`random_resized_crop`) or "none";
@@ -500,7 +500,8 @@ def train_batches(data: Data, indices: torch.Tensor, batch_size: int, device: to
     path (x: normalised float NCHW).
 
     Static shapes (for CUDA graphs): the last partial batch is filled by wrapping around to the start of the
-    permutation, so each sample is seen at least once an epoch and ceil(n / batch_size) steps are taken.
+    permutation, so each sample is seen at least once an epoch and ceil(n / batch_size) steps are taken;
+    `drop_last`: floor(n / batch_size) steps, the partial batch dropped (as a DataLoader with drop_last=True).
 
     Under torchrun (common.dist) `batch_size` stays the global batch: every rank uses rank 0's permutation and
     yields its own 1/N slice of each batch (small images: the global batch is augmented on every rank with
@@ -508,7 +509,7 @@ def train_batches(data: Data, indices: torch.Tensor, batch_size: int, device: to
     each rank decodes only its slice). `shard=False`: every rank gets the whole batch (e.g. a replicated step).
     """
     n = len(indices)
-    steps = -(-n // batch_size)
+    steps = n // batch_size if drop_last else -(-n // batch_size)
     world = dist.world_size() if shard else 1
     if batch_size % world:
         raise UserError(f"a batch of {batch_size} cannot be split over the {world} processes of torchrun; choose "
@@ -529,7 +530,7 @@ def train_batches(data: Data, indices: torch.Tensor, batch_size: int, device: to
                 x, y = dist.local_slice(x), dist.local_slice(y)
             yield to_input(x, data).contiguous(memory_format=torch.channels_last), y
     else:
-        order = indices[perm]
+        order = indices[perm[:steps * batch_size]]
         if world > 1:  # this rank's slice of every global batch, decoded by its own loader
             batch_size //= world
             order = order.view(steps, world, batch_size)[:, dist.rank()].reshape(-1)

@@ -83,6 +83,9 @@ def test_train_batches_without_augmentation_are_the_shuffled_images():
     for (x, y), (x_want, y_want) in zip(batches[:2], eval_batches(data, order[:16], CPU, "train", 8)):
         assert torch.equal(x, x_want) and torch.equal(y, y_want)
     assert len(batches) == 3
+    torch.manual_seed(0)  # drop_last (genifer's GAN batches): the same first two batches, no wrapped third
+    dropped = list(train_batches(data, idx, 8, CPU, augmentation="none", drop_last=True))
+    assert len(dropped) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(dropped, batches))
 
 
 def brute_force_herding(feats, m):

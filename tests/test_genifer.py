@@ -295,8 +295,7 @@ def test_resume_matches_and_no_old_real_image_is_read(paired_run, tmp_path, monk
             seen.append(data.train_y[indices.cpu()])
             return loader(data, indices, *a, **k)
         return wrapped
-    monkeypatch.setattr(genifer, "train_batches", recording(genifer.train_batches))
-    monkeypatch.setattr(genifer, "gan_batches", recording(genifer.gan_batches))
+    monkeypatch.setattr(genifer, "train_batches", recording(genifer.train_batches))  # classifier and GAN loaders
     flags = ["--smoke", "--out-dir", str(out), "--device", "cpu"]
     with pytest.raises(genifer.UserError):
         genifer.main(flags)  # an unfinished run is never overwritten without --resume
