@@ -46,11 +46,18 @@ Deviations:
   computes them and leaves them unused (same result).
 - tinyimagenet, food101, cub200 are not in the paper: ResNet-18 (small-input stem for 64 px) with the CIFAR
   schedule for tinyimagenet and the ImageNet schedule for the others; base phase = about half the classes.
-  NME second view: tinyimagenet follows the CIFAR code (channels), food101 and cub200 the ImageNet code (none);
-  synthetic (smoke) mirrors (hflip): its classes are colour-coded, so a colour swap would show another class.
+  NME second view: the intended mirror (hflip) on tinyimagenet and on CIFAR-100 subsets (--classes,
+  --train-per-class, --image-size), where no paper number depends on the CIFAR code's channel slip (it cost 1.65
+  NME points on the laptop run: 12.42 vs 14.07); food101 and cub200 follow the ImageNet code (none).
+- Ablation ladder (--paired ablation, paper Fig. 7(a), Table L3 of papers.md): arms as the official run.sh
+  builds them. CN = cosine head + imprinting + the code's "mimic score" distillation (--mimic_score:
+  MSE between the old-class cosines of the current and the old model, times the old class count; the paper
+  names Eq. 5, the KD of iCaRL), old embeddings trained (frozen only with --less_forget); CN + LC = Eq. 6 with
+  Eq. 7's lambda, old embeddings frozen; CN + LC + IS = LUCIR (+ Eq. 8). The arms share the base phase.
 """
 import argparse
 import copy
+import os
 import time
 
 import torch
@@ -66,7 +73,8 @@ from common.memory import (NME_VIEWS, check_budget, class_means, exemplars_per_c
                            memory_indices, reduce_memory, select_exemplars)
 from common.models import count_parameters, create_backbone, to_channels_last
 from common.run import (Stage, add_system_flags, autocast, check_finite, default_out_dir, end_phase, finish_run,
-                        new_parser, open_run, resolve_defaults, resume_point, run_main, seed_everything, setup_device)
+                        new_parser, open_run, resolve_defaults, resume_point, run_arms, run_main, seed_everything,
+                        setup_device, write_paired)
 
 # Per-dataset defaults; a flag given on the command line wins. Sources: paper Sec. 4.1, official run.sh.
 DATASET_DEFAULTS = {
@@ -77,7 +85,7 @@ DATASET_DEFAULTS = {
     "imagenet": dict(data_dir="data/imagenet", backbone="resnet18", base_classes=500, increment=100, epochs=90,
                      milestones=[30, 60], weight_decay=1e-4, lambda_base=10.0, cbf=True, nme_view="none"),
     "tinyimagenet": dict(data_dir="data", backbone="resnet18", base_classes=100, increment=10, epochs=160,
-                         milestones=[80, 120], weight_decay=5e-4, lambda_base=5.0, cbf=False, nme_view="channels"),
+                         milestones=[80, 120], weight_decay=5e-4, lambda_base=5.0, cbf=False, nme_view="hflip"),
     "food101": dict(data_dir="data", backbone="resnet18", base_classes=51, increment=10, epochs=90,
                     milestones=[30, 60], weight_decay=1e-4, lambda_base=10.0, cbf=False, nme_view="none"),
     "cub200": dict(data_dir="data", backbone="resnet18", base_classes=100, increment=10, epochs=90,
@@ -127,6 +135,15 @@ def parse_args(argv=None):
     g.add_argument("--margin", type=float, default=0.5, help="margin m of Eq. 8 (Sec. 4.1: 0.5)")
     g.add_argument("--k-hard", type=int, default=2, help="K hardest new classes in Eq. 8 (Sec. 4.1: 2)")
     g.add_argument("--mr-weight", type=float, default=1.0, help="weight of Eq. 8 (official code --lw_mr 1)")
+    g.add_argument("--no-less-forget", action="store_true", help="ablation CN (Fig. 7(a)): no Eq. 6; distil the "
+                   "old-class cosines by MSE instead and train the old embeddings (official run.sh --mimic_score)")
+    g.add_argument("--ms-weight", type=float, default=1.0, help="weight of that MSE, times the old class count "
+                   "(official --lw_ms 1; used only with --no-less-forget)")
+    g.add_argument("--no-margin-ranking", action="store_true", help="ablation: no Eq. 8 (inter-class separation, "
+                   "IS, Fig. 7(a))")
+    g.add_argument("--paired", choices=["ablation"], default=None, help="ablation: the ladder of Fig. 7(a), CN, "
+                   "CN + LC, CN + LC + IS (= LUCIR), sharing the base phase, into --out-dir/<arm>/;\n"
+                   "writes --out-dir/paired.json with each rung minus the one below")
     g.add_argument("--no-imprint", action="store_true", help="skip weight imprinting (official code: on)")
     g.add_argument("--nme-view", choices=NME_VIEWS, default=None, help="second view averaged into the NME class "
                    "means: channels = colour channels reversed (official CIFAR code's \"flipped\" copy), none "
@@ -137,7 +154,12 @@ def parse_args(argv=None):
     g.add_argument("--cbf-lr", type=float, default=0.01, help="CBF learning rate (official code: 0.01)")
     g.add_argument("--cbf-milestones", type=int, nargs="+", default=[10], help="CBF lr /10 at (official: 10)")
     add_system_flags(p)
-    return resolve_defaults(p.parse_args(argv), DATASET_DEFAULTS, SMOKE)
+    args = p.parse_args(argv)
+    subset_view = args.nme_view is None and any((args.classes, args.train_per_class, args.image_size))
+    args = resolve_defaults(args, DATASET_DEFAULTS, SMOKE)
+    if subset_view and args.nme_view == "channels":  # no paper number on a subset: the intended mirror view
+        args.nme_view = "hflip"
+    return args
 
 
 # ----------------------------------------------------------------------------------------------- method modules
@@ -199,6 +221,12 @@ def margin_ranking_loss(cosine: torch.Tensor, targets: torch.Tensor, num_old: in
     return (F.relu(margin - gt + hardest_new) * is_old).sum() / (is_old.sum() * k).clamp(min=1)
 
 
+def mimic_score_loss(cosine: torch.Tensor, old_cosine: torch.Tensor, num_old: int) -> torch.Tensor:
+    """CN's distillation in the official code (--mimic_score, incremental_train_and_eval_MS.py): MSE between the
+    current and the old model's pre-eta cosines of the old classes, times the old class count."""
+    return F.mse_loss(cosine[:, :num_old], old_cosine.detach()) * num_old
+
+
 def adaptive_lambda(lambda_base: float, num_old: int, num_new: int, rule: str = "code") -> float:
     """Eq. 7. Official code: lambda_base * sqrt(old/new); the paper prints sqrt(new/old)."""
     return lambda_base * ((num_old / num_new) if rule == "code" else (num_new / num_old)) ** 0.5
@@ -234,8 +262,13 @@ def make_step(model, old_model, optimizer, num_old, lam, args, device):
         if old_model is not None:
             with torch.no_grad(), autocast(device, amp):
                 old_features = old_model.backbone(x).float()
-            loss = loss + lam * less_forget_loss(features, old_features)      # Eq. 6 weighted by Eq. 7
-            loss = loss + args.mr_weight * margin_ranking_loss(cosine, y, num_old, args.margin, k_hard)  # Eq. 8
+            if args.no_less_forget:  # ablation CN: the official code's score mimicking
+                old_cosine = old_model.classifier.cosine(old_features)
+                loss = loss + args.ms_weight * mimic_score_loss(cosine, old_cosine, num_old)
+            else:
+                loss = loss + lam * less_forget_loss(features, old_features)  # Eq. 6 weighted by Eq. 7
+            if not args.no_margin_ranking:
+                loss = loss + args.mr_weight * margin_ranking_loss(cosine, y, num_old, args.margin, k_hard)  # Eq. 8
         loss.backward()
         optimizer.step()
         return torch.stack([loss.detach(), (logits.argmax(1) == y).float().sum()])
@@ -303,9 +336,11 @@ def bench_step(args, device):
 
 
 # ----------------------------------------------------------------------------------------------- main
-def main(argv=None):
+def run(args, shared_base=None):
+    """One run (or one arm of the ablation ladder): all phases; returns the results dict (also in results.json), or
+    None after --stop-after. `shared_base`: the ladder's base-phase file, loaded when it matches this arm's
+    settings, written after phase 0 otherwise."""
     t0 = time.time()
-    args = parse_args(argv)
     device = setup_device(args)
     args.out_dir = args.out_dir or default_out_dir("lucir", args)
     data, splits, order = load_protocol(args, device)
@@ -315,7 +350,8 @@ def main(argv=None):
     model = LUCIRNet(create_backbone(args.backbone, last_relu=False, small_input=small))  # Sec. 4.1: no last ReLU
     model = to_channels_last(model, device)
     # only now, the run folder: bad input has had its one-line error
-    ckpt = open_run(args, f"LUCIR: {args.dataset}, {len(splits) - 1} phases after B{args.base_classes}")
+    ckpt = open_run(args, f"LUCIR{ARM_NAMES.get(arm_of(args), '')}: {args.dataset}, {len(splits) - 1} phases after "
+                    f"B{args.base_classes}", shared_base, ARM_KEYS)
     if ckpt is not None:
         for a, b in splits[:ckpt["phase"] + 1]:
             model.classifier.add_classes(b - a)
@@ -335,10 +371,10 @@ def main(argv=None):
         if phase > 0:
             if not args.no_imprint:
                 imprint_weights(model, data, first, total, device, args.workers)
-            for head in list(model.classifier.heads)[:-1]:  # official: old embeddings (fc1) get lr 0
-                head.requires_grad_(False)
+            for head in list(model.classifier.heads)[:-1]:  # official: old embeddings (fc1) get lr 0, but only
+                head.requires_grad_(args.no_less_forget)    # with --less_forget (CN trains them)
         lam = 0.0
-        if phase > 0:
+        if phase > 0 and not args.no_less_forget:
             lam = args.lambda_base if args.no_adaptive_lambda else \
                 adaptive_lambda(args.lambda_base, first, total - first, args.lambda_rule)
         train_idx = torch.cat([indices_of(data.train_y, first, total), memory_indices(memory)])
@@ -365,11 +401,39 @@ def main(argv=None):
         rows.append(row)
         print(f"{phase:>5} {total:>7} {row['cnn_acc']:>6.2f} {row['nme_acc']:>6.2f} {row['phase_s']:>6.0f}s "
               f"{ips:>7.0f}")
-        if end_phase(args, phase, rows, {"model": model.state_dict(), "memory": memory}, len(splits)):
-            return
+        if end_phase(args, phase, rows, {"model": model.state_dict(), "memory": memory}, len(splits), shared_base,
+                     ARM_KEYS):
+            return None
 
-    finish_run(args, "lucir", data, order, device, __file__, t0, results_from_rows(rows),
-               graph=graph_used(not args.no_graph, device))
+    return finish_run(args, "lucir", data, order, device, __file__, t0, results_from_rows(rows), arm=arm_of(args),
+                      graph=graph_used(not args.no_graph, device))
+
+
+# The ablation ladder of Fig. 7(a) as the official run.sh builds it (header): arm name -> flag overrides.
+LADDER = (("cn", dict(no_less_forget=True, no_margin_ranking=True)),
+          ("cn_lc", dict(no_less_forget=False, no_margin_ranking=True)),
+          ("cn_lc_is", dict(no_less_forget=False, no_margin_ranking=False)))
+ARM_KEYS = ("no_less_forget", "no_margin_ranking", "ms_weight", "paired")  # what the arms may differ in
+ARM_NAMES = {"cn": " (ablation CN)", "cn_lc": " (ablation CN + LC)"}
+
+
+def arm_of(args) -> str:
+    return "cn" + ("" if args.no_less_forget else "_lc") + ("" if args.no_margin_ranking else "_is")
+
+
+def run_paired(args):
+    """The ladder's arms in turn (same seed, data, class order and base phase); paired.json holds each rung minus
+    the one below it (LC: cn_lc - cn, IS: cn_lc_is - cn_lc)."""
+    out = args.out_dir or default_out_dir("lucir-paired-ablation", args)
+    arms = run_arms(args, run, LADDER, out, shared_base=os.path.join(out, "base_phase.pt"))
+    names = [name for name, _ in LADDER]
+    return write_paired(out, arms, names[0], compare=dict(zip(names[1:], names)), paired=args.paired,
+                        dataset=args.dataset, seed=args.seed)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    return run_paired(args) if args.paired else run(args)
 
 
 if __name__ == "__main__":

@@ -664,21 +664,25 @@ PAIRED_METRICS = ("avg_inc_acc", "last_acc", "forgetting", "nme_avg_inc_acc", "n
                   "wall_s")
 
 
-def write_paired(root: str, arms: dict, baseline: str, extra_metrics=(), **info) -> dict:
+def write_paired(root: str, arms: dict, baseline: str, extra_metrics=(), compare=None, **info) -> dict:
     """paired.json for a paired claim: each arm's metrics and its difference to the baseline arm (same seed,
-    data, class order). `arms` maps an arm name to its results dict. Same schema in every script. `arms` None
+    data, class order), or, for an arm named in `compare` ({arm: its baseline}, e.g. an ablation ladder's rung
+    below it), to that arm. `arms` maps an arm name to its results dict. Same schema in every script. `arms` None
     (run_arms after --stop-after; the next --resume continues): nothing is written, returns None."""
     if arms is None:
         return None
-    keys = PAIRED_METRICS + tuple(extra_metrics)
+    keys, compare = PAIRED_METRICS + tuple(extra_metrics), compare or {}
+    versus = {n: compare.get(n, baseline) for n in arms if n != baseline}
     paired = {**info, "baseline": baseline, "arms": {n: {k: r.get(k) for k in keys} for n, r in arms.items()},
-              "difference": {n: {k: r[k] - arms[baseline][k] for k in keys
-                                 if r.get(k) is not None and arms[baseline].get(k) is not None}
-                             for n, r in arms.items() if n != baseline}}
+              "difference": {n: {k: arms[n][k] - arms[b][k] for k in keys
+                                 if arms[n].get(k) is not None and arms[b].get(k) is not None}
+                             for n, b in versus.items()}}
+    if compare:
+        paired["versus"] = versus
     _atomic(os.path.join(root, "paired.json"), lambda p: open(p, "w").write(json.dumps(paired, indent=1)))
-    print(f"paired (CNN, difference to {baseline}): avg inc / last / forgetting / wall s")
+    print("paired (CNN difference): avg inc / last / forgetting / wall s")
     for name, d in paired["difference"].items():
-        print(f"  {name} - {baseline}: " + " / ".join(f"{d[k]:+.2f}" if k in d else "n/a" for k in
+        print(f"  {name} - {versus[name]}: " + " / ".join(f"{d[k]:+.2f}" if k in d else "n/a" for k in
                                                    ("avg_inc_acc", "last_acc", "forgetting", "wall_s")))
     print(f"paired: {os.path.join(root, 'paired.json')}")
     return paired

@@ -121,8 +121,8 @@ def tables(runs, paired, link_base):
                   "Δ last CNN | Δ forgetting CNN | Δ avg inc NME | reproduced in sign | wall arm / baseline (min) | "
                   "paired |", "|" + "---|" * 12]
     for setting, ps in paired.items():
-        base = ps[0]["baseline"]
         for arm in ps[0]["difference"]:
+            base = ps[0].get("versus", {}).get(arm, ps[0]["baseline"])  # a ladder: the rung below
             d = [p["difference"].get(arm, {}) for p in ps]
             walls = [(p["arms"][arm].get("wall_s") or 0, p["arms"][base].get("wall_s") or 0) for p in ps]
             lines.append(

@@ -122,6 +122,65 @@ def test_make_step_loss_is_the_sum_of_the_script_losses():
          + 0.7 * margin_ranking_loss(cosine, y, 4, 0.5, 2)).item())  # the flags change the value
 
 
+def test_ablation_arms_switch_off_exactly_their_terms():
+    """The ladder of Fig. 7(a) on one fixed batch: CN = CE + the code's score mimicking (no Eq. 6, no Eq. 8), CN + LC
+    = CE + Eq. 6, CN + LC + IS = CE + Eq. 6 + Eq. 8; each term is non-zero here, so a term left on or off shows."""
+    model, old_model = tiny_models()
+    x, y = torch.randn(8, 3, 4, 4), torch.tensor([0, 1, 4, 5, 2, 5, 4, 3])
+    model.train()
+    with torch.no_grad():
+        features = model.backbone(x)
+        cosine = model.classifier.cosine(features)
+        ce = F.cross_entropy(model.classifier.sigma * cosine, y)
+        lf = less_forget_loss(features, old_model.backbone(x))
+        mr = margin_ranking_loss(cosine, y, 4, 0.5, 2)
+        old_cosine = old_model.classifier.cosine(old_model.backbone(x))
+        ms = ((cosine[:, :4] - old_cosine) ** 2).mean() * 4  # official: MSELoss(old scores) x old classes
+    assert min(lf.item(), mr.item(), ms.item()) > 1e-3
+    expected = {"cn": ce + 0.5 * ms, "cn_lc": ce + 2.5 * lf, "cn_lc_is": ce + 2.5 * lf + mr}
+    for arm, overrides in lucir.LADDER:
+        flags = ["--smoke", "--device", "cpu", "--ms-weight", "0.5"] + [
+            f"--{k.replace('_', '-')}" for k, on in overrides.items() if on]
+        args = lucir.parse_args(flags)
+        assert lucir.arm_of(args) == arm
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        loss, _ = lucir.make_step(model, old_model, optimizer, 4, 2.5, args, torch.device("cpu"))(x, y)
+        assert loss.item() == pytest.approx(expected[arm].item(), rel=1e-6), arm
+
+
+def test_nme_view_is_the_official_one_only_where_a_paper_number_depends_on_it():
+    view = lambda *flags: lucir.parse_args(["--device", "cpu", *flags]).nme_view  # noqa: E731
+    assert view() == "channels"                                   # CIFAR-100: the official CIFAR code's view
+    assert view("--dataset", "imagenet100") == "none"             # the ImageNet code: no second view
+    assert view("--dataset", "tinyimagenet") == "hflip"           # not in the paper: the intended mirror
+    assert view("--classes", "50") == view("--image-size", "16") == "hflip"   # a CIFAR-100 subset
+    assert view("--classes", "50", "--nme-view", "channels") == "channels"  # an explicit flag wins
+
+
+def test_ablation_ladder_smoke_shares_the_base_phase(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "ladder"
+    done = run_script("lucir.py", "--smoke", "--paired", "ablation", "--epochs", "2", "--milestones", "1",
+                      "--no-cbf", "--out-dir", str(out))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("base phase shared with the other arm") == 2  # cn trains it, cn_lc and cn_lc_is load it
+    paired = json.loads((out / "paired.json").read_text())
+    assert paired["versus"] == {"cn_lc": "cn", "cn_lc_is": "cn_lc"}      # each rung minus the one below
+    arms = paired["arms"]
+    assert paired["difference"]["cn_lc_is"]["avg_inc_acc"] == pytest.approx(
+        arms["cn_lc_is"]["avg_inc_acc"] - arms["cn_lc"]["avg_inc_acc"])
+    rows = {arm: [json.loads(line) for line in (out / arm / "metrics.jsonl").read_text().splitlines()]
+            for arm in arms}
+    assert rows["cn"][0]["cnn_acc_per_task"] == rows["cn_lc"][0]["cnn_acc_per_task"] == \
+        rows["cn_lc_is"][0]["cnn_acc_per_task"]
+    assert rows["cn"][1]["lambda"] == 0.0 and rows["cn_lc"][1]["lambda"] > 0
+    base = torch.load(out / "base_phase.pt", weights_only=True)["model"]["classifier.heads.0"]
+    heads = {arm: torch.load(out / arm / "checkpoint.pt", weights_only=True)["model"]["classifier.heads.0"]
+             for arm in arms}
+    assert not torch.equal(heads["cn"], base)                                  # CN trains the old embeddings
+    assert torch.equal(heads["cn_lc"], base) and torch.equal(heads["cn_lc_is"], base)  # LC freezes them (lr 0)
+
+
 def test_cbf_trains_the_heads_only_without_backbone_gradients():
     """CBF (Sec. 3.5, official ft_flag=2): heads change; backbone weights, BN statistics and sigma do not, and no
     backbone gradient is even computed."""
