@@ -6,6 +6,10 @@
 #   bash run_all.sh --only lucir,tbbn      # some scripts only (lucir, tbbn, bsce, cim, genifer)
 #   bash run_all.sh --smoke                # every script's smoke protocol (paired where it has pairs), CPU minutes
 #   bash run_all.sh --full                 # the papers' protocols even without a GPU
+#   bash run_all.sh --laptop               # the laptop protocol on a CPU (README: Tiny-ImageNet, 100 classes x 100
+#                                          # images, 32 px): every claim's pair, seeds 0 1 2, into <results>/laptop
+#   OMP_NUM_THREADS=1 bash run_all.sh --laptop --seeds 0 & OMP_NUM_THREADS=1 bash run_all.sh --laptop --seeds 1 &
+#                                          # two jobs at a time on a 2-core machine (one core each)
 #   bash run_all.sh --seeds "0 1 2" --cifar data --imagenet /data/imagenet
 #
 # Data roots: a flag, else an environment variable, else the default.
@@ -31,6 +35,7 @@ cd "$(dirname "$0")"
 ONLY="lucir,tbbn,bsce,cim,genifer"
 SMOKE=""
 FULL=""
+LAPTOP=""
 SEEDS=${SEEDS:-0 1 2}
 LARGE_SEEDS=${LARGE_SEEDS:-}
 RESULTS=${RESULTS:-results}
@@ -45,6 +50,7 @@ while [ $# -gt 0 ]; do
     --only) ONLY="$2"; shift 2 ;;
     --smoke) SMOKE=1; shift ;;
     --full) FULL=1; shift ;;
+    --laptop) LAPTOP=1; shift ;;
     --seeds) SEEDS="$2"; shift 2 ;;
     --large-seeds) LARGE_SEEDS="$2"; shift 2 ;;
     --results) RESULTS="$2"; shift 2 ;;
@@ -123,12 +129,30 @@ torchvision.datasets.CIFAR100(sys.argv[1], download=True)" "$CIFAR100_DIR" >/dev
 }
 
 has_gpu() { python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; }
-if [ -z "$SMOKE" ] && [ -z "$FULL" ] && ! has_gpu; then
+if [ -z "$SMOKE" ] && [ -z "$FULL" ] && [ -z "$LAPTOP" ] && ! has_gpu; then
   echo "no GPU visible: running every script's --smoke protocol on the CPU instead of the papers' protocols"
   SMOKE=1
 fi
 
-if [ -n "$SMOKE" ]; then
+if [ -n "$LAPTOP" ]; then
+  # The laptop protocol (README "CPU-scale evidence"): claims in sign on real images in CPU hours, not the papers'
+  # numbers. Folders laptop/<claim>/seed<N>[/<arm>], as kept under runs/laptop (the README table's source).
+  SUMMARY_ROOT="$RESULTS/laptop"
+  L="--dataset tinyimagenet --data-dir $TINYIMAGENET_DIR --classes 100 --train-per-class 100 --image-size 32
+     --backbone resnet32 --class-order-seed 1993 --epochs 12 --milestones 6 9"
+  B50="--base-classes 50 --increment 10 --memory-per-class 20"
+  for s in $SEEDS; do
+    # LUCIR's ablation ladder (paper Fig. 7(a)): CN, CN + LC, CN + LC + IS, one shared base phase
+    row lucir tinyimagenet "laptop/lucir_ablation/seed$s" $L $B50 --paired ablation --seed "$s"
+    # TBBN vs BN on the ER host, its B0 protocol: 10 tasks of 10
+    row tbbn tinyimagenet "laptop/tbbn_er/seed$s" $L --base-classes 10 --increment 10 --memory-per-class 20 \
+      --paired bn tbbn --seed "$s"
+    # BSCE: CE vs BSCE (iCaRL host), and the memory-free pair (CE + KD vs BSCE + KD, no exemplars)
+    row bsce tinyimagenet "laptop/bsce_loss/seed$s" $L $B50 --paired loss --seed "$s"
+    row bsce tinyimagenet "laptop/bsce_memfree/seed$s" $L $B50 --memory-per-class 0 --paired memory-free --seed "$s"
+    # CIM and Genifer: their laptop pairs join here once they test what the papers claim (issues 17 and 20)
+  done
+elif [ -n "$SMOKE" ]; then
   SUMMARY_ROOT="$RESULTS/smoke"
   RESULTS="$RESULTS/smoke"
   row lucir synthetic lucir --smoke $SMOKE_FLAGS

@@ -1,5 +1,6 @@
 """Every method script exposes the same protocol and system flags, and a --help that explains each one."""
 import importlib
+import json
 
 import pytest
 
@@ -48,7 +49,10 @@ def run_all(*args, **env):
     import os
     import subprocess
     from conftest import ROOT
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", **env)
+    import sys
+    # run_all.sh calls `python`: the interpreter running these tests comes first (e.g. a venv not activated)
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PATH=path, **env)
     return subprocess.run(["bash", "run_all.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
 
@@ -91,3 +95,29 @@ def test_run_all_skips_missing_data_and_scripts_with_one_line_and_runs_the_rest(
     for row in ("lucir__cifar100_B50_Inc10__seed0", "lucir__cifar100_B50_Inc5__seed0"):
         assert (tmp_path / "r" / row / "results.json").exists()
     assert "| lucir__cifar100_B50_Inc10 |" in (tmp_path / "r" / "SUMMARY.md").read_text()
+
+
+def test_run_all_laptop_rows_resume_and_summary(tmp_path, tiny_imagenet_dir):
+    """`run_all.sh --laptop` on a tiny Tiny-ImageNet layout (EXTRA_FLAGS shrink the protocol): the BSCE rows of two
+    seeds, a row stopped after its base phase and continued by the same command, and the summary's paired rows."""
+    tiny = ("--device cpu --classes 3 --train-per-class 2 --image-size 8 --base-classes 2 --increment 1 "
+            "--epochs 1 --milestones 1 --batch-size 4 --workers 0")
+    common = ("--laptop", "--only", "bsce", "--tiny", str(tiny_imagenet_dir))
+    stopped = run_all(*common, "--seeds", "0", RESULTS=str(tmp_path), EXTRA_FLAGS=tiny + " --stop-after 0")
+    laptop = tmp_path / "laptop"
+    assert (laptop / "bsce_loss" / "seed0" / "ce" / "checkpoint.pt").exists(), stopped.stderr[-2000:]
+    assert not (laptop / "bsce_loss" / "seed0" / "paired.json").exists()
+    out = run_all(*common, "--seeds", "0 1", RESULTS=str(tmp_path), EXTRA_FLAGS=tiny)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "rows: 4 ran, 0 skipped, 0 failed" in out.stdout
+    assert "resumed after phase 0" in out.stdout                        # the stopped row continued
+    for claim, arms in (("bsce_loss", ("ce", "bsce")), ("bsce_memfree", ("ce_nomem", "bsce_nomem"))):
+        for seed in (0, 1):
+            paired = json.loads((laptop / claim / f"seed{seed}" / "paired.json").read_text())
+            assert set(paired["arms"]) == set(arms) and paired["seed"] == seed
+            assert json.loads((laptop / claim / f"seed{seed}" / arms[1] / "results.json").read_text())[
+                "args"]["memory_per_class"] == (0 if claim == "bsce_memfree" else 20)
+    table = (laptop / "SUMMARY.md").read_text()
+    assert "| bsce_loss | bsce - ce | 2 |" in table and "| bsce_memfree | bsce_nomem - ce_nomem | 2 |" in table
+    again = run_all(*common, "--seeds", "0 1", RESULTS=str(tmp_path), EXTRA_FLAGS=tiny)
+    assert again.stdout.count("finished earlier; only re-summarised") == 4
