@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from common import dist
-from common.run import UserError
+from common.errors import UserError
 
 SMALL_IMAGE_DATASETS = ("cifar100", "tinyimagenet", "synthetic", "cifar100-synthetic")
 LARGE_IMAGE_DATASETS = ("imagenet100", "imagenet", "food101", "cub200")

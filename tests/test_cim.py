@@ -15,7 +15,7 @@ import cim  # noqa: E402
 from common.data import apply_class_order, class_order, load_dataset  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
 from common.memory import herding  # noqa: E402
-from common.run import UserError  # noqa: E402
+from common.errors import UserError  # noqa: E402
 
 RESULT_KEYS = {"method", "finished", "args", "class_order", "normalization", "backbone", "memory_policy",
                "acc_per_phase", "nme_acc_per_phase", "avg_inc_acc", "last_acc", "forgetting", "nme_avg_inc_acc",

@@ -12,7 +12,7 @@ from common.data import (apply_class_order, augment, class_order, eval_batches, 
 from common.evaluation import evaluate, summarize
 from common.memory import check_budget, class_means, exemplars_per_class, herding, reduce_memory, select_exemplars
 from common.models import count_parameters, create_backbone, stage_features
-from common.run import UserError
+from common.errors import UserError
 from conftest import colour_of
 
 CPU = torch.device("cpu")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.data import eval_batches, load_dataset, resize_images, subset_indices
-from common.run import UserError
+from common.errors import UserError
 from conftest import run_script, solid_image
 
 CPU = torch.device("cpu")
