@@ -1,4 +1,5 @@
 """common/: class order, phases, augmentation, herding, NME, metrics, backbones, loaders, bad input."""
+import ast
 import os
 import tarfile
 
@@ -13,10 +14,28 @@ from common.evaluation import evaluate, summarize
 from common.memory import check_budget, class_means, exemplars_per_class, herding, reduce_memory, select_exemplars
 from common.models import count_parameters, create_backbone, stage_features
 from common.errors import UserError
-from conftest import colour_of
+from conftest import ROOT, colour_of
 
 CPU = torch.device("cpu")
 SHARED_TINY = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tiny-imagenet-200")
+
+CORE = ("data", "memory", "models", "evaluation")  # the method-facing core a reader can copy (common/__init__.py)
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_core_imports_nothing_of_the_run_lifecycle(module):
+    """A core module imports only the core, the error type and the torchrun helpers: no flags, checkpoints,
+    stage, results or stop (an allow-list, so a new harness module is caught too)."""
+    with open(os.path.join(ROOT, "common", f"{module}.py")) as f:
+        tree = ast.parse(f.read())
+    imported = set()
+    for node in ast.walk(tree):  # function-level imports count too
+        if isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported |= {f"{node.module}.{a.name}" if node.module == "common" else node.module for a in node.names}
+    allowed = {f"common.{m}" for m in CORE + ("errors", "dist")}
+    assert not {m for m in imported if m.split(".")[0] == "common"} - allowed
 
 
 def test_class_order_seed_1993():
