@@ -68,8 +68,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_data_flags, eval_batches, indices_of, load_protocol,
-                         phase_splits, train_batches)
+from common.batches import eval_batches, train_batches
+from common.data import SHAPES, SMALL_IMAGE_DATASETS, add_data_flags, indices_of, load_protocol, phase_splits
 from common.dist import average_gradients, per_rank, shard
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep

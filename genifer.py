@@ -53,7 +53,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import SHAPES, add_data_flags, augment, indices_of, load_protocol, phase_splits, train_batches
+from common.batches import augment, train_batches
+from common.data import SHAPES, add_data_flags, indices_of, load_protocol, phase_splits
 from common.dist import per_rank
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep

@@ -74,8 +74,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import (AUGMENTATIONS, SHAPES, SMALL_IMAGE_DATASETS, add_data_flags, eval_batches, indices_of,
-                         load_protocol, phase_splits, train_batches)
+from common.batches import AUGMENTATIONS, eval_batches, train_batches
+from common.data import SHAPES, SMALL_IMAGE_DATASETS, add_data_flags, indices_of, load_protocol, phase_splits
 from common.dist import per_rank
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep, graph_used

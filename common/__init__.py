@@ -1,5 +1,6 @@
 """Shared code of the five CIL scripts. Core (a reader can copy it; it imports only itself, errors and dist):
-data       datasets, class order, phases, on-device augmentation, batch iterators
+data       datasets, class order, phase splits, subsets
+batches    on-device augmentation, batch iterators (tensors or a DataLoader)
 memory     herding, budgets, reduction, NME class means
 models     CIFAR ResNet-32 (registered with timm), timm backbones, small-input stem
 evaluation CNN / NME accuracy, per-task accuracy, average incremental, last, forgetting

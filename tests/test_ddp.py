@@ -43,7 +43,8 @@ def computations(files_root):
     """What both sides compute: evaluation, herding, class means of a fixed model; one epoch's batches (on-device
     images and image files); one SGD step through CapturedStep on the global batch of 8."""
     from common import dist
-    from common.data import load_dataset, synthetic, train_batches
+    from common.batches import train_batches
+    from common.data import load_dataset, synthetic
     from common.evaluation import evaluate
     from common.graph import CapturedStep
     from common.memory import class_means, select_exemplars
