@@ -64,17 +64,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import (SHAPES, SMALL_IMAGE_DATASETS, add_data_flags, indices_of, load_protocol, phase_splits,
-                         train_batches)
+from common.batches import train_batches
+from common.data import SHAPES, SMALL_IMAGE_DATASETS, add_data_flags, indices_of, load_protocol, phase_splits
 from common.dist import per_rank
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep, graph_used
 from common.memory import (NME_VIEWS, check_budget, class_means, exemplars_per_class, extract_features,
                            memory_indices, reduce_memory, select_exemplars)
 from common.models import count_parameters, create_backbone, to_channels_last
-from common.run import (Stage, add_system_flags, autocast, check_finite, default_out_dir, end_phase, finish_run,
-                        new_parser, open_run, resolve_defaults, resume_point, run_arms, run_main, seed_everything,
-                        setup_device, write_paired)
+from common.checkpoints import default_out_dir, end_phase, open_run, resume_point
+from common.device import autocast, seed_everything, setup_device
+from common.flags import add_system_flags, new_parser, resolve_defaults
+from common.results import finish_run, run_arms, write_paired
+from common.stage import Stage, check_finite
+from common.stop import run_main
 
 # Per-dataset defaults; a flag given on the command line wins. Sources: paper Sec. 4.1, official run.sh.
 DATASET_DEFAULTS = {

@@ -151,7 +151,7 @@ def broadcast_state(module: torch.nn.Module):
 @torch.no_grad()
 def sync_buffers(module: torch.nn.Module):
     """Rank 0's buffers (BatchNorm running statistics, which each rank updates from its own slice) on every
-    rank, as DDP's broadcast_buffers does; called after every epoch (common.run.Stage) so that evaluation,
+    rank, as DDP's broadcast_buffers does; called after every epoch (common.stage.Stage) so that evaluation,
     herding and checkpoints use one model."""
     if active():
         for t in module.buffers():

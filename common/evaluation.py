@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from common import dist
-from common.data import eval_batches, indices_of
+from common.batches import eval_batches
+from common.data import indices_of
 
 
 @torch.no_grad()

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from common import dist
-from common.data import eval_batches, indices_of
-from common.run import UserError
+from common.batches import eval_batches
+from common.data import indices_of
+from common.errors import UserError
 
 
 def exemplars_per_class(seen_classes: int, memory_per_class: int, memory_total: int = None,

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from timm.models import register_model
 
-from common.run import UserError
+from common.errors import UserError
 
 
 class BasicBlock(nn.Module):

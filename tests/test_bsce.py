@@ -227,7 +227,7 @@ def test_make_step_loss_is_the_sum_of_the_script_losses(host):
 def test_evaluation_uses_the_raw_logits():
     """After BSCE training with a strongly imbalanced prior, test-time predictions are the argmax of the raw
     logits (the prior never reaches the test), and they differ from the prior-adjusted ones."""
-    from common.data import eval_batches
+    from common.batches import eval_batches
     from common.evaluation import evaluate
     args = bsce.parse_args(["--smoke", "--device", "cpu"])
     data = synthetic(num_classes=6, train_per_class=4, test_per_class=6)

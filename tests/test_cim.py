@@ -15,7 +15,7 @@ import cim  # noqa: E402
 from common.data import apply_class_order, class_order, load_dataset  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
 from common.memory import herding  # noqa: E402
-from common.run import UserError  # noqa: E402
+from common.errors import UserError  # noqa: E402
 
 RESULT_KEYS = {"method", "finished", "args", "class_order", "normalization", "backbone", "memory_policy",
                "acc_per_phase", "nme_acc_per_phase", "avg_inc_acc", "last_acc", "forgetting", "nme_avg_inc_acc",
@@ -271,9 +271,9 @@ def test_bench_step_runs():
 
 @pytest.mark.parametrize("path", ["small", "file"])
 def test_batch_fn_sees_each_batch_with_its_indices(path, food_dir):
-    """common.data.train_batches(batch_fn=...): the hook CIM compresses with gets every batch's dataset indices,
+    """common.batches.train_batches(batch_fn=...): the hook CIM compresses with gets every batch's dataset indices,
     on the device path (before augmentation) and on the file path (after the transform)."""
-    from common.data import train_batches
+    from common.batches import train_batches
     data = load_dataset("synthetic", "", torch.device("cpu"), image_size=8) if path == "small" else \
         load_dataset("food101", str(food_dir), torch.device("cpu"), image_size=8)
     seen = []

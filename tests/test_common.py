@@ -1,4 +1,5 @@
 """common/: class order, phases, augmentation, herding, NME, metrics, backbones, loaders, bad input."""
+import ast
 import os
 import tarfile
 
@@ -7,16 +8,34 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.data import (apply_class_order, augment, class_order, eval_batches, indices_of, load_dataset,
-                         phase_splits, synthetic, train_batches)
+from common.batches import augment, eval_batches, train_batches
+from common.data import apply_class_order, class_order, indices_of, load_dataset, phase_splits, synthetic
 from common.evaluation import evaluate, summarize
 from common.memory import check_budget, class_means, exemplars_per_class, herding, reduce_memory, select_exemplars
 from common.models import count_parameters, create_backbone, stage_features
-from common.run import UserError
-from conftest import colour_of
+from common.errors import UserError
+from conftest import ROOT, colour_of
 
 CPU = torch.device("cpu")
 SHARED_TINY = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tiny-imagenet-200")
+
+CORE = ("data", "batches", "memory", "models", "evaluation")  # the method-facing core a reader can copy (common/__init__.py)
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_core_imports_nothing_of_the_run_lifecycle(module):
+    """A core module imports only the core, the error type and the torchrun helpers: no flags, checkpoints,
+    stage, results or stop (an allow-list, so a new harness module is caught too)."""
+    with open(os.path.join(ROOT, "common", f"{module}.py")) as f:
+        tree = ast.parse(f.read())
+    imported = set()
+    for node in ast.walk(tree):  # function-level imports count too
+        if isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported |= {f"{node.module}.{a.name}" if node.module == "common" else node.module for a in node.names}
+    allowed = {f"common.{m}" for m in CORE + ("errors", "dist")}
+    assert not {m for m in imported if m.split(".")[0] == "common"} - allowed
 
 
 def test_class_order_seed_1993():
@@ -294,7 +313,7 @@ def test_tinyimagenet_loader_on_real_images(tmp_path):
 def test_random_resized_crop_resamples_the_padded_image():
     """FACIL's CIFAR-100 transform (Pad 4, RandomResizedCrop 32, flip) in batch: a full box is the bilinear resize
     of the padded image; a box of the output size is an integer crop of it."""
-    from common.data import random_resized_crop
+    from common.batches import random_resized_crop
     torch.manual_seed(0)
     x = torch.randint(0, 256, (8, 8, 8, 3), dtype=torch.uint8)
     padded = F.pad(x, (0, 0, 2, 2, 2, 2)).permute(0, 3, 1, 2).float()

@@ -43,7 +43,8 @@ def computations(files_root):
     """What both sides compute: evaluation, herding, class means of a fixed model; one epoch's batches (on-device
     images and image files); one SGD step through CapturedStep on the global batch of 8."""
     from common import dist
-    from common.data import load_dataset, synthetic, train_batches
+    from common.batches import train_batches
+    from common.data import load_dataset, synthetic
     from common.evaluation import evaluate
     from common.graph import CapturedStep
     from common.memory import class_means, select_exemplars
@@ -132,13 +133,13 @@ def test_under_torchrun_run_main_ends_the_process_without_interpreter_teardown(m
     """The gloo teardown abort (common.dist.exit_now) is a race, seen in 5 of 132 loaded launches: a test
     cannot catch it each time, so this checks the wiring: under torchrun every way out of run_main ends in
     os._exit with the run's exit code, and a single process never does."""
-    from common import dist, run
+    from common import dist, errors, stop
 
     def main():
         if outcome == "bad input":
-            raise run.UserError("bad flag")
+            raise errors.UserError("bad flag")
         if outcome == "stopped":
-            raise run.Stopped(143, "stopped by SIGTERM")
+            raise stop.Stopped(143, "stopped by SIGTERM")
 
     class Exited(Exception):
         pass
@@ -148,15 +149,15 @@ def test_under_torchrun_run_main_ends_the_process_without_interpreter_teardown(m
     monkeypatch.setattr(os, "_exit", fake_exit)
     monkeypatch.setattr(dist, "launched", lambda: True)
     with pytest.raises(Exited) as ended:
-        run.run_main(main)
+        stop.run_main(main)
     assert ended.value.args == (code,)
     monkeypatch.setattr(dist, "launched", lambda: False)
     if code:
         with pytest.raises(SystemExit) as ended:
-            run.run_main(main)
+            stop.run_main(main)
         assert ended.value.code == code
     else:
-        assert run.run_main(main) is None  # returns: tests and callers go on
+        assert stop.run_main(main) is None  # returns: tests and callers go on
 
 
 def test_lucir_smoke_under_torchrun_writes_one_results_json(tmp_path):
@@ -179,7 +180,8 @@ def test_lucir_smoke_under_torchrun_writes_one_results_json(tmp_path):
 
 if __name__ == "__main__":  # one rank of the 2-process run: python -m torch.distributed.run ... test_ddp.py OUT
     from common import dist
-    from common.run import UserError, prepare_out_dir
+    from common.checkpoints import prepare_out_dir
+    from common.errors import UserError
     dist.init(torch.device("cpu"))
     saved = computations(sys.argv[2])
     blocker = os.path.join(sys.argv[1], "a_file")
@@ -193,4 +195,4 @@ if __name__ == "__main__":  # one rank of the 2-process run: python -m torch.dis
     saved["votes"] = [vote(dist.rank() == 1 and step == 1) for step in range(4)] + [vote.last()]
     torch.save(saved, os.path.join(sys.argv[1], f"rank{dist.rank()}.pt"))
     dist.close(wait=True)
-    dist.exit_now(0)  # as common.run.run_main: no interpreter teardown under torchrun (see exit_now)
+    dist.exit_now(0)  # as common.stop.run_main: no interpreter teardown under torchrun (see exit_now)

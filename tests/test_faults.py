@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from conftest import ROOT
-from common.run import (Stopped, UserError, check_flags, flag_rule, load_state, prepare_out_dir, run_main,
-                        save_state)
+from common.checkpoints import load_state, prepare_out_dir, save_state
+from common.errors import UserError
+from common.flags import check_flags, flag_rule
+from common.stop import Stopped, run_main
 
 import lucir
 
@@ -146,7 +148,7 @@ def test_every_numeric_flag_has_a_rule_and_a_bad_value_gets_one_line(name):
     assert ("--lr", "lr") in flags and ("--batch-size", "batch_size") in flags
     for option, dest in flags:
         rule = flag_rule(dest)
-        assert rule is not None, f"{name}.py {option} has no rule in common.run.FLAG_RULES"
+        assert rule is not None, f"{name}.py {option} has no rule in common.flags.FLAG_RULES"
         if rule == "milestones":
             epochs_option = option[:-len("milestones")] + "epochs"
             bad = ["--device", "cpu", epochs_option, "3", option, "4"]
@@ -177,24 +179,24 @@ def test_flag_rules_by_hand():
 
 
 def test_ctrl_c_exits_130_with_the_resume_command(monkeypatch, capsys):
-    import common.run
+    import common.stop
     monkeypatch.setattr(sys, "argv", ["lucir.py", "--smoke", "--stop-after-steps", "3"])
-    common.run._STOP_SIGNALS.append(signal.SIGINT)  # what the handler records on Ctrl-C
+    common.stop._STOP_SIGNALS.append(signal.SIGINT)  # what the handler records on Ctrl-C
 
     def stopped_main():
-        raise common.run._stopped("in phase 0, epoch 1 after step 3; checkpoint x/in_phase.pt")
+        raise common.stop._stopped("in phase 0, epoch 1 after step 3; checkpoint x/in_phase.pt")
     with pytest.raises(SystemExit) as exit_:
         run_main(stopped_main)
-    assert exit_.value.code == 130 and not common.run._STOP_SIGNALS
+    assert exit_.value.code == 130 and not common.stop._STOP_SIGNALS
     assert capsys.readouterr().err == "stopped by SIGINT in phase 0, epoch 1 after step 3; checkpoint " \
                                       "x/in_phase.pt\ncontinue with: python lucir.py --smoke --resume\n"
 
 
 def test_a_signal_outside_any_stage_loop_stops_at_once(monkeypatch):
     """A script (or a part of one) whose training does not run through Stage cannot stop after a step: no wait."""
-    import common.run
-    monkeypatch.setattr(common.run, "_STAGES_USED", [])
+    import common.stop
+    monkeypatch.setattr(common.stop, "_STAGES_USED", [])
     with pytest.raises(Stopped) as stop:
-        common.run._request_stop(signal.SIGTERM, None)
+        common.stop._request_stop(signal.SIGTERM, None)
     assert stop.value.code == 143 and "the last checkpoint in the run folder is kept" in str(stop.value)
-    assert not common.run._STOP_SIGNALS
+    assert not common.stop._STOP_SIGNALS

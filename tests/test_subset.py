@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.data import eval_batches, load_dataset, resize_images, subset_indices
-from common.run import UserError
+from common.batches import eval_batches
+from common.data import load_dataset, resize_images, subset_indices
+from common.errors import UserError
 from conftest import run_script, solid_image
 
 CPU = torch.device("cpu")

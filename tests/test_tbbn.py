@@ -333,7 +333,7 @@ def test_bad_flags_are_one_line_exit_2(tmp_path, flags, message):
 
 def test_bad_flags_in_process():
     from common.memory import check_budget
-    from common.run import UserError
+    from common.errors import UserError
     for flags in (["--norm", "gn"], ["--paired", "bn", "xx"], ["--batch-memory", "0"], ["--host", "lucir"]):
         with pytest.raises(UserError):
             parse_args(["--smoke", "--device", "cpu", *flags])
