@@ -52,9 +52,10 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 from common.data import SHAPES, add_data_flags, augment, indices_of, load_protocol, phase_splits, train_batches
-from common.dist import per_rank
+from common.dist import is_main, per_rank
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep
 from common.models import count_parameters, create_backbone, stage_features, to_channels_last
@@ -73,7 +74,11 @@ DATASET_DEFAULTS = {
                       gan_epochs_first=1, gan_epochs=1, g_channels=[32, 16, 16, 8]),
 }
 SMOKE = dict(dataset="synthetic", gan_batch_size=16, latent_dim=32, label_dim=16, d_width=32, inc_lr=1e-3)
-ARM_KEYS = ("no_replay", "paired")  # what an arm of a pair may change without changing task 0 (then shared)
+ARMS = ("genifer", "image-replay", "finetune", "lwf")
+# what an arm of a pair may change without changing task 0 (then shared: the GAN after task 0 is the same or unused)
+ARM_KEYS = ("arm", "no_gan_aug", "lwf_temperature", "lwf_weight", "paired")
+# official CIFAR-100 GAN runs, D steps of batch 64: 642 epochs x 390 after task 0, 1026 x 78 after a later task
+OFFICIAL_GAN_STEPS = (642 * (25000 // 64), 1026 * (5000 // 64))
 STAGES = {"stage3": "layer2", "stage4": "layer3", "stage5": "layer4"}  # official backbones.py stage names
 GAN_PARTS = ("g", "g_ema", "d", "ada")  # what a checkpoint holds of the GAN
 
@@ -105,9 +110,17 @@ def parse_args(argv=None):
     g.add_argument("--kd-temperature", type=float, default=1.0, help="(official: temperature 1)")
     g.add_argument("--replay-fraction", type=float, default=0.5, help="generated share (official: prev_curr_ratio)")
     g.add_argument("--feat-layer", default="stage4", choices=sorted(STAGES), help="D and KD features (official stage4)")
-    g.add_argument("--no-replay", action="store_true", help="baseline: distilled half = real new data (papers.md 5.4)")
-    g.add_argument("--paired", nargs="?", const="replay", choices=["replay", "ada"], default=None, help="replay: "
-                   "no replay vs Genifer (shared task 0); ada: Genifer without vs with ADA; writes paired.json")
+    g.add_argument("--arm", default="genifer", choices=ARMS, help="genifer | image-replay: the same GAN with D on "
+                   "pixels (official feat_matching_layer stage0) | finetune: CE over all seen classes on the new data "
+                   "| lwf: CE over the new classes + --lwf-weight x KD on the old-class logits at --lwf-temperature")
+    g.add_argument("--lwf-temperature", type=float, default=2.0, help="LwF's T (FACIL lwf.py: 2)")
+    g.add_argument("--lwf-weight", type=float, default=1.0, help="LwF's lambda (FACIL lwf.py: 1)")
+    g.add_argument("--no-gan-aug", action="store_true", help="replayed images not crop/flipped (official "
+                   "gan_augmentation false): the classifier-side half of the augmentation claim")
+    g.add_argument("--paired", nargs="*", choices=list(PAIRS), default=None, help="arm vs Genifer, same seed and "
+                   "data, each pair's paired.json in <out>/pair_<pair>/ (one Genifer arm for all): finetune, lwf (shared "
+                   "task 0), image-replay (claim 1), ada (ADA off: the discriminator-side half of the augmentation "
+                   "claim), gan-aug (--no-gan-aug: the classifier-side half; shared task 0); bare --paired: all five")
     g = p.add_argument_group("GAN (generator, feature discriminator, ADA)")
     g.add_argument("--gan-epochs-first", type=int, default=None, help="after task 0 (official pretrain_gan: 642)")
     g.add_argument("--gan-epochs", type=int, default=None, help="after later tasks (official: n_iter 1026)")
@@ -115,12 +128,16 @@ def parse_args(argv=None):
     g.add_argument("--gan-batch-size", type=int, default=64, help="(official: batch_size 64)")
     g.add_argument("--r1-gamma", type=float, default=0.5, help="(official: r1_gamma 0.5)")
     g.add_argument("--r1-interval", type=int, default=16, help="lazy R1 every N D steps (official: 16)")
-    g.add_argument("--no-ada", action="store_true", help="no adaptive augmentation (ablation, papers.md 5.4)")
+    g.add_argument("--no-ada", action="store_true", help="no adaptive augmentation of D's inputs (official "
+                   "dis_augmentation_p 0): the discriminator-side half of the augmentation claim")
     g.add_argument("--ada-target", type=float, default=0.5, help="E[sign D(real)] (official: dis_augmentation_p)")
     g.add_argument("--ada-max", type=float, default=0.5, help="(official: max_dis_augmentation_p 0.5)")
     g.add_argument("--ada-interval", type=int, default=4, help="adjust p every N steps (official: 4)")
-    g.add_argument("--ada-ksteps", type=float, default=4, help="k steps for p to move by 1 (official: 4)")
-    g.add_argument("--ema-half-life-kimg", type=float, default=500, help="EMA generator (official: 500, ramped up)")
+    g.add_argument("--ada-ksteps", type=float, default=4, help="k steps for p to move by 1 (official: 4; "
+                   "x s as the half-life)")
+    g.add_argument("--ema-half-life-kimg", type=float, default=500, help="EMA generator (official: 500, ramped up "
+                   "over half the run), x s = min(1, the run's GAN steps / the official run's: 250,380 after task 0, "
+                   "80,028 later), so a shortened run keeps the official shape as fractions of the run")
     g.add_argument("--gen-distill-weight", type=float, default=10, help="L1 to the previous G x n_old/n_new "
                    "(official: gen_coefficient 10, gen_dist_ada)")
     g.add_argument("--latent-dim", type=int, default=512, help="z and w size (official: latent_dim 512)")
@@ -241,14 +258,16 @@ def minibatch_std(x, group_size=32):
 class FeatureDiscriminator(nn.Module):
     """D on the classifier's stage features (official conditional_eql_discriminator.py, stage 4): blocks of two
     equalised convs and a 2x average pool down to 2x2 (256 -> 256 -> pool -> 512 -> 512 -> pool for 256x8x8),
-    minibatch std, a conv, a dense layer to `width`, a 128-d output projected on the embedded label / sqrt(128)."""
-    def __init__(self, num_classes, in_channels, in_size, width=512, cmap_dim=128):
+    minibatch std, a conv, a dense layer to `width`, a 128-d output projected on the embedded label / sqrt(128).
+    `pixels`: D on the images (official stage 0 at 32 px: 128, 128 | 256, 256 | 512, 512 | 512, the last block one
+    conv; at 64 px one more block, ours)."""
+    def __init__(self, num_classes, in_channels, in_size, width=512, cmap_dim=128, pixels=False):
         super().__init__()
-        layers, c, res = [], in_channels, in_size
-        while res // 2 >= 2:  # block b: min(in_channels * 2^b, width) channels
-            out = min(in_channels << (len(layers) // 3), width)
-            layers += [EqualConv2d(c, out), EqualConv2d(out, out), nn.AvgPool2d(2)]
-            c, res = out, res // 2
+        layers, c, res, b = [], in_channels, in_size, 0
+        while res // 2 >= 2:  # block b: min(base * 2^b, width) channels, base 128 on pixels
+            out = min((128 if pixels else in_channels) << b, width)
+            layers += [EqualConv2d(c, out)] + [EqualConv2d(out, out)] * (not pixels or res > 4) + [nn.AvgPool2d(2)]
+            c, res, b = out, res // 2, b + 1
         self.blocks = nn.ModuleList(layers)
         self.conv = EqualConv2d(c + 1, c)
         self.dense, self.out = EqualLinear(c * res * res, c), EqualLinear(c, cmap_dim)
@@ -381,30 +400,49 @@ def classifier_losses(logits, old_logits, fmap, old_fmap, y_new, n_gen, num_old,
     return ce, kd, feat
 
 
+def lwf_losses(logits, old_logits, y, num_old, temperature=2.0, eps=1e-5):
+    """FACIL src/approach/lwf.py criterion without exemplars, on a batch of real new samples: CE over the new
+    classes' logits (labels - num_old); KD = mean of -sum softmax(z_old / T) * log q over the old classes, q the
+    new model's softmax(z / T) + eps / num_old renormalised (FACIL's cross_entropy with exp = 1/T). -> (ce, kd)"""
+    ce = F.cross_entropy(logits[:, num_old:], y - num_old)
+    q = F.softmax(logits[:, :num_old] / temperature, 1) + eps / num_old
+    kd = -(F.softmax(old_logits[:, :num_old] / temperature, 1) * (q / q.sum(1, keepdim=True)).log()).sum(1).mean()
+    return ce, kd
+
+
+def crop_flip_batch(x, padding=4):
+    """RandomCrop(padding, edge) + RandomHorizontalFlip on a 4-D NCHW tensor as torchvision applies them: one
+    offset and one flip for the whole batch (official genifer_trainer aug_transform_gan)."""
+    n, c, h, w = x.shape
+    return augment(x.permute(2, 3, 0, 1).reshape(1, h, w, n * c), padding, "replicate").view(h, w, n, c).permute(
+        2, 3, 0, 1)
+
+
 # ----------------------------------------------------------------------------------------------- training
 def make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, args, device):
-    """One classifier step. Task 0: CE. Later: batch [replayed | real new] (official prev_curr_ratio), loss 0.02 CE
-    + 0.98 KD + 1.0 feature L2 (learner.py: ce_coefficient * CE + the two weighted terms). Replayed: the previous
-    EMA G's clamped, crop+flipped images of uniform old labels. Returns [loss, ce, kd, feat, correct] (no sync)."""
+    """One classifier step. Task 0: CE. Later, finetune / lwf: their losses on the real batch (lwf: the old rows of
+    the head get no gradient, as FACIL's optimiser leaves old heads out without exemplars). Genifer: batch [replayed
+    | real new] (official prev_curr_ratio), loss 0.02 CE + 0.98 KD + 1.0 feature L2 (learner.py: ce_coefficient * CE
+    + the two weighted terms). Replayed: the previous EMA G's clamped images of uniform old labels, crop+flipped
+    unless --no-gan-aug. Returns [loss, ce, kd, feat, correct] (no sync)."""
     def step(x, y):
         optimizer.zero_grad(set_to_none=True)
-        if old_model is None:
+        zero = torch.zeros((), device=device)
+        if old_model is None or prev_g is None:
             with autocast(device, not args.no_amp):
-                logits = model(x)[0]
-            loss = ce = F.cross_entropy(logits.float(), y)
-            kd = feat = torch.zeros((), device=device)
-            correct = (logits.argmax(1) == y).float().sum()
+                logits = model(x)[0].float()
+                old_logits = old_model(x)[0].float() if old_model is not None and args.arm == "lwf" else None
+            ce, kd = (F.cross_entropy(logits, y), zero) if old_logits is None else \
+                lwf_losses(logits, old_logits, y, num_old, args.lwf_temperature)
+            loss, feat, correct = ce + args.lwf_weight * kd, zero, (logits.argmax(1) == y).float().sum()
         else:
             n_gen = int(args.replay_fraction * len(x))
             x_new, y_new = x[:len(x) - n_gen], y[:len(x) - n_gen]  # official: the first B - n_gen real images
             with torch.no_grad():
-                if prev_g is None:  # --no-replay: the other real part of the batch
-                    replay = x[len(x) - n_gen:]
-                else:
-                    fake = prev_g(torch.randn(n_gen, prev_g.latent_dim, device=device),
-                                  torch.randint(0, num_old, (n_gen,), device=device))
-                    clamped = torch.maximum(torch.minimum(fake, bounds[1]), bounds[0]).permute(0, 2, 3, 1)
-                    replay = augment(clamped, 4, "replicate").permute(0, 3, 1, 2)  # official: crop, edge pad, flip
+                fake = prev_g(torch.randn(n_gen, prev_g.latent_dim, device=device),
+                              torch.randint(0, num_old, (n_gen,), device=device))
+                replay = torch.maximum(torch.minimum(fake, bounds[1]), bounds[0])
+                replay = replay if args.no_gan_aug else crop_flip_batch(replay)  # official: crop, edge pad, flip
                 x_in = torch.cat([replay.to(x.dtype), x_new]).contiguous(memory_format=torch.channels_last)
                 with autocast(device, not args.no_amp):
                     old_logits, _, old_fmap = old_model(x_in)  # official freeze_bn=false: train mode
@@ -415,6 +453,8 @@ def make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, a
             loss = args.ce_weight * ce + args.kd_weight * kd + args.feat_weight * feat
             correct = (logits[n_gen:].argmax(1) == y_new).float().sum() * len(x) / len(y_new)
         loss.backward()
+        if old_model is not None and args.arm == "lwf":
+            model.head.weight.grad[:num_old], model.head.bias.grad[:num_old] = 0, 0
         optimizer.step()
         return torch.stack([loss.detach(), ce.detach(), kd.detach(), feat.detach(), correct])
     return step
@@ -434,10 +474,12 @@ def train_classifier(model, old_model, prev_g, data, train_idx, num_old, bounds,
     stage = Stage(args, label, both, optimizer, scheduler, args.epochs)  # in-task checkpoints, SIGTERM
     step = CapturedStep(make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, args, device),
                         device, enabled=not args.no_graph, optimizer=optimizer)
+    crop = {"augmentation": "none", "batch_fn": lambda x, _: augment(x, 4, "replicate")} if data.on_device else {}
     for epoch in stage.epochs():
-        both.train()  # official freeze_bn=false: the old model runs in train mode
-        stats = stage.running(torch.zeros(5, device=device))
-        for x, y in stage.batches(train_batches(data, train_idx, args.batch_size, device, args.workers)):
+        both.train()  # official freeze_bn=false: Genifer's old model runs in train mode (FACIL's LwF: eval mode)
+        both["old"].train(args.arm != "lwf")
+        stats = stage.running(torch.zeros(5, device=device))  # small images: crop with edge padding (official)
+        for x, y in stage.batches(train_batches(data, train_idx, args.batch_size, device, args.workers, **crop)):
             stats += step(x, y)
         scheduler.step()
         loss, ce, kd, feat, correct = (stats / -(-len(train_idx) // args.batch_size)).tolist()  # one host sync
@@ -449,8 +491,9 @@ def train_classifier(model, old_model, prev_g, data, train_idx, num_old, bounds,
 
 def make_gan_steps(gan, model, prev_g, num_old, total, args, device):
     """Official genifer_trainer.prepare_next_training: D and G steps (non-saturating losses; D has a lazy R1 variant, G
-    a generator distillation L1) on a frozen eval copy's stage features; new Adam optimisers in `gan` (official: each
-    task). For t > 0 D's 'real' batch starts with the old EMA G's images of the old-class z (sample_d_inputs)."""
+    a generator distillation L1) on a frozen eval copy's stage features (image-replay: on the images); new Adam
+    optimisers in `gan` (official: each task). For t > 0 D's 'real' batch starts with the old EMA G's images of the
+    old-class z (sample_d_inputs)."""
     g, d, ada = gan["g"], gan["d"], gan["ada"]
     n_prev = args.gan_batch_size // 2 if prev_g is not None else 0
     lazy = args.r1_interval / (args.r1_interval + 1)  # official lazy_c: also scales D's lr and betas
@@ -460,8 +503,11 @@ def make_gan_steps(gan, model, prev_g, num_old, total, args, device):
     gan["opt_d"] = torch.optim.Adam(d.parameters(), lr=args.gan_lr * lazy, betas=(0.0, 0.99 ** lazy), capturable=cap)
 
     def features(x):
-        with autocast(device, not args.no_amp):
-            return stage_features(frozen.backbone, x.contiguous(memory_format=torch.channels_last), frozen.layer)[0]
+        if args.arm == "image-replay":
+            return x
+        with autocast(device, not args.no_amp):  # stop=True: the stages after the features are not run
+            return stage_features(frozen.backbone, x.contiguous(memory_format=torch.channels_last), frozen.layer,
+                                  stop=True)[0]
 
     def d_step(x_real, y_real, z, y_fake, r1=False):
         gan["opt_d"].zero_grad(set_to_none=True)
@@ -499,6 +545,22 @@ def make_gan_steps(gan, model, prev_g, num_old, total, args, device):
     return d_step, (lambda *a: d_step(*a, r1=True)), g_step
 
 
+def gan_schedule(args, epochs, n, later):
+    """(EMA half-life in images, its ramp rate, ADA's k steps, s) of a GAN run of `epochs` over n images: the official
+    values x s = min(1, the run's D steps / the official run's), so a shortened run keeps the official run's shape
+    in fractions of the run. The ramp (official ema_rampup: epochs / 4 x the classifier loader's batches of 32, i.e.
+    half the GAN steps at 64) reaches the half-life halfway through the run."""
+    s = min(1.0, epochs * (n // args.gan_batch_size) / OFFICIAL_GAN_STEPS[later])
+    horizon = args.ema_half_life_kimg * 1000 * s
+    ramp = horizon / max(args.gan_batch_size * epochs / 4 * -(-n // args.batch_size), 1)
+    return horizon, ramp, args.ada_ksteps * s, s
+
+
+def ema_beta(done, batch, horizon, ramp):
+    """Official EMA decay after `done` G steps: half-life min(horizon, batch x done x ramp) images."""
+    return 0.5 ** (batch / max(min(horizon, batch * done * ramp), 1e-8))
+
+
 def train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, device, label):
     """GAN training after a task, against the frozen classifier's stage features (eval mode, as official).
     G restarts from the EMA generator; ADA's p restarts at 0; returns images/s (real images a step)."""
@@ -512,9 +574,9 @@ def train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, d
              zip(step_fns, ("opt_d", "opt_d", "opt_g"))]
     batch, per_epoch = args.gan_batch_size, len(train_idx) // args.gan_batch_size
     n_prev = batch // 2 if prev_g is not None else 0
-    horizon = args.ema_half_life_kimg * 1000
-    # official ema_rampup counts epochs / 4 x the classifier loader's batches (32): half the GAN steps at 64
-    ramp = horizon / max(batch * epochs / 4 * -(-len(train_idx) // args.batch_size), 1)
+    horizon, ramp, ksteps, scale = gan_schedule(args, epochs, len(train_idx), prev_g is not None)
+    print(f"{label} GAN: {epochs * per_epoch} steps, s = {scale:.4g}: EMA half-life {horizon / batch:.0f} steps, "
+          f"ADA p 0 -> 1 in {ksteps * 1000:.0f} steps")
     g_params, ema_params = list(g.parameters()), list(g_ema.parameters())
     sign_sum = stage.state["sign_sum"] = stage.state.get("sign_sum", torch.zeros(())).to(device)  # ADA's window
     for epoch in stage.epochs():
@@ -531,12 +593,10 @@ def train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, d
             sign_sum += d_out[1]
             g_out = steps[2](z, y_fake)
             stats += torch.cat([d_out, g_out])
-            beta = 0.5 ** (batch / max(min(horizon, batch * done * ramp), 1e-8))  # official EMA with ramp-up
             with torch.no_grad():
-                torch._foreach_lerp_(ema_params, g_params, 1 - beta)
+                torch._foreach_lerp_(ema_params, g_params, 1 - ema_beta(done, batch, horizon, ramp))
             if not args.no_ada and (done + 1) % args.ada_interval == 0:
-                ada.adjust(sign_sum / args.ada_interval, args.ada_target, args.ada_interval, args.ada_ksteps,
-                           args.ada_max)
+                ada.adjust(sign_sum / args.ada_interval, args.ada_target, args.ada_interval, ksteps, args.ada_max)
                 sign_sum.zero_()
         d_loss, sign, g_loss, g_gan, g_dist = (stats / max(per_epoch, 1)).tolist()
         check_finite(d_loss + g_loss, f"{label} GAN epoch {epoch + 1}", "a lower --gan-lr")
@@ -546,11 +606,12 @@ def train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, d
 
 
 def build_gan(args, data, model, device):
-    """G, its EMA copy, D on the stage features (shapes probed on one image), ADA."""
-    fmap = stage_features(model.backbone.eval(), torch.zeros(2, 3, data.image_size, data.image_size, device=device),
-                          model.layer)[0]
+    """G, its EMA copy, D on the stage features (shapes probed on one image) or on the images, ADA."""
+    fmap = torch.zeros(2, 3, data.image_size, data.image_size, device=device)
+    fmap = fmap if args.arm == "image-replay" else stage_features(model.backbone.eval(), fmap, model.layer, True)[0]
     g = Generator(data.num_classes, data.image_size, args.g_channels, args.latent_dim, args.label_dim).to(device)
-    d = FeatureDiscriminator(data.num_classes, fmap.shape[1], fmap.shape[2], args.d_width).to(device)
+    d = FeatureDiscriminator(data.num_classes, fmap.shape[1], fmap.shape[2], args.d_width,
+                             pixels=args.arm == "image-replay").to(device)
     return {"g": g, "g_ema": copy.deepcopy(g).eval().requires_grad_(False), "d": d,
             "ada": AdaptiveAugment(() if args.no_ada else ADA_OPS).to(device)}
 
@@ -598,7 +659,7 @@ def run(args, shared_base=None):
         raise UserError("Genifer is exemplar-free: --memory-per-class must be 0 and --memory-total unset")
     if args.gan_batch_size % 2 or args.gan_batch_size < 2 or not 0 < args.replay_fraction < 1:
         raise UserError("--gan-batch-size must be even and --replay-fraction in (0, 1)")
-    arm = "no_replay" if args.no_replay else ("genifer_no_ada" if args.no_ada else "genifer")
+    arm = arm_name(args)
     args.out_dir = args.out_dir or default_out_dir(f"genifer-{arm}", args)
     data, splits, order = load_protocol(args, device)
     if args.dataset == "cifar100":  # official constants.py
@@ -607,10 +668,10 @@ def run(args, shared_base=None):
     bounds = ((0 - mean) / std, (1 - mean) / std)  # official: generated images clamped to the valid range
     seed_everything(args.seed)
     model = build_model(args, data, device)
-    gan = None if args.no_replay else build_gan(args, data, model, device)
+    gan = None if args.arm in ("finetune", "lwf") else build_gan(args, data, model, device)
     if gan is not None and min(len(indices_of(data.train_y, a, b)) for a, b in splits) < args.gan_batch_size:
         raise UserError(f"--gan-batch-size {args.gan_batch_size} exceeds the training images of a task")
-    # only now, the run folder: bad input has had its one-line error. A no-replay arm reuses Genifer's task 0
+    # only now, the run folder: bad input has had its one-line error. An arm of a pair may reuse Genifer's task 0
     ckpt = open_run(args, f"Genifer ({arm}): {args.dataset}, {len(splits) - 1} tasks after B{args.base_classes}",
                     shared_base, ARM_KEYS)
     if ckpt is not None:
@@ -635,6 +696,7 @@ def run(args, shared_base=None):
             epochs = args.gan_epochs_first if phase == 0 else args.gan_epochs
             gan_ips = train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, device, label)
             gan_s = time.time() - phase_start - train_s
+            save_samples(gan["g_ema"], total, mean, std, os.path.join(args.out_dir, f"samples_task{phase}.png"))
         model.eval()
         result = evaluate(lambda x: model(x)[:2], data, splits, phase, device, None, args.workers)
         row = {"phase": phase, "known_classes": first, "total_classes": total, **result, "memory_size": 0,
@@ -651,26 +713,51 @@ def run(args, shared_base=None):
     extra = {} if gan is None else {"generator_parameters": n, "generator_bytes": 4 * n, "discriminator_parameters":
              count_parameters(gan["d"]), "exemplars_in_generator_bytes": 4 * n // (3 * data.image_size ** 2)}
     return finish_run(args, "genifer", data, order, device, __file__, t0, results_from_rows(rows), arm=arm,
-                      replay=not args.no_replay, ada=not args.no_ada, **extra)
+                      replay=gan is not None, ada=gan is not None and not args.no_ada, **extra)
 
 
-# papers.md 5.4: (arm A, arm B) of each claim as flag overrides; B - A is reported. The replay pair shares task 0
-# (Genifer runs first and writes it); the ADA pair cannot (ADA changes the GAN trained after task 0).
-PAIRS = {"replay": (("no_replay", dict(no_replay=True)), ("genifer", dict(no_replay=False))),
-         "ada": (("genifer_no_ada", dict(no_ada=True)), ("genifer", dict(no_ada=False)))}
+def arm_name(args):
+    gan = args.arm in ("genifer", "image-replay")
+    return args.arm.replace("-", "_") + "_no_ada" * (gan and args.no_ada) + "_no_gan_aug" * (gan and args.no_gan_aug)
+
+
+def save_samples(g, num_classes, mean, std, path, per_class=8):
+    """`path` (PNG): a row of `per_class` images of the EMA generator for each class it replays, 1 px apart (fixed
+    z and noise from their own random generator: the run's random stream is untouched)."""
+    rng, device = torch.Generator(mean.device).manual_seed(0), mean.device
+    y = torch.arange(num_classes, device=device).repeat_interleave(per_class)
+    with torch.no_grad():
+        z = torch.randn(len(y), g.latent_dim, generator=rng, device=device)
+        noise = [torch.randn(len(y), 1, r, r, generator=rng, device=device) for r in g.resolutions]
+        x = torch.cat([g(z[i:i + 256], y[i:i + 256], [n[i:i + 256] for n in noise]) for i in range(0, len(y), 256)])
+    if is_main():
+        torchvision.utils.save_image((x * std + mean).clamp(0, 1), path, nrow=per_class, padding=1)
+
+
+# (the pair's name: arm A's overrides); arm B is Genifer; B - A in <out>/pair_<pair>/paired.json. Genifer runs
+# first and writes task 0 for the arms that keep it; image-replay and ada change the GAN trained after task 0.
+PAIRS = {"finetune": dict(arm="finetune"), "lwf": dict(arm="lwf"), "image-replay": dict(arm="image-replay"),
+         "ada": dict(no_ada=True), "gan-aug": dict(no_gan_aug=True)}
+GENIFER = dict(arm="genifer", no_ada=False, no_gan_aug=False)
 
 
 def run_paired(args):
-    out = args.out_dir or default_out_dir(f"genifer-paired-{args.paired}", args)
-    shared_base = os.path.join(out, "task0.pt") if args.paired == "replay" else None
-    arms = run_arms(args, run, reversed(PAIRS[args.paired]), out, shared_base=shared_base)  # Genifer first
-    return write_paired(out, arms, PAIRS[args.paired][0][0], extra_metrics=("generator_bytes",),
-                        paired=args.paired, dataset=args.dataset, seed=args.seed)
+    pairs = args.paired or list(PAIRS)
+    out = args.out_dir or default_out_dir("genifer-paired" + "-".join([""] + args.paired), args)
+    names = {p: arm_name(argparse.Namespace(**{**GENIFER, **PAIRS[p]})) for p in pairs}
+    shared = os.path.join(out, "task0.pt")
+    arms = run_arms(args, lambda a: run(a, None if a.no_ada or a.arm == "image-replay" else shared),
+                    [("genifer", GENIFER)] + [(names[p], {**GENIFER, **PAIRS[p]}) for p in pairs], out)
+    for p in pairs if arms else ():
+        os.makedirs(os.path.join(out, f"pair_{p}"), exist_ok=True)
+        write_paired(os.path.join(out, f"pair_{p}"), {n: arms[n] for n in (names[p], "genifer")}, names[p],
+                     extra_metrics=("generator_bytes",), paired=p, dataset=args.dataset, seed=args.seed)
+    return arms
 
 
 def main(argv=None):
     args = parse_args(argv)
-    return run_paired(args) if args.paired else run(args)
+    return run_paired(args) if args.paired is not None else run(args)
 
 
 if __name__ == "__main__":
