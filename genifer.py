@@ -13,39 +13,58 @@ After each task a conditional StyleGAN-like generator is trained adversarially a
 the stage-4 (layer3, 256x8x8) features of the frozen classifier (642 GAN epochs on task 0, 1026 later, batch 64,
 ADA, lazy R1); its EMA copy replays the old classes: loss 0.02 CE (real new) + 0.98 KD + 1.0 feature L2 (generated).
 
-The claim (abstract): generative feature-driven replay (with image-space augmentation) beats the previous state of the
-art without exemplars. Its numbers unknown to us, the table pairs runs (papers.md 5.4): no replay vs Genifer, same
-seed, data, order and task 0. CNN top-1 %; average incremental accuracy with task 0 (official `avg_inc_accuracy_0`).
-| pair: arm A vs arm B (CNN top-1 %)  | A avg / last / forg | B avg / last / forg | B - A       | wall | GPU | date |
-|-------------------------------------|---------------------|---------------------|-------------|------|-----|------|
-| CIFAR-100 B50: no replay vs Genifer | not run yet         | not run yet         | not run yet |      |     |      |
-| CIFAR-100 B50: Genifer no ADA vs ADA| not run yet         | not run yet         | not run yet |      |     |      |
-| Tiny-ImageNet B100: no replay vs G. | not run yet         | not run yet         | not run yet |      |     |      |
-Usage: `python genifer.py --data-dir data --paired [ada] [--dataset tinyimagenet]` (a table row, in paired.json);
-no --paired: Genifer alone (--no-ada: the ADA ablation); `--smoke [--paired]`: tiny run on generated data, CPU.
+Claims (abstract): generative feature-driven replay beats the exemplar-free state of the art and image replay, helped
+by image-space augmentation. Its numbers unknown to us, runs are paired (papers.md 5.4): arm A vs Genifer (B) on the
+same classifier, optimiser, schedule, seed, data and order; B - A in <out>/pair_<pair>/paired.json. `--paired [PAIR
+...]` runs Genifer once, then each pair's arm A (bare --paired: all five); `--arm`, `--no-ada`, `--no-gan-aug`: alone.
+- finetune (task 0 shared): CE over all seen classes on the new data only (FACIL src/approach/finetuning.py with
+  --all-outputs; Genifer's CE term alone). The lower bound.
+- lwf (task 0 shared): FACIL src/approach/lwf.py without exemplars: CE over the new classes' logits + 1 x KD at T = 2
+  on the old-class logits (old model in eval mode, FACIL's eps = 1e-5 smoothing), no gradient to the old rows of the
+  head (FACIL leaves old heads out of the optimiser; their decoupled decay, lr x wd a step, remains).
+- image-replay (claim 1, feature-driven vs image replay): the same generator, losses and GAN training, D on pixels
+  (official feat_matching_layer "stage0": conditional_eql_discriminator.py's stage-0 prologue). Task 0's classifier
+  is the same (same seed), the GAN after it is not, so it runs its own task 0.
+- ada (--no-ada): the discriminator-side half of the augmentation claim (official dis_augmentation_p 0: D's inputs
+  not augmented). Runs its own task 0 (the GAN after task 0 changes).
+- gan-aug (--no-gan-aug, task 0 shared): the classifier-side half (official gan_augmentation false: replayed images
+  enter the classifier without their crop and flip).
+Results (CNN top-1 %, average incremental accuracy with task 0, official `avg_inc_accuracy_0`): none of the pairs has
+run yet, on CIFAR-100 B50 or Tiny-ImageNet. Usage: `python genifer.py --data-dir data --paired [PAIR ...]`
+[--dataset tinyimagenet]; `--smoke [--paired]`: tiny run on generated data, CPU. After each GAN, samples_task{t}.png
+beside results.json: a row of 8 EMA-generator images for each class it replays (what the classifier is replayed).
+Shortened GAN runs (--gan-epochs-first / --gan-epochs below 642 / 1026): the EMA half-life (500 kimg), its ramp and
+ADA's speed (p 0 -> 1 in 4k steps) are multiplied by s = min(1, the run's D steps / the official run's: 642 x 390 =
+250,380 after task 0, 1026 x 78 = 80,028 after a later task), so a short run has the official run's shape in
+fractions of the run: the EMA generator's weight centre of mass stays at 0.955 of the run (unscaled, at 1,950 steps
+80 % of its weight lay on the first tenth of training). s = 1 at or above the official length.
 
 Deviations:
-- ADA is ours in torch (no stylegan2-ada code): same ops, strengths and adaptive rule, but one bilinear
-  grid_sample with reflection at the border (edge pixel repeated) instead of ADA's wavelet-filtered 2x upsampled
-  warp; p adapts from the mean sign of D(real) over the last --ada-interval D steps (official: a sliding window).
-- RAdam: torch.optim.RAdam with decoupled weight decay (lr * wd * param), as in the widely used radam.py
-  (LiyuanLucasLiu/RAdam, first steps SGD-like): the official radam.py is not in the release, so this is [unverified].
+- ADA is ours in torch (genifer_ada.py; no stylegan2-ada code): same ops, strengths and adaptive rule, but one
+  bilinear grid_sample with reflection at the border instead of ADA's wavelet-filtered 2x upsampled warp; p adapts
+  from the mean sign of D(real) over the last --ada-interval D steps (official: a sliding window).
+- RAdam: torch.optim.RAdam(decoupled_weight_decay=True) vs the radam.py the official README links (LiyuanLucasLiu/
+  RAdam master @ d9fd30a, degenerated_to_sgd=False), the optimiser new each task (learner.py): from a task's 6th step
+  (rho_t > 5) both take the same rectified step (same eps placement) and decay p -= lr x wd x p; in steps 1-5 of each
+  task radam.py changes nothing (no step, no decay; moments accumulate) where torch takes SGD-momentum steps lr x
+  m_hat and decays. radam.py @ 688cb1e (degenerated_to_sgd=True) behaves as torch.
 - Classifier epochs: the last partial real batch wraps around the shuffled order (static shapes for CUDA graphs);
-  as officially, a replay step uses the first 32 - 16 real images of a 32 batch. GAN epochs drop the last partial
-  batch, as the official loader. Large-image datasets (cub200) feed the GAN augmented crops (common.data loader).
+  as officially, a replay step uses the first 32 - 16 real images of a 32 batch, real images are crop-padded with
+  the edge pixel (torchvision_loader.py) and the replays' crop and flip are drawn once a batch (torchvision on a 4-D
+  tensor). GAN epochs drop the last partial batch, as the official loader. Large-image datasets (cub200): the
+  loader's crops for the GAN and the classifier, and the 32 px crop/flip for replays (official: Resize + crop).
 - tinyimagenet (64 px, 3x3 stem: layer3 is 256x16x16) and cub200 (224 px, standard stem, 256x14x14) are ours:
   one more generator stage (4 -> 64) and discriminator block for 64 px; for 224 px a 7x7 constant and five 2x
-  stages (512, 512, 256, 128, 64, 32 channels), as the official large generator is not in the release.
+  stages (512, 512, 256, 128, 64, 32 channels), as the official large generator and discriminator are not released.
 - Mixed precision: the classifier's feature pass runs in bf16 autocast on CUDA; G and D stay fp32 (R1 needs
   second derivatives). CIFAR normalisation: the official (0.507, 0.487, 0.441) / (0.267, 0.256, 0.276).
-- The no-replay baseline is ours (papers.md 5.4 names it): same batches, losses and weights, its distilled half being
-  the other real half of the batch, and no GAN. In a pair it reuses Genifer's task 0 (classifier and RNG state after
-  task 0's GAN), so alone it differs from its paired twin. No GAN follows the last task (nothing replays it). R1 and
-  ADA step counters restart each task (official: one global counter). ResNet-18: timm's (torchvision's layers).
+- An arm sharing task 0 loads Genifer's (classifier and RNG state after task 0's GAN), so alone it differs from its
+  paired twin; fine-tuning and LwF use Genifer's optimiser and schedule (FACIL's own: SGD lr 0.05, patience). No GAN
+  follows the last task (nothing replays it). R1 and ADA step counters restart each task (official: one global
+  counter). The GAN runs the classifier only up to D's stage (stage_features stop). ResNet-18: timm's.
 """
 import argparse
 import copy
-import math
 import os
 import time
 
@@ -62,6 +81,7 @@ from common.models import count_parameters, create_backbone, stage_features, to_
 from common.run import (Stage, UserError, add_system_flags, autocast, check_finite, default_out_dir, end_phase,
                         finish_run, new_parser, open_run, resolve_defaults, resume_point, run_arms, run_main,
                         seed_everything, setup_device, write_paired)
+from genifer_ada import ADA_OPS, AdaptiveAugment, geometric_matrix, warp  # noqa: F401 (tests use them here)
 
 # Per-dataset defaults (a flag given wins): CIFAR-100 official config/examples (papers.md 5.3); the rest ours.
 _CIFAR = dict(data_dir="data", backbone="resnet18", base_classes=50, increment=10, epochs=100,
@@ -110,17 +130,14 @@ def parse_args(argv=None):
     g.add_argument("--kd-temperature", type=float, default=1.0, help="(official: temperature 1)")
     g.add_argument("--replay-fraction", type=float, default=0.5, help="generated share (official: prev_curr_ratio)")
     g.add_argument("--feat-layer", default="stage4", choices=sorted(STAGES), help="D and KD features (official stage4)")
-    g.add_argument("--arm", default="genifer", choices=ARMS, help="genifer | image-replay: the same GAN with D on "
-                   "pixels (official feat_matching_layer stage0) | finetune: CE over all seen classes on the new data "
-                   "| lwf: CE over the new classes + --lwf-weight x KD on the old-class logits at --lwf-temperature")
+    g.add_argument("--arm", default="genifer", choices=ARMS, help="image-replay: D on pixels (official stage0); "
+                   "finetune, lwf: the baselines (header)")
     g.add_argument("--lwf-temperature", type=float, default=2.0, help="LwF's T (FACIL lwf.py: 2)")
     g.add_argument("--lwf-weight", type=float, default=1.0, help="LwF's lambda (FACIL lwf.py: 1)")
-    g.add_argument("--no-gan-aug", action="store_true", help="replayed images not crop/flipped (official "
-                   "gan_augmentation false): the classifier-side half of the augmentation claim")
-    g.add_argument("--paired", nargs="*", choices=list(PAIRS), default=None, help="arm vs Genifer, same seed and "
-                   "data, each pair's paired.json in <out>/pair_<pair>/ (one Genifer arm for all): finetune, lwf (shared "
-                   "task 0), image-replay (claim 1), ada (ADA off: the discriminator-side half of the augmentation "
-                   "claim), gan-aug (--no-gan-aug: the classifier-side half; shared task 0); bare --paired: all five")
+    g.add_argument("--no-gan-aug", action="store_true", help="replays not crop/flipped (official gan_augmentation "
+                   "false): the classifier-side half of the augmentation claim")
+    g.add_argument("--paired", nargs="*", choices=list(PAIRS), default=None, help="pairs with Genifer (header), "
+                   "each in <out>/pair_<pair>/paired.json, one Genifer arm for all; bare --paired: all five")
     g = p.add_argument_group("GAN (generator, feature discriminator, ADA)")
     g.add_argument("--gan-epochs-first", type=int, default=None, help="after task 0 (official pretrain_gan: 642)")
     g.add_argument("--gan-epochs", type=int, default=None, help="after later tasks (official: n_iter 1026)")
@@ -133,11 +150,9 @@ def parse_args(argv=None):
     g.add_argument("--ada-target", type=float, default=0.5, help="E[sign D(real)] (official: dis_augmentation_p)")
     g.add_argument("--ada-max", type=float, default=0.5, help="(official: max_dis_augmentation_p 0.5)")
     g.add_argument("--ada-interval", type=int, default=4, help="adjust p every N steps (official: 4)")
-    g.add_argument("--ada-ksteps", type=float, default=4, help="k steps for p to move by 1 (official: 4; "
-                   "x s as the half-life)")
-    g.add_argument("--ema-half-life-kimg", type=float, default=500, help="EMA generator (official: 500, ramped up "
-                   "over half the run), x s = min(1, the run's GAN steps / the official run's: 250,380 after task 0, "
-                   "80,028 later), so a shortened run keeps the official shape as fractions of the run")
+    g.add_argument("--ada-ksteps", type=float, default=4, help="k steps for p to move by 1 (official: 4), x s")
+    g.add_argument("--ema-half-life-kimg", type=float, default=500, help="EMA G (official: 500, ramped up over half "
+                   "the run), x s = min(1, the run's D steps / the official run's: 250,380 after task 0, 80,028 later)")
     g.add_argument("--gen-distill-weight", type=float, default=10, help="L1 to the previous G x n_old/n_new "
                    "(official: gen_coefficient 10, gen_dist_ada)")
     g.add_argument("--latent-dim", type=int, default=512, help="z and w size (official: latent_dim 512)")
@@ -288,106 +303,6 @@ def r1_penalty(d_real: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return grad.square().flatten(1).sum(1).mean()
 
 
-# ----------------------------------------------------------------------------------------------- ADA
-ADA_OPS = ("xflip", "rotate90", "xint", "scale", "rotate", "aniso", "xfrac",
-           "brightness", "contrast", "lumaflip", "hue", "saturation")  # official: every StyleGAN2-ADA 'bgc' op
-
-
-def _gate(value, identity, p):
-    """Per sample: `value` with probability p, else the identity value (no host sync)."""
-    keep = torch.rand(value.shape[0], device=value.device) < p
-    return torch.where(keep.view(-1, *[1] * (value.dim() - 1)), value, identity)
-
-
-def _affine(n, device, sx=1.0, sy=1.0, tx=0.0, ty=0.0, angle=0.0):
-    """Batched 3x3 matrices: rotation by `angle` after scaling by (sx, sy), then translation (tx, ty)."""
-    sx, sy, tx, ty, angle = (v if torch.is_tensor(v) else torch.zeros(n, device=device) + v
-                             for v in (sx, sy, tx, ty, angle))  # scalars by kernels: capturable
-    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
-    return torch.stack([sx * cos, -sy * sin, tx, sx * sin, sy * cos, ty, zero, zero, zero + 1], 1).view(n, 3, 3)
-
-
-def geometric_matrix(n, p, ops, size, device):
-    """ADA's inverse geometric transform (output -> input coordinates in [-1, 1]), composed in ADA's order with
-    its strengths: flip, k*90 deg, integer shift <= 0.125 W, scale 2^N(0, 0.2), rotation U(-pi, pi) with
-    p_rot = 1 - sqrt(1 - p) twice around anisotropy 2^N(0, 0.2), fractional shift N(0, 0.125 W)."""
-    def rand(*shape): return torch.rand(n, *shape, device=device)
-    def randn(*shape): return torch.randn(n, *shape, device=device)
-    def shift(t): return _affine(n, device, tx=-2 * t[:, 0], ty=-2 * t[:, 1])  # shifts in widths -> [-1, 1]
-
-    def stretch(aniso):  # 2^N(0, 0.2): isotropic scale, or anisotropy
-        s = _gate(2 ** (randn() * 0.2), 1.0, p)
-        return _affine(n, device, sx=1 / s, sy=s if aniso else 1 / s)
-    mat, p_rot = torch.eye(3, device=device).repeat(n, 1, 1), 1 - (1 - torch.as_tensor(p, device=device)).sqrt()
-    make = {"xflip": lambda: _affine(n, device, sx=1 - 2 * _gate((rand() < 0.5).float(), 0.0, p)),
-            "rotate90": lambda: _affine(n, device, angle=-math.pi / 2 * _gate((rand() * 4).floor(), 0.0, p)),
-            "xint": lambda: shift(torch.round(_gate((rand(2) * 2 - 1) * 0.125, 0.0, p) * size) / size),
-            "scale": lambda: stretch(False), "aniso": lambda: stretch(True),
-            "rotate": lambda: _affine(n, device, angle=-_gate((rand() * 2 - 1) * math.pi, 0.0, p_rot)),
-            "xfrac": lambda: shift(_gate(randn(2) * 0.125, 0.0, p))}
-    for op in ("xflip", "rotate90", "xint", "scale", "rotate", "aniso", "rotate", "xfrac"):  # ADA's order
-        if op in ops:
-            mat = mat @ make[op]()
-    return mat
-
-
-def warp(x, mat):
-    """Sample x at mat @ (output coordinates): bilinear, reflection at the border (ours; ADA pads by reflection)."""
-    grid = F.affine_grid(mat[:, :2, :].to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-def colour_matrix(n, p, ops, device):
-    """ADA's colour transform (4x4, homogeneous RGB), in ADA's order: brightness + N(0, 0.2), contrast
-    x 2^N(0, 0.5), luma flip, hue rotation U(-pi, pi) about the luma axis, saturation 2^N(0, 1) off the axis."""
-    eye, a = torch.eye(4, device=device), 3 ** -0.5
-    v = torch.full((4,), a, device=device)
-    v[3] = 0  # the luma axis (fills only: no host-to-device copy inside a captured graph)
-    vv, mat = torch.outer(v, v), eye.repeat(n, 1, 1)
-    if "brightness" in ops:  # the first op: a translation of the identity
-        mat[:, :3, 3] = _gate(torch.randn(n, device=device) * 0.2, 0.0, p)[:, None]
-    if "contrast" in ops:
-        c = _gate(2 ** (torch.randn(n, device=device) * 0.5), 1.0, p)
-        mat = torch.diag_embed(torch.stack([c, c, c, torch.ones_like(c)], 1)) @ mat
-    if "lumaflip" in ops:
-        i = _gate(torch.randint(0, 2, (n,), device=device).float(), 0.0, p)
-        mat = (eye - 2 * vv * i[:, None, None]) @ mat
-    if "hue" in ops:  # Rodrigues: cos t I + sin t [v]x + (1 - cos t) v v^T on the RGB block
-        t = _gate((torch.rand(n, device=device) * 2 - 1) * math.pi, 0.0, p)[:, None, None]
-        cross = torch.zeros(4, 4, device=device)
-        cross[0, 2] = cross[1, 0] = cross[2, 1] = a
-        cross[0, 1] = cross[1, 2] = cross[2, 0] = -a
-        rot = t.cos() * eye + t.sin() * cross + (1 - t.cos()) * vv
-        rot[:, 3, 3] = 1
-        mat = rot @ mat
-    if "saturation" in ops:
-        s = _gate(2 ** torch.randn(n, device=device), 1.0, p)
-        mat = (vv + (eye - vv) * s[:, None, None]) @ mat
-    return mat
-
-
-class AdaptiveAugment(nn.Module):
-    """ADA (Karras et al. 2020) in torch: every op applied per sample with probability p (a device buffer, so no
-    host sync and one static graph); differentiable in the images. p follows E[sign D(real)] toward the target."""
-    def __init__(self, ops=ADA_OPS):
-        super().__init__()
-        self.ops = tuple(ops)
-        self.register_buffer("p", torch.zeros(()))
-
-    def forward(self, x):
-        if any(op in self.ops for op in ADA_OPS[:7]):
-            x = warp(x, geometric_matrix(len(x), self.p, self.ops, x.shape[-1], x.device))
-        if any(op in self.ops for op in ADA_OPS[7:]):
-            c = colour_matrix(len(x), self.p, self.ops, x.device).to(x.dtype)
-            x = torch.einsum("nij,njhw->nihw", c[:, :3, :3], x) + c[:, :3, 3, None, None]
-        return x
-
-    @torch.no_grad()
-    def adjust(self, mean_sign, target, interval, ksteps, p_max):
-        """Official update_ada: p += sign(r_t - target) * interval / (ksteps * 1000), clipped to [0, p_max]."""
-        self.p.copy_((self.p + torch.sign(mean_sign - target) * interval / (ksteps * 1000)).clamp(0, p_max))
-
-
 # ----------------------------------------------------------------------------------------------- losses
 def classifier_losses(logits, old_logits, fmap, old_fmap, y_new, n_gen, num_old, temperature=1.0):
     """Official get_modified_loss (KD_sep, single_L2) on a batch [n_gen replayed | real new]: CE over all seen
@@ -502,12 +417,11 @@ def make_gan_steps(gan, model, prev_g, num_old, total, args, device):
     gan["opt_g"] = torch.optim.Adam(g.parameters(), lr=args.gan_lr, betas=(0.0, 0.99), capturable=cap)
     gan["opt_d"] = torch.optim.Adam(d.parameters(), lr=args.gan_lr * lazy, betas=(0.0, 0.99 ** lazy), capturable=cap)
 
-    def features(x):
+    def features(x):  # D's input: the frozen classifier run up to D's stage only (image-replay: the images)
         if args.arm == "image-replay":
             return x
-        with autocast(device, not args.no_amp):  # stop=True: the stages after the features are not run
-            return stage_features(frozen.backbone, x.contiguous(memory_format=torch.channels_last), frozen.layer,
-                                  stop=True)[0]
+        with autocast(device, not args.no_amp):
+            return stage_features(frozen.backbone, x.contiguous(memory_format=torch.channels_last), frozen.layer, 1)[0]
 
     def d_step(x_real, y_real, z, y_fake, r1=False):
         gan["opt_d"].zero_grad(set_to_none=True)
@@ -547,9 +461,8 @@ def make_gan_steps(gan, model, prev_g, num_old, total, args, device):
 
 def gan_schedule(args, epochs, n, later):
     """(EMA half-life in images, its ramp rate, ADA's k steps, s) of a GAN run of `epochs` over n images: the official
-    values x s = min(1, the run's D steps / the official run's), so a shortened run keeps the official run's shape
-    in fractions of the run. The ramp (official ema_rampup: epochs / 4 x the classifier loader's batches of 32, i.e.
-    half the GAN steps at 64) reaches the half-life halfway through the run."""
+    values x s = min(1, the run's D steps / the official run's). The ramp (official ema_rampup: epochs / 4 x the
+    classifier loader's batches of 32, i.e. half the GAN steps at 64) reaches the half-life halfway."""
     s = min(1.0, epochs * (n // args.gan_batch_size) / OFFICIAL_GAN_STEPS[later])
     horizon = args.ema_half_life_kimg * 1000 * s
     ramp = horizon / max(args.gan_batch_size * epochs / 4 * -(-n // args.batch_size), 1)
@@ -575,8 +488,8 @@ def train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, d
     batch, per_epoch = args.gan_batch_size, len(train_idx) // args.gan_batch_size
     n_prev = batch // 2 if prev_g is not None else 0
     horizon, ramp, ksteps, scale = gan_schedule(args, epochs, len(train_idx), prev_g is not None)
-    print(f"{label} GAN: {epochs * per_epoch} steps, s = {scale:.4g}: EMA half-life {horizon / batch:.0f} steps, "
-          f"ADA p 0 -> 1 in {ksteps * 1000:.0f} steps")
+    print(f"{label} GAN: {epochs * per_epoch} steps, s {scale:.4g}: EMA half-life {horizon / batch:.0f} steps, ADA p "
+          f"0 -> 1 in {ksteps * 1000:.0f}")
     g_params, ema_params = list(g.parameters()), list(g_ema.parameters())
     sign_sum = stage.state["sign_sum"] = stage.state.get("sign_sum", torch.zeros(())).to(device)  # ADA's window
     for epoch in stage.epochs():
@@ -628,7 +541,7 @@ def build_model(args, data, device):
 def bench_steps(args, device):
     """Genifer's steps of task 1 (classifier with replay, D, D + lazy R1, G) on generated inputs of the real
     shapes, for `python -m common.bench`: [(name, step, optimizer, inputs)]."""
-    num_classes, size = SHAPES[args.dataset]
+    num_classes, size = args.classes or SHAPES[args.dataset][0], args.image_size or SHAPES[args.dataset][1]
     first, total = phase_splits(num_classes, args.base_classes, args.increment)[1]
     data = argparse.Namespace(num_classes=num_classes, image_size=size)
     model = build_model(args, data, device)
