@@ -219,31 +219,34 @@ def test_classifier_loss_terms_match_hand_computed_values():
 def test_lwf_losses_match_hand_computed_values():
     """FACIL lwf.py without exemplars: CE over the new classes only; KD over the old classes at T = 2 with FACIL's
     eps = 1e-5 smoothing of the student's probabilities."""
-    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0], [0.0, 1.0, -1.0, 3.0]])  # classes 0-1 old, 2-3 new
-    old_logits = torch.tensor([[1.0, 0.0, 9.0, 9.0], [0.0, 2.0, 9.0, 9.0]])  # its new-class columns: unused
-    y = torch.tensor([2, 3])
+    # classes 0-1 old, 2-3 new; row 2: the student gives class 1 e^-20, where FACIL's eps decides the KD term
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0], [0.0, 1.0, -1.0, 3.0], [20.0, -20.0, 0.0, 0.0]])
+    old_logits = torch.tensor([[1.0, 0.0, 9.0, 9.0], [0.0, 2.0, 9.0, 9.0], [0.0, 0.0, 9.0, 9.0]])  # new columns unused
+    y = torch.tensor([2, 3, 2])
     ce, kd = genifer.lwf_losses(logits, old_logits, y, 2, temperature=2.0)
     want_ce = [-math.log(math.exp(1) / (math.exp(1) + math.exp(-1))), -math.log(math.exp(3) / (math.exp(-1) +
-                                                                                               math.exp(3)))]
-    assert ce.item() == pytest.approx(sum(want_ce) / 2, abs=1e-6)
+                                                                                               math.exp(3))),
+               math.log(2)]
+    assert ce.item() == pytest.approx(sum(want_ce) / 3, abs=1e-6)
     rows = []
-    for z, t in ((logits[0, :2].tolist(), old_logits[0, :2].tolist()), (logits[1, :2].tolist(),
-                                                                        old_logits[1, :2].tolist())):
+    for z, t in zip(logits[:, :2].tolist(), old_logits[:, :2].tolist()):
         q = [math.exp(v / 2) / sum(math.exp(u / 2) for u in z) + 1e-5 / 2 for v in z]
         q = [v / sum(q) for v in q]
         p = [math.exp(v / 2) / sum(math.exp(u / 2) for u in t) for v in t]
         rows.append(-sum(pi * math.log(qi) for pi, qi in zip(p, q)))
-    assert kd.item() == pytest.approx(sum(rows) / 2, abs=1e-6)
+    assert kd.item() == pytest.approx(sum(rows) / 3, rel=1e-5)
 
 
 def tiny_args(*flags):
     return genifer.parse_args(["--smoke", "--device", "cpu", *flags])
 
 
-@pytest.mark.parametrize("arm", ["genifer", "finetune", "lwf"])
-def test_step_total_is_the_weighted_sum_of_its_terms(arm):
+@pytest.mark.parametrize("arm,flags", [("genifer", []), ("genifer", ["--no-gan-aug"]), ("finetune", []), ("lwf", [])])
+def test_step_total_is_the_weighted_sum_of_its_terms(arm, flags, monkeypatch):
     torch.manual_seed(0)
-    args = tiny_args("--arm", arm)
+    args = tiny_args("--arm", arm, *flags)
+    crops = []  # the replays' crop and flip: once a batch (crop_flip_batch), none with --no-gan-aug
+    monkeypatch.setattr(genifer, "crop_flip_batch", lambda x, f=genifer.crop_flip_batch: crops.append(len(x)) or f(x))
     data = type("D", (), {"num_classes": 20, "image_size": 32})
     model = genifer.build_model(args, data, "cpu")
     model.add_classes(3)
@@ -263,6 +266,7 @@ def test_step_total_is_the_weighted_sum_of_its_terms(arm):
         want = [F.cross_entropy(logits, y).item(), 0.0] if arm == "finetune" else \
             [t.item() for t in genifer.lwf_losses(logits, old_logits, y, 3, 2.0)]
     loss, ce, kd, feat, _ = step(x, y).tolist()
+    assert crops == ([4] if arm == "genifer" and not flags else [])
     if arm == "genifer":
         assert loss == pytest.approx(0.02 * ce + 0.98 * kd + 1.0 * feat, rel=1e-5) and kd > 0 and feat >= 0
     else:
