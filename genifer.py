@@ -13,49 +13,69 @@ After each task a conditional StyleGAN-like generator is trained adversarially a
 the stage-4 (layer3, 256x8x8) features of the frozen classifier (642 GAN epochs on task 0, 1026 later, batch 64,
 ADA, lazy R1); its EMA copy replays the old classes: loss 0.02 CE (real new) + 0.98 KD + 1.0 feature L2 (generated).
 
-The claim (abstract): generative feature-driven replay (with image-space augmentation) beats the previous state of the
-art without exemplars. Its numbers unknown to us, the table pairs runs (papers.md 5.4): no replay vs Genifer, same
-seed, data, order and task 0. CNN top-1 %; average incremental accuracy with task 0 (official `avg_inc_accuracy_0`).
-| pair: arm A vs arm B (CNN top-1 %)  | A avg / last / forg | B avg / last / forg | B - A       | wall | GPU | date |
-|-------------------------------------|---------------------|---------------------|-------------|------|-----|------|
-| CIFAR-100 B50: no replay vs Genifer | not run yet         | not run yet         | not run yet |      |     |      |
-| CIFAR-100 B50: Genifer no ADA vs ADA| not run yet         | not run yet         | not run yet |      |     |      |
-| Tiny-ImageNet B100: no replay vs G. | not run yet         | not run yet         | not run yet |      |     |      |
-Usage: `python genifer.py --data-dir data --paired [ada] [--dataset tinyimagenet]` (a table row, in paired.json);
-no --paired: Genifer alone (--no-ada: the ADA ablation); `--smoke [--paired]`: tiny run on generated data, CPU.
+Claims (abstract): generative feature-driven replay beats the exemplar-free state of the art and image replay, helped
+by image-space augmentation. Its numbers unknown to us, runs are paired (papers.md 5.4): arm A vs Genifer (B) on the
+same classifier, optimiser, schedule, seed, data and order; B - A in <out>/pair_<pair>/paired.json. `--paired [PAIR
+...]` runs Genifer once, then each pair's arm A (bare --paired: all five); `--arm`, `--no-ada`, `--no-gan-aug`: alone.
+- finetune (task 0 shared): CE over all seen classes on the new data only (FACIL src/approach/finetuning.py with
+  --all-outputs; Genifer's CE term alone). The lower bound.
+- lwf (task 0 shared): FACIL src/approach/lwf.py without exemplars: CE over the new classes' logits + 1 x KD at T = 2
+  on the old-class logits (old model in eval mode, FACIL's eps = 1e-5 smoothing), no gradient to the old rows of the
+  head (FACIL leaves old heads out of the optimiser; their decoupled decay, lr x wd a step, remains).
+- image-replay (claim 1, feature-driven vs image replay): the same generator, losses and GAN training, D on pixels
+  (official feat_matching_layer "stage0": conditional_eql_discriminator.py's stage-0 prologue). Task 0's classifier
+  is the same (same seed), the GAN after it is not, so it runs its own task 0.
+- ada (--no-ada): the discriminator-side half of the augmentation claim (official dis_augmentation_p 0: D's inputs
+  not augmented). Runs its own task 0 (the GAN after task 0 changes).
+- gan-aug (--no-gan-aug, task 0 shared): the classifier-side half (official gan_augmentation false: replayed images
+  enter the classifier without their crop and flip).
+Results (CNN top-1 %, average incremental accuracy with task 0, official `avg_inc_accuracy_0`): none of the pairs has
+run yet, on CIFAR-100 B50 or Tiny-ImageNet. Usage: `python genifer.py --data-dir data --paired [PAIR ...]`
+[--dataset tinyimagenet]; `--smoke [--paired]`: tiny run on generated data, CPU. After each GAN, samples_task{t}.png
+beside results.json: a row of 8 EMA-generator images for each class it replays (what the classifier is replayed).
+Shortened GAN runs (--gan-epochs-first / --gan-epochs below 642 / 1026): the EMA half-life (500 kimg), its ramp and
+ADA's speed (p 0 -> 1 in 4k steps) are multiplied by s = min(1, the run's D steps / the official run's: 642 x 390 =
+250,380 after task 0, 1026 x 78 = 80,028 after a later task), so a short run has the official run's shape in
+fractions of the run: the EMA generator's weight centre of mass stays at 0.955 of the run (unscaled, at 1,950 steps
+80 % of its weight lay on the first tenth of training). s = 1 at or above the official length.
 
 Deviations:
-- ADA is ours in torch (no stylegan2-ada code): same ops, strengths and adaptive rule, but one bilinear
-  grid_sample with reflection at the border (edge pixel repeated) instead of ADA's wavelet-filtered 2x upsampled
-  warp; p adapts from the mean sign of D(real) over the last --ada-interval D steps (official: a sliding window).
-- RAdam: torch.optim.RAdam with decoupled weight decay (lr * wd * param), as in the widely used radam.py
-  (LiyuanLucasLiu/RAdam, first steps SGD-like): the official radam.py is not in the release, so this is [unverified].
+- ADA is ours in torch (genifer_ada.py; no stylegan2-ada code): same ops, strengths and adaptive rule, but one
+  bilinear grid_sample with reflection at the border instead of ADA's wavelet-filtered 2x upsampled warp; p adapts
+  from the mean sign of D(real) over the last --ada-interval D steps (official: a sliding window).
+- RAdam: torch.optim.RAdam(decoupled_weight_decay=True) vs the radam.py the official README links (LiyuanLucasLiu/
+  RAdam master @ d9fd30a, degenerated_to_sgd=False), the optimiser new each task (learner.py): from a task's 6th step
+  (rho_t > 5) both take the same rectified step (same eps placement) and decay p -= lr x wd x p; in steps 1-5 of each
+  task radam.py changes nothing (no step, no decay; moments accumulate) where torch takes SGD-momentum steps lr x
+  m_hat and decays. radam.py @ 688cb1e (degenerated_to_sgd=True) behaves as torch.
 - Classifier epochs: the last partial real batch wraps around the shuffled order (static shapes for CUDA graphs);
-  as officially, a replay step uses the first 32 - 16 real images of a 32 batch. GAN epochs drop the last partial
-  batch, as the official loader. Large-image datasets (cub200) feed the GAN augmented crops (common.data loader).
+  as officially, a replay step uses the first 32 - 16 real images of a 32 batch, real images are crop-padded with
+  the edge pixel (torchvision_loader.py) and the replays' crop and flip are drawn once a batch (torchvision on a 4-D
+  tensor). GAN epochs drop the last partial batch, as the official loader. Large-image datasets (cub200): the
+  loader's crops for the GAN and the classifier, and the 32 px crop/flip for replays (official: Resize + crop).
 - tinyimagenet (64 px, 3x3 stem: layer3 is 256x16x16) and cub200 (224 px, standard stem, 256x14x14) are ours:
   one more generator stage (4 -> 64) and discriminator block for 64 px; for 224 px a 7x7 constant and five 2x
-  stages (512, 512, 256, 128, 64, 32 channels), as the official large generator is not in the release.
+  stages (512, 512, 256, 128, 64, 32 channels), as the official large generator and discriminator are not released.
 - Mixed precision: the classifier's feature pass runs in bf16 autocast on CUDA; G and D stay fp32 (R1 needs
   second derivatives). CIFAR normalisation: the official (0.507, 0.487, 0.441) / (0.267, 0.256, 0.276).
-- The no-replay baseline is ours (papers.md 5.4 names it): same batches, losses and weights, its distilled half being
-  the other real half of the batch, and no GAN. In a pair it reuses Genifer's task 0 (classifier and RNG state after
-  task 0's GAN), so alone it differs from its paired twin. No GAN follows the last task (nothing replays it). R1 and
-  ADA step counters restart each task (official: one global counter). ResNet-18: timm's (torchvision's layers).
+- An arm sharing task 0 loads Genifer's (classifier and RNG state after task 0's GAN), so alone it differs from its
+  paired twin; fine-tuning and LwF use Genifer's optimiser and schedule (FACIL's own: SGD lr 0.05, patience). No GAN
+  follows the last task (nothing replays it). R1 and ADA step counters restart each task (official: one global
+  counter). The GAN runs the classifier only up to D's stage (stage_features stop). ResNet-18: timm's.
 """
 import argparse
 import copy
-import math
 import os
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 from common.batches import augment, train_batches
 from common.data import SHAPES, add_data_flags, indices_of, load_protocol, phase_splits
-from common.dist import per_rank
+from common.dist import is_main, per_rank
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep
 from common.models import count_parameters, create_backbone, stage_features, to_channels_last
@@ -66,6 +86,7 @@ from common.flags import add_system_flags, new_parser, resolve_defaults
 from common.results import finish_run, run_arms, write_paired
 from common.stage import Stage, check_finite
 from common.stop import run_main
+from genifer_ada import ADA_OPS, AdaptiveAugment, geometric_matrix, warp  # noqa: F401 (tests use them here)
 
 # Per-dataset defaults (a flag given wins): CIFAR-100 official config/examples (papers.md 5.3); the rest ours.
 _CIFAR = dict(data_dir="data", backbone="resnet18", base_classes=50, increment=10, epochs=100,
@@ -78,7 +99,11 @@ DATASET_DEFAULTS = {
                       gan_epochs_first=1, gan_epochs=1, g_channels=[32, 16, 16, 8]),
 }
 SMOKE = dict(dataset="synthetic", gan_batch_size=16, latent_dim=32, label_dim=16, d_width=32, inc_lr=1e-3)
-ARM_KEYS = ("no_replay", "paired")  # what an arm of a pair may change without changing task 0 (then shared)
+ARMS = ("genifer", "image-replay", "finetune", "lwf")
+# what an arm of a pair may change without changing task 0 (then shared: the GAN after task 0 is the same or unused)
+ARM_KEYS = ("arm", "no_gan_aug", "lwf_temperature", "lwf_weight", "paired")
+# official CIFAR-100 GAN runs, D steps of batch 64: 642 epochs x 390 after task 0, 1026 x 78 after a later task
+OFFICIAL_GAN_STEPS = (642 * (25000 // 64), 1026 * (5000 // 64))
 STAGES = {"stage3": "layer2", "stage4": "layer3", "stage5": "layer4"}  # official backbones.py stage names
 GAN_PARTS = ("g", "g_ema", "d", "ada")  # what a checkpoint holds of the GAN
 
@@ -110,9 +135,14 @@ def parse_args(argv=None):
     g.add_argument("--kd-temperature", type=float, default=1.0, help="(official: temperature 1)")
     g.add_argument("--replay-fraction", type=float, default=0.5, help="generated share (official: prev_curr_ratio)")
     g.add_argument("--feat-layer", default="stage4", choices=sorted(STAGES), help="D and KD features (official stage4)")
-    g.add_argument("--no-replay", action="store_true", help="baseline: distilled half = real new data (papers.md 5.4)")
-    g.add_argument("--paired", nargs="?", const="replay", choices=["replay", "ada"], default=None, help="replay: "
-                   "no replay vs Genifer (shared task 0); ada: Genifer without vs with ADA; writes paired.json")
+    g.add_argument("--arm", default="genifer", choices=ARMS, help="image-replay: D on pixels (official stage0); "
+                   "finetune, lwf: the baselines (header)")
+    g.add_argument("--lwf-temperature", type=float, default=2.0, help="LwF's T (FACIL lwf.py: 2)")
+    g.add_argument("--lwf-weight", type=float, default=1.0, help="LwF's lambda (FACIL lwf.py: 1)")
+    g.add_argument("--no-gan-aug", action="store_true", help="replays not crop/flipped (official gan_augmentation "
+                   "false): the classifier-side half of the augmentation claim")
+    g.add_argument("--paired", nargs="*", choices=list(PAIRS), default=None, help="pairs with Genifer (header), "
+                   "each in <out>/pair_<pair>/paired.json, one Genifer arm for all; bare --paired: all five")
     g = p.add_argument_group("GAN (generator, feature discriminator, ADA)")
     g.add_argument("--gan-epochs-first", type=int, default=None, help="after task 0 (official pretrain_gan: 642)")
     g.add_argument("--gan-epochs", type=int, default=None, help="after later tasks (official: n_iter 1026)")
@@ -120,12 +150,14 @@ def parse_args(argv=None):
     g.add_argument("--gan-batch-size", type=int, default=64, help="(official: batch_size 64)")
     g.add_argument("--r1-gamma", type=float, default=0.5, help="(official: r1_gamma 0.5)")
     g.add_argument("--r1-interval", type=int, default=16, help="lazy R1 every N D steps (official: 16)")
-    g.add_argument("--no-ada", action="store_true", help="no adaptive augmentation (ablation, papers.md 5.4)")
+    g.add_argument("--no-ada", action="store_true", help="no adaptive augmentation of D's inputs (official "
+                   "dis_augmentation_p 0): the discriminator-side half of the augmentation claim")
     g.add_argument("--ada-target", type=float, default=0.5, help="E[sign D(real)] (official: dis_augmentation_p)")
     g.add_argument("--ada-max", type=float, default=0.5, help="(official: max_dis_augmentation_p 0.5)")
     g.add_argument("--ada-interval", type=int, default=4, help="adjust p every N steps (official: 4)")
-    g.add_argument("--ada-ksteps", type=float, default=4, help="k steps for p to move by 1 (official: 4)")
-    g.add_argument("--ema-half-life-kimg", type=float, default=500, help="EMA generator (official: 500, ramped up)")
+    g.add_argument("--ada-ksteps", type=float, default=4, help="k steps for p to move by 1 (official: 4), x s")
+    g.add_argument("--ema-half-life-kimg", type=float, default=500, help="EMA G (official: 500, ramped up over half "
+                   "the run), x s = min(1, the run's D steps / the official run's: 250,380 after task 0, 80,028 later)")
     g.add_argument("--gen-distill-weight", type=float, default=10, help="L1 to the previous G x n_old/n_new "
                    "(official: gen_coefficient 10, gen_dist_ada)")
     g.add_argument("--latent-dim", type=int, default=512, help="z and w size (official: latent_dim 512)")
@@ -246,14 +278,16 @@ def minibatch_std(x, group_size=32):
 class FeatureDiscriminator(nn.Module):
     """D on the classifier's stage features (official conditional_eql_discriminator.py, stage 4): blocks of two
     equalised convs and a 2x average pool down to 2x2 (256 -> 256 -> pool -> 512 -> 512 -> pool for 256x8x8),
-    minibatch std, a conv, a dense layer to `width`, a 128-d output projected on the embedded label / sqrt(128)."""
-    def __init__(self, num_classes, in_channels, in_size, width=512, cmap_dim=128):
+    minibatch std, a conv, a dense layer to `width`, a 128-d output projected on the embedded label / sqrt(128).
+    `pixels`: D on the images (official stage 0 at 32 px: 128, 128 | 256, 256 | 512, 512 | 512, the last block one
+    conv; at 64 px one more block, ours)."""
+    def __init__(self, num_classes, in_channels, in_size, width=512, cmap_dim=128, pixels=False):
         super().__init__()
-        layers, c, res = [], in_channels, in_size
-        while res // 2 >= 2:  # block b: min(in_channels * 2^b, width) channels
-            out = min(in_channels << (len(layers) // 3), width)
-            layers += [EqualConv2d(c, out), EqualConv2d(out, out), nn.AvgPool2d(2)]
-            c, res = out, res // 2
+        layers, c, res, b = [], in_channels, in_size, 0
+        while res // 2 >= 2:  # block b: min(base * 2^b, width) channels, base 128 on pixels
+            out = min((128 if pixels else in_channels) << b, width)
+            layers += [EqualConv2d(c, out)] + [EqualConv2d(out, out)] * (not pixels or res > 4) + [nn.AvgPool2d(2)]
+            c, res, b = out, res // 2, b + 1
         self.blocks = nn.ModuleList(layers)
         self.conv = EqualConv2d(c + 1, c)
         self.dense, self.out = EqualLinear(c * res * res, c), EqualLinear(c, cmap_dim)
@@ -274,106 +308,6 @@ def r1_penalty(d_real: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return grad.square().flatten(1).sum(1).mean()
 
 
-# ----------------------------------------------------------------------------------------------- ADA
-ADA_OPS = ("xflip", "rotate90", "xint", "scale", "rotate", "aniso", "xfrac",
-           "brightness", "contrast", "lumaflip", "hue", "saturation")  # official: every StyleGAN2-ADA 'bgc' op
-
-
-def _gate(value, identity, p):
-    """Per sample: `value` with probability p, else the identity value (no host sync)."""
-    keep = torch.rand(value.shape[0], device=value.device) < p
-    return torch.where(keep.view(-1, *[1] * (value.dim() - 1)), value, identity)
-
-
-def _affine(n, device, sx=1.0, sy=1.0, tx=0.0, ty=0.0, angle=0.0):
-    """Batched 3x3 matrices: rotation by `angle` after scaling by (sx, sy), then translation (tx, ty)."""
-    sx, sy, tx, ty, angle = (v if torch.is_tensor(v) else torch.zeros(n, device=device) + v
-                             for v in (sx, sy, tx, ty, angle))  # scalars by kernels: capturable
-    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
-    return torch.stack([sx * cos, -sy * sin, tx, sx * sin, sy * cos, ty, zero, zero, zero + 1], 1).view(n, 3, 3)
-
-
-def geometric_matrix(n, p, ops, size, device):
-    """ADA's inverse geometric transform (output -> input coordinates in [-1, 1]), composed in ADA's order with
-    its strengths: flip, k*90 deg, integer shift <= 0.125 W, scale 2^N(0, 0.2), rotation U(-pi, pi) with
-    p_rot = 1 - sqrt(1 - p) twice around anisotropy 2^N(0, 0.2), fractional shift N(0, 0.125 W)."""
-    def rand(*shape): return torch.rand(n, *shape, device=device)
-    def randn(*shape): return torch.randn(n, *shape, device=device)
-    def shift(t): return _affine(n, device, tx=-2 * t[:, 0], ty=-2 * t[:, 1])  # shifts in widths -> [-1, 1]
-
-    def stretch(aniso):  # 2^N(0, 0.2): isotropic scale, or anisotropy
-        s = _gate(2 ** (randn() * 0.2), 1.0, p)
-        return _affine(n, device, sx=1 / s, sy=s if aniso else 1 / s)
-    mat, p_rot = torch.eye(3, device=device).repeat(n, 1, 1), 1 - (1 - torch.as_tensor(p, device=device)).sqrt()
-    make = {"xflip": lambda: _affine(n, device, sx=1 - 2 * _gate((rand() < 0.5).float(), 0.0, p)),
-            "rotate90": lambda: _affine(n, device, angle=-math.pi / 2 * _gate((rand() * 4).floor(), 0.0, p)),
-            "xint": lambda: shift(torch.round(_gate((rand(2) * 2 - 1) * 0.125, 0.0, p) * size) / size),
-            "scale": lambda: stretch(False), "aniso": lambda: stretch(True),
-            "rotate": lambda: _affine(n, device, angle=-_gate((rand() * 2 - 1) * math.pi, 0.0, p_rot)),
-            "xfrac": lambda: shift(_gate(randn(2) * 0.125, 0.0, p))}
-    for op in ("xflip", "rotate90", "xint", "scale", "rotate", "aniso", "rotate", "xfrac"):  # ADA's order
-        if op in ops:
-            mat = mat @ make[op]()
-    return mat
-
-
-def warp(x, mat):
-    """Sample x at mat @ (output coordinates): bilinear, reflection at the border (ours; ADA pads by reflection)."""
-    grid = F.affine_grid(mat[:, :2, :].to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-def colour_matrix(n, p, ops, device):
-    """ADA's colour transform (4x4, homogeneous RGB), in ADA's order: brightness + N(0, 0.2), contrast
-    x 2^N(0, 0.5), luma flip, hue rotation U(-pi, pi) about the luma axis, saturation 2^N(0, 1) off the axis."""
-    eye, a = torch.eye(4, device=device), 3 ** -0.5
-    v = torch.full((4,), a, device=device)
-    v[3] = 0  # the luma axis (fills only: no host-to-device copy inside a captured graph)
-    vv, mat = torch.outer(v, v), eye.repeat(n, 1, 1)
-    if "brightness" in ops:  # the first op: a translation of the identity
-        mat[:, :3, 3] = _gate(torch.randn(n, device=device) * 0.2, 0.0, p)[:, None]
-    if "contrast" in ops:
-        c = _gate(2 ** (torch.randn(n, device=device) * 0.5), 1.0, p)
-        mat = torch.diag_embed(torch.stack([c, c, c, torch.ones_like(c)], 1)) @ mat
-    if "lumaflip" in ops:
-        i = _gate(torch.randint(0, 2, (n,), device=device).float(), 0.0, p)
-        mat = (eye - 2 * vv * i[:, None, None]) @ mat
-    if "hue" in ops:  # Rodrigues: cos t I + sin t [v]x + (1 - cos t) v v^T on the RGB block
-        t = _gate((torch.rand(n, device=device) * 2 - 1) * math.pi, 0.0, p)[:, None, None]
-        cross = torch.zeros(4, 4, device=device)
-        cross[0, 2] = cross[1, 0] = cross[2, 1] = a
-        cross[0, 1] = cross[1, 2] = cross[2, 0] = -a
-        rot = t.cos() * eye + t.sin() * cross + (1 - t.cos()) * vv
-        rot[:, 3, 3] = 1
-        mat = rot @ mat
-    if "saturation" in ops:
-        s = _gate(2 ** torch.randn(n, device=device), 1.0, p)
-        mat = (vv + (eye - vv) * s[:, None, None]) @ mat
-    return mat
-
-
-class AdaptiveAugment(nn.Module):
-    """ADA (Karras et al. 2020) in torch: every op applied per sample with probability p (a device buffer, so no
-    host sync and one static graph); differentiable in the images. p follows E[sign D(real)] toward the target."""
-    def __init__(self, ops=ADA_OPS):
-        super().__init__()
-        self.ops = tuple(ops)
-        self.register_buffer("p", torch.zeros(()))
-
-    def forward(self, x):
-        if any(op in self.ops for op in ADA_OPS[:7]):
-            x = warp(x, geometric_matrix(len(x), self.p, self.ops, x.shape[-1], x.device))
-        if any(op in self.ops for op in ADA_OPS[7:]):
-            c = colour_matrix(len(x), self.p, self.ops, x.device).to(x.dtype)
-            x = torch.einsum("nij,njhw->nihw", c[:, :3, :3], x) + c[:, :3, 3, None, None]
-        return x
-
-    @torch.no_grad()
-    def adjust(self, mean_sign, target, interval, ksteps, p_max):
-        """Official update_ada: p += sign(r_t - target) * interval / (ksteps * 1000), clipped to [0, p_max]."""
-        self.p.copy_((self.p + torch.sign(mean_sign - target) * interval / (ksteps * 1000)).clamp(0, p_max))
-
-
 # ----------------------------------------------------------------------------------------------- losses
 def classifier_losses(logits, old_logits, fmap, old_fmap, y_new, n_gen, num_old, temperature=1.0):
     """Official get_modified_loss (KD_sep, single_L2) on a batch [n_gen replayed | real new]: CE over all seen
@@ -386,30 +320,49 @@ def classifier_losses(logits, old_logits, fmap, old_fmap, y_new, n_gen, num_old,
     return ce, kd, feat
 
 
+def lwf_losses(logits, old_logits, y, num_old, temperature=2.0, eps=1e-5):
+    """FACIL src/approach/lwf.py criterion without exemplars, on a batch of real new samples: CE over the new
+    classes' logits (labels - num_old); KD = mean of -sum softmax(z_old / T) * log q over the old classes, q the
+    new model's softmax(z / T) + eps / num_old renormalised (FACIL's cross_entropy with exp = 1/T). -> (ce, kd)"""
+    ce = F.cross_entropy(logits[:, num_old:], y - num_old)
+    q = F.softmax(logits[:, :num_old] / temperature, 1) + eps / num_old
+    kd = -(F.softmax(old_logits[:, :num_old] / temperature, 1) * (q / q.sum(1, keepdim=True)).log()).sum(1).mean()
+    return ce, kd
+
+
+def crop_flip_batch(x, padding=4):
+    """RandomCrop(padding, edge) + RandomHorizontalFlip on a 4-D NCHW tensor as torchvision applies them: one
+    offset and one flip for the whole batch (official genifer_trainer aug_transform_gan)."""
+    n, c, h, w = x.shape
+    return augment(x.permute(2, 3, 0, 1).reshape(1, h, w, n * c), padding, "replicate").view(h, w, n, c).permute(
+        2, 3, 0, 1)
+
+
 # ----------------------------------------------------------------------------------------------- training
 def make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, args, device):
-    """One classifier step. Task 0: CE. Later: batch [replayed | real new] (official prev_curr_ratio), loss 0.02 CE
-    + 0.98 KD + 1.0 feature L2 (learner.py: ce_coefficient * CE + the two weighted terms). Replayed: the previous
-    EMA G's clamped, crop+flipped images of uniform old labels. Returns [loss, ce, kd, feat, correct] (no sync)."""
+    """One classifier step. Task 0: CE. Later, finetune / lwf: their losses on the real batch (lwf: the old rows of
+    the head get no gradient, as FACIL's optimiser leaves old heads out without exemplars). Genifer: batch [replayed
+    | real new] (official prev_curr_ratio), loss 0.02 CE + 0.98 KD + 1.0 feature L2 (learner.py: ce_coefficient * CE
+    + the two weighted terms). Replayed: the previous EMA G's clamped images of uniform old labels, crop+flipped
+    unless --no-gan-aug. Returns [loss, ce, kd, feat, correct] (no sync)."""
     def step(x, y):
         optimizer.zero_grad(set_to_none=True)
-        if old_model is None:
+        zero = torch.zeros((), device=device)
+        if old_model is None or prev_g is None:
             with autocast(device, not args.no_amp):
-                logits = model(x)[0]
-            loss = ce = F.cross_entropy(logits.float(), y)
-            kd = feat = torch.zeros((), device=device)
-            correct = (logits.argmax(1) == y).float().sum()
+                logits = model(x)[0].float()
+                old_logits = old_model(x)[0].float() if old_model is not None and args.arm == "lwf" else None
+            ce, kd = (F.cross_entropy(logits, y), zero) if old_logits is None else \
+                lwf_losses(logits, old_logits, y, num_old, args.lwf_temperature)
+            loss, feat, correct = ce + args.lwf_weight * kd, zero, (logits.argmax(1) == y).float().sum()
         else:
             n_gen = int(args.replay_fraction * len(x))
             x_new, y_new = x[:len(x) - n_gen], y[:len(x) - n_gen]  # official: the first B - n_gen real images
             with torch.no_grad():
-                if prev_g is None:  # --no-replay: the other real part of the batch
-                    replay = x[len(x) - n_gen:]
-                else:
-                    fake = prev_g(torch.randn(n_gen, prev_g.latent_dim, device=device),
-                                  torch.randint(0, num_old, (n_gen,), device=device))
-                    clamped = torch.maximum(torch.minimum(fake, bounds[1]), bounds[0]).permute(0, 2, 3, 1)
-                    replay = augment(clamped, 4, "replicate").permute(0, 3, 1, 2)  # official: crop, edge pad, flip
+                fake = prev_g(torch.randn(n_gen, prev_g.latent_dim, device=device),
+                              torch.randint(0, num_old, (n_gen,), device=device))
+                replay = torch.maximum(torch.minimum(fake, bounds[1]), bounds[0])
+                replay = replay if args.no_gan_aug else crop_flip_batch(replay)  # official: crop, edge pad, flip
                 x_in = torch.cat([replay.to(x.dtype), x_new]).contiguous(memory_format=torch.channels_last)
                 with autocast(device, not args.no_amp):
                     old_logits, _, old_fmap = old_model(x_in)  # official freeze_bn=false: train mode
@@ -420,6 +373,8 @@ def make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, a
             loss = args.ce_weight * ce + args.kd_weight * kd + args.feat_weight * feat
             correct = (logits[n_gen:].argmax(1) == y_new).float().sum() * len(x) / len(y_new)
         loss.backward()
+        if old_model is not None and args.arm == "lwf":
+            model.head.weight.grad[:num_old], model.head.bias.grad[:num_old] = 0, 0
         optimizer.step()
         return torch.stack([loss.detach(), ce.detach(), kd.detach(), feat.detach(), correct])
     return step
@@ -439,10 +394,12 @@ def train_classifier(model, old_model, prev_g, data, train_idx, num_old, bounds,
     stage = Stage(args, label, both, optimizer, scheduler, args.epochs)  # in-task checkpoints, SIGTERM
     step = CapturedStep(make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, args, device),
                         device, enabled=not args.no_graph, optimizer=optimizer)
+    crop = {"augmentation": "none", "batch_fn": lambda x, _: augment(x, 4, "replicate")} if data.on_device else {}
     for epoch in stage.epochs():
-        both.train()  # official freeze_bn=false: the old model runs in train mode
-        stats = stage.running(torch.zeros(5, device=device))
-        for x, y in stage.batches(train_batches(data, train_idx, args.batch_size, device, args.workers)):
+        both.train()  # official freeze_bn=false: Genifer's old model runs in train mode (FACIL's LwF: eval mode)
+        both["old"].train(args.arm != "lwf")
+        stats = stage.running(torch.zeros(5, device=device))  # small images: crop with edge padding (official)
+        for x, y in stage.batches(train_batches(data, train_idx, args.batch_size, device, args.workers, **crop)):
             stats += step(x, y)
         scheduler.step()
         loss, ce, kd, feat, correct = (stats / -(-len(train_idx) // args.batch_size)).tolist()  # one host sync
@@ -454,8 +411,9 @@ def train_classifier(model, old_model, prev_g, data, train_idx, num_old, bounds,
 
 def make_gan_steps(gan, model, prev_g, num_old, total, args, device):
     """Official genifer_trainer.prepare_next_training: D and G steps (non-saturating losses; D has a lazy R1 variant, G
-    a generator distillation L1) on a frozen eval copy's stage features; new Adam optimisers in `gan` (official: each
-    task). For t > 0 D's 'real' batch starts with the old EMA G's images of the old-class z (sample_d_inputs)."""
+    a generator distillation L1) on a frozen eval copy's stage features (image-replay: on the images); new Adam
+    optimisers in `gan` (official: each task). For t > 0 D's 'real' batch starts with the old EMA G's images of the
+    old-class z (sample_d_inputs)."""
     g, d, ada = gan["g"], gan["d"], gan["ada"]
     n_prev = args.gan_batch_size // 2 if prev_g is not None else 0
     lazy = args.r1_interval / (args.r1_interval + 1)  # official lazy_c: also scales D's lr and betas
@@ -464,9 +422,11 @@ def make_gan_steps(gan, model, prev_g, num_old, total, args, device):
     gan["opt_g"] = torch.optim.Adam(g.parameters(), lr=args.gan_lr, betas=(0.0, 0.99), capturable=cap)
     gan["opt_d"] = torch.optim.Adam(d.parameters(), lr=args.gan_lr * lazy, betas=(0.0, 0.99 ** lazy), capturable=cap)
 
-    def features(x):
+    def features(x):  # D's input: the frozen classifier run up to D's stage only (image-replay: the images)
+        if args.arm == "image-replay":
+            return x
         with autocast(device, not args.no_amp):
-            return stage_features(frozen.backbone, x.contiguous(memory_format=torch.channels_last), frozen.layer)[0]
+            return stage_features(frozen.backbone, x.contiguous(memory_format=torch.channels_last), frozen.layer, 1)[0]
 
     def d_step(x_real, y_real, z, y_fake, r1=False):
         gan["opt_d"].zero_grad(set_to_none=True)
@@ -504,6 +464,21 @@ def make_gan_steps(gan, model, prev_g, num_old, total, args, device):
     return d_step, (lambda *a: d_step(*a, r1=True)), g_step
 
 
+def gan_schedule(args, epochs, n, later):
+    """(EMA half-life in images, its ramp rate, ADA's k steps, s) of a GAN run of `epochs` over n images: the official
+    values x s = min(1, the run's D steps / the official run's). The ramp (official ema_rampup: epochs / 4 x the
+    classifier loader's batches of 32, i.e. half the GAN steps at 64) reaches the half-life halfway."""
+    s = min(1.0, epochs * (n // args.gan_batch_size) / OFFICIAL_GAN_STEPS[later])
+    horizon = args.ema_half_life_kimg * 1000 * s
+    ramp = horizon / max(args.gan_batch_size * epochs / 4 * -(-n // args.batch_size), 1)
+    return horizon, ramp, args.ada_ksteps * s, s
+
+
+def ema_beta(done, batch, horizon, ramp):
+    """Official EMA decay after `done` G steps: half-life min(horizon, batch x done x ramp) images."""
+    return 0.5 ** (batch / max(min(horizon, batch * done * ramp), 1e-8))
+
+
 def train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, device, label):
     """GAN training after a task, against the frozen classifier's stage features (eval mode, as official).
     G restarts from the EMA generator; ADA's p restarts at 0; returns images/s (real images a step)."""
@@ -517,9 +492,9 @@ def train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, d
              zip(step_fns, ("opt_d", "opt_d", "opt_g"))]
     batch, per_epoch = args.gan_batch_size, len(train_idx) // args.gan_batch_size
     n_prev = batch // 2 if prev_g is not None else 0
-    horizon = args.ema_half_life_kimg * 1000
-    # official ema_rampup counts epochs / 4 x the classifier loader's batches (32): half the GAN steps at 64
-    ramp = horizon / max(batch * epochs / 4 * -(-len(train_idx) // args.batch_size), 1)
+    horizon, ramp, ksteps, scale = gan_schedule(args, epochs, len(train_idx), prev_g is not None)
+    print(f"{label} GAN: {epochs * per_epoch} steps, s {scale:.4g}: EMA half-life {horizon / batch:.0f} steps, ADA p "
+          f"0 -> 1 in {ksteps * 1000:.0f}")
     g_params, ema_params = list(g.parameters()), list(g_ema.parameters())
     sign_sum = stage.state["sign_sum"] = stage.state.get("sign_sum", torch.zeros(())).to(device)  # ADA's window
     for epoch in stage.epochs():
@@ -536,12 +511,10 @@ def train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, d
             sign_sum += d_out[1]
             g_out = steps[2](z, y_fake)
             stats += torch.cat([d_out, g_out])
-            beta = 0.5 ** (batch / max(min(horizon, batch * done * ramp), 1e-8))  # official EMA with ramp-up
             with torch.no_grad():
-                torch._foreach_lerp_(ema_params, g_params, 1 - beta)
+                torch._foreach_lerp_(ema_params, g_params, 1 - ema_beta(done, batch, horizon, ramp))
             if not args.no_ada and (done + 1) % args.ada_interval == 0:
-                ada.adjust(sign_sum / args.ada_interval, args.ada_target, args.ada_interval, args.ada_ksteps,
-                           args.ada_max)
+                ada.adjust(sign_sum / args.ada_interval, args.ada_target, args.ada_interval, ksteps, args.ada_max)
                 sign_sum.zero_()
         d_loss, sign, g_loss, g_gan, g_dist = (stats / max(per_epoch, 1)).tolist()
         check_finite(d_loss + g_loss, f"{label} GAN epoch {epoch + 1}", "a lower --gan-lr")
@@ -551,11 +524,12 @@ def train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, d
 
 
 def build_gan(args, data, model, device):
-    """G, its EMA copy, D on the stage features (shapes probed on one image), ADA."""
-    fmap = stage_features(model.backbone.eval(), torch.zeros(2, 3, data.image_size, data.image_size, device=device),
-                          model.layer)[0]
+    """G, its EMA copy, D on the stage features (shapes probed on one image) or on the images, ADA."""
+    fmap = torch.zeros(2, 3, data.image_size, data.image_size, device=device)
+    fmap = fmap if args.arm == "image-replay" else stage_features(model.backbone.eval(), fmap, model.layer, True)[0]
     g = Generator(data.num_classes, data.image_size, args.g_channels, args.latent_dim, args.label_dim).to(device)
-    d = FeatureDiscriminator(data.num_classes, fmap.shape[1], fmap.shape[2], args.d_width).to(device)
+    d = FeatureDiscriminator(data.num_classes, fmap.shape[1], fmap.shape[2], args.d_width,
+                             pixels=args.arm == "image-replay").to(device)
     return {"g": g, "g_ema": copy.deepcopy(g).eval().requires_grad_(False), "d": d,
             "ada": AdaptiveAugment(() if args.no_ada else ADA_OPS).to(device)}
 
@@ -572,7 +546,7 @@ def build_model(args, data, device):
 def bench_steps(args, device):
     """Genifer's steps of task 1 (classifier with replay, D, D + lazy R1, G) on generated inputs of the real
     shapes, for `python -m common.bench`: [(name, step, optimizer, inputs)]."""
-    num_classes, size = SHAPES[args.dataset]
+    num_classes, size = args.classes or SHAPES[args.dataset][0], args.image_size or SHAPES[args.dataset][1]
     first, total = phase_splits(num_classes, args.base_classes, args.increment)[1]
     data = argparse.Namespace(num_classes=num_classes, image_size=size)
     model = build_model(args, data, device)
@@ -603,7 +577,7 @@ def run(args, shared_base=None):
         raise UserError("Genifer is exemplar-free: --memory-per-class must be 0 and --memory-total unset")
     if args.gan_batch_size % 2 or args.gan_batch_size < 2 or not 0 < args.replay_fraction < 1:
         raise UserError("--gan-batch-size must be even and --replay-fraction in (0, 1)")
-    arm = "no_replay" if args.no_replay else ("genifer_no_ada" if args.no_ada else "genifer")
+    arm = arm_name(args)
     args.out_dir = args.out_dir or default_out_dir(f"genifer-{arm}", args)
     data, splits, order = load_protocol(args, device)
     if args.dataset == "cifar100":  # official constants.py
@@ -612,10 +586,10 @@ def run(args, shared_base=None):
     bounds = ((0 - mean) / std, (1 - mean) / std)  # official: generated images clamped to the valid range
     seed_everything(args.seed)
     model = build_model(args, data, device)
-    gan = None if args.no_replay else build_gan(args, data, model, device)
+    gan = None if args.arm in ("finetune", "lwf") else build_gan(args, data, model, device)
     if gan is not None and min(len(indices_of(data.train_y, a, b)) for a, b in splits) < args.gan_batch_size:
         raise UserError(f"--gan-batch-size {args.gan_batch_size} exceeds the training images of a task")
-    # only now, the run folder: bad input has had its one-line error. A no-replay arm reuses Genifer's task 0
+    # only now, the run folder: bad input has had its one-line error. An arm of a pair may reuse Genifer's task 0
     ckpt = open_run(args, f"Genifer ({arm}): {args.dataset}, {len(splits) - 1} tasks after B{args.base_classes}",
                     shared_base, ARM_KEYS)
     if ckpt is not None:
@@ -640,6 +614,7 @@ def run(args, shared_base=None):
             epochs = args.gan_epochs_first if phase == 0 else args.gan_epochs
             gan_ips = train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, device, label)
             gan_s = time.time() - phase_start - train_s
+            save_samples(gan["g_ema"], total, mean, std, os.path.join(args.out_dir, f"samples_task{phase}.png"))
         model.eval()
         result = evaluate(lambda x: model(x)[:2], data, splits, phase, device, None, args.workers)
         row = {"phase": phase, "known_classes": first, "total_classes": total, **result, "memory_size": 0,
@@ -656,26 +631,51 @@ def run(args, shared_base=None):
     extra = {} if gan is None else {"generator_parameters": n, "generator_bytes": 4 * n, "discriminator_parameters":
              count_parameters(gan["d"]), "exemplars_in_generator_bytes": 4 * n // (3 * data.image_size ** 2)}
     return finish_run(args, "genifer", data, order, device, __file__, t0, results_from_rows(rows), arm=arm,
-                      replay=not args.no_replay, ada=not args.no_ada, **extra)
+                      replay=gan is not None, ada=gan is not None and not args.no_ada, **extra)
 
 
-# papers.md 5.4: (arm A, arm B) of each claim as flag overrides; B - A is reported. The replay pair shares task 0
-# (Genifer runs first and writes it); the ADA pair cannot (ADA changes the GAN trained after task 0).
-PAIRS = {"replay": (("no_replay", dict(no_replay=True)), ("genifer", dict(no_replay=False))),
-         "ada": (("genifer_no_ada", dict(no_ada=True)), ("genifer", dict(no_ada=False)))}
+def arm_name(args):
+    gan = args.arm in ("genifer", "image-replay")
+    return args.arm.replace("-", "_") + "_no_ada" * (gan and args.no_ada) + "_no_gan_aug" * (gan and args.no_gan_aug)
+
+
+def save_samples(g, num_classes, mean, std, path, per_class=8):
+    """`path` (PNG): a row of `per_class` images of the EMA generator for each class it replays, 1 px apart (fixed
+    z and noise from their own random generator: the run's random stream is untouched)."""
+    rng, device = torch.Generator(mean.device).manual_seed(0), mean.device
+    y = torch.arange(num_classes, device=device).repeat_interleave(per_class)
+    with torch.no_grad():
+        z = torch.randn(len(y), g.latent_dim, generator=rng, device=device)
+        noise = [torch.randn(len(y), 1, r, r, generator=rng, device=device) for r in g.resolutions]
+        x = torch.cat([g(z[i:i + 256], y[i:i + 256], [n[i:i + 256] for n in noise]) for i in range(0, len(y), 256)])
+    if is_main():
+        torchvision.utils.save_image((x * std + mean).clamp(0, 1), path, nrow=per_class, padding=1)
+
+
+# (the pair's name: arm A's overrides); arm B is Genifer; B - A in <out>/pair_<pair>/paired.json. Genifer runs
+# first and writes task 0 for the arms that keep it; image-replay and ada change the GAN trained after task 0.
+PAIRS = {"finetune": dict(arm="finetune"), "lwf": dict(arm="lwf"), "image-replay": dict(arm="image-replay"),
+         "ada": dict(no_ada=True), "gan-aug": dict(no_gan_aug=True)}
+GENIFER = dict(arm="genifer", no_ada=False, no_gan_aug=False)
 
 
 def run_paired(args):
-    out = args.out_dir or default_out_dir(f"genifer-paired-{args.paired}", args)
-    shared_base = os.path.join(out, "task0.pt") if args.paired == "replay" else None
-    arms = run_arms(args, run, reversed(PAIRS[args.paired]), out, shared_base=shared_base)  # Genifer first
-    return write_paired(out, arms, PAIRS[args.paired][0][0], extra_metrics=("generator_bytes",),
-                        paired=args.paired, dataset=args.dataset, seed=args.seed)
+    pairs = args.paired or list(PAIRS)
+    out = args.out_dir or default_out_dir("genifer-paired" + "-".join([""] + args.paired), args)
+    names = {p: arm_name(argparse.Namespace(**{**GENIFER, **PAIRS[p]})) for p in pairs}
+    shared = os.path.join(out, "task0.pt")
+    arms = run_arms(args, lambda a: run(a, None if a.no_ada or a.arm == "image-replay" else shared),
+                    [("genifer", GENIFER)] + [(names[p], {**GENIFER, **PAIRS[p]}) for p in pairs], out)
+    for p in pairs if arms else ():
+        os.makedirs(os.path.join(out, f"pair_{p}"), exist_ok=True)
+        write_paired(os.path.join(out, f"pair_{p}"), {n: arms[n] for n in (names[p], "genifer")}, names[p],
+                     extra_metrics=("generator_bytes",), paired=p, dataset=args.dataset, seed=args.seed)
+    return arms
 
 
 def main(argv=None):
     args = parse_args(argv)
-    return run_paired(args) if args.paired else run(args)
+    return run_paired(args) if args.paired is not None else run(args)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.last_relu = last_relu
+        self.relu, self.last_relu = nn.ReLU(inplace=True), last_relu
         self.downsample = None
         if stride != 1 or in_planes != planes:  # 1x1 conv shortcut, as LUCIR's modified_resnet_cifar.py
             self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
@@ -49,8 +48,7 @@ class CifarResNet(nn.Module):
                 in_planes = planes
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.num_features = 64
+        self.pool, self.num_features = nn.AdaptiveAvgPool2d(1), 64
         self.fc = nn.Linear(64, num_classes) if num_classes else nn.Identity()
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -95,14 +93,16 @@ def create_backbone(name: str, last_relu: bool = True, small_input: bool = False
     return model
 
 
-def stage_features(backbone: nn.Module, x: torch.Tensor, layer: str = "layer3"):
+def stage_features(backbone: nn.Module, x: torch.Tensor, layer: str = "layer3", stop: bool = False):
     """(feature map after `layer`, pooled features of the last stage) of a timm ResNet or the CIFAR ResNet above,
-    run stage by stage (e.g. Genifer's discriminator judges the layer3 maps)."""
+    run stage by stage (e.g. Genifer's discriminator judges the layer3 maps); `stop`: (map, None), no later stage."""
     b, fmap = backbone, None
     x = getattr(b, "maxpool", nn.Identity())(getattr(b, "act1", getattr(b, "relu", None))(b.bn1(b.conv1(x))))
     for name in [n for n in ("layer1", "layer2", "layer3", "layer4") if hasattr(b, n)]:
         x = getattr(b, name)(x)
         fmap = x if name == layer else fmap
+        if stop and name == layer:
+            return x, None
     return fmap, x.mean((2, 3))
 
 

@@ -1,7 +1,8 @@
-"""genifer.py: equalised-lr layers, generator and feature discriminator shapes, every ADA op against its
-definition, the adaptive p, R1 against autograd, the classifier losses against hand-computed values, and one shared
-paired smoke run (schema, shared task 0, exemplar-free accounting) plus stop + --resume with the indices the
-loaders read. CPU."""
+"""genifer.py: equalised-lr layers, generator and feature / pixel discriminator shapes, every ADA op against its
+definition, the adaptive p, the EMA / ADA rule of shortened GAN runs, R1 against autograd, Genifer's, fine-tuning's
+and LwF's losses against hand-computed values, the replays' per-batch crop/flip, stage_features' early stop, and one
+shared smoke run of every pair (schema, shared task 0, exemplar-free accounting, the sample grids) plus stop +
+--resume with the indices the loaders read. CPU."""
 import json
 import math
 import os
@@ -52,6 +53,22 @@ def test_generator_and_discriminator_shapes():
     assert convs == [256, 256, 512, 512] and d.dense.weight.shape == (512, 512 * 2 * 2)  # official stage 4
     small = genifer.FeatureDiscriminator(7, 16, 16, width=8)  # 64 px: one more block, 16 -> 2
     assert small(torch.randn(4, 16, 16, 16), torch.tensor([0, 1, 2, 6])).shape == (4,)
+
+
+@pytest.mark.parametrize("dataset,size", [("synthetic", 32), ("tinyimagenet", 64)])
+def test_image_replay_discriminator_judges_images_of_the_datasets_shape(dataset, size):
+    args = genifer.parse_args(["--dataset", dataset, "--arm", "image-replay", "--device", "cpu", "--latent-dim", "8",
+                               "--label-dim", "4", "--g-channels", *["4"] * (len(genifer.DATASET_DEFAULTS[dataset][
+                                   "g_channels"]))])
+    data = type("D", (), {"num_classes": 12, "image_size": size})
+    model = genifer.build_model(args, data, "cpu")
+    d = genifer.build_gan(args, data, model, "cpu")["d"]
+    assert d(torch.randn(4, 3, size, size), torch.tensor([0, 1, 5, 11])).shape == (4,)
+    convs = [m.weight.shape[:2] for m in d.blocks if isinstance(m, genifer.EqualConv2d)]
+    official = [(128, 3), (128, 128), (256, 128), (256, 256), (512, 256), (512, 512), (512, 512)]  # stage0 prologue
+    assert convs == (official if size == 32 else [(128, 3), (128, 128), (256, 128), (256, 256), (512, 256),
+                                                  (512, 512), (512, 512), (512, 512), (512, 512)])
+    assert d.conv.weight.shape[:2] == (512, 513) and d.dense.weight.shape == (512, 512 * 2 * 2)  # official epilogue
 
 
 def test_minibatch_std_matches_its_definition():
@@ -199,36 +216,129 @@ def test_classifier_loss_terms_match_hand_computed_values():
     assert feat.item() == pytest.approx((5.0 + 0.0) / 2)  # ||(3, 4)|| = 5 and 0, mean over replayed
 
 
+def test_lwf_losses_match_hand_computed_values():
+    """FACIL lwf.py without exemplars: CE over the new classes only; KD over the old classes at T = 2 with FACIL's
+    eps = 1e-5 smoothing of the student's probabilities."""
+    # classes 0-1 old, 2-3 new; row 2: the student gives class 1 e^-20, where FACIL's eps decides the KD term
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0], [0.0, 1.0, -1.0, 3.0], [20.0, -20.0, 0.0, 0.0]])
+    old_logits = torch.tensor([[1.0, 0.0, 9.0, 9.0], [0.0, 2.0, 9.0, 9.0], [0.0, 0.0, 9.0, 9.0]])  # new columns unused
+    y = torch.tensor([2, 3, 2])
+    ce, kd = genifer.lwf_losses(logits, old_logits, y, 2, temperature=2.0)
+    want_ce = [-math.log(math.exp(1) / (math.exp(1) + math.exp(-1))), -math.log(math.exp(3) / (math.exp(-1) +
+                                                                                               math.exp(3))),
+               math.log(2)]
+    assert ce.item() == pytest.approx(sum(want_ce) / 3, abs=1e-6)
+    rows = []
+    for z, t in zip(logits[:, :2].tolist(), old_logits[:, :2].tolist()):
+        q = [math.exp(v / 2) / sum(math.exp(u / 2) for u in z) + 1e-5 / 2 for v in z]
+        q = [v / sum(q) for v in q]
+        p = [math.exp(v / 2) / sum(math.exp(u / 2) for u in t) for v in t]
+        rows.append(-sum(pi * math.log(qi) for pi, qi in zip(p, q)))
+    assert kd.item() == pytest.approx(sum(rows) / 3, rel=1e-5)
+
+
 def tiny_args(*flags):
     return genifer.parse_args(["--smoke", "--device", "cpu", *flags])
 
 
-@pytest.mark.parametrize("no_replay", [True, False])
-def test_step_total_is_the_weighted_sum_of_its_terms(no_replay):
+@pytest.mark.parametrize("arm,flags", [("genifer", []), ("genifer", ["--no-gan-aug"]), ("finetune", []), ("lwf", [])])
+def test_step_total_is_the_weighted_sum_of_its_terms(arm, flags, monkeypatch):
     torch.manual_seed(0)
-    args = tiny_args(*(["--no-replay"] if no_replay else []))
+    args = tiny_args("--arm", arm, *flags)
+    crops = []  # the replays' crop and flip: once a batch (crop_flip_batch), none with --no-gan-aug
+    monkeypatch.setattr(genifer, "crop_flip_batch", lambda x, f=genifer.crop_flip_batch: crops.append(len(x)) or f(x))
     data = type("D", (), {"num_classes": 20, "image_size": 32})
     model = genifer.build_model(args, data, "cpu")
     model.add_classes(3)
     old_model = __import__("copy").deepcopy(model).requires_grad_(False)
     model.add_classes(2)
-    prev_g = None if no_replay else genifer.build_gan(args, data, model, "cpu")["g_ema"]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    prev_g = genifer.build_gan(args, data, model, "cpu")["g_ema"] if arm == "genifer" else None
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     bounds = (torch.full((1, 3, 1, 1), -2.0), torch.full((1, 3, 1, 1), 2.0))
     step = genifer.make_classifier_step(model, old_model, prev_g, optimizer, 3, bounds, args, torch.device("cpu"))
     x, y = torch.randn(8, 3, 32, 32), torch.randint(3, 5, (8,))
     model.train()
-    old_model.train()
-    loss, ce, kd, feat, _ = step(x, y).tolist()
-    assert loss == pytest.approx(0.02 * ce + 0.98 * kd + 1.0 * feat, rel=1e-5)
-    if no_replay:  # the distillation half is the last 4 real images: recompute every term by hand
-        x_in = torch.cat([x[4:], x[:4]])
+    old_model.train(arm != "lwf")  # as train_classifier: FACIL's LwF runs the old model in eval mode
+    head = model.head.weight.detach().clone()
+    if arm != "genifer":  # the losses on the real batch, by hand, before the step changes the model
         with torch.no_grad():
-            logits, _, fmap = model(x_in)
-            old_logits, _, old_fmap = old_model(x_in)
-        want = genifer.classifier_losses(logits, old_logits, fmap, old_fmap, y[:4], 4, 3)
-        assert [ce, kd, feat] == pytest.approx([t.item() for t in want], rel=1e-4)
-    assert kd > 0 and feat >= 0 and ce > 0
+            logits, old_logits = model(x)[0], old_model(x)[0]
+        want = [F.cross_entropy(logits, y).item(), 0.0] if arm == "finetune" else \
+            [t.item() for t in genifer.lwf_losses(logits, old_logits, y, 3, 2.0)]
+    loss, ce, kd, feat, _ = step(x, y).tolist()
+    assert crops == ([4] if arm == "genifer" and not flags else [])
+    if arm == "genifer":
+        assert loss == pytest.approx(0.02 * ce + 0.98 * kd + 1.0 * feat, rel=1e-5) and kd > 0 and feat >= 0
+    else:
+        assert [ce, kd, feat] == pytest.approx(want + [0.0], rel=1e-4, abs=1e-7) and loss == pytest.approx(ce + kd)
+        assert arm == "finetune" or kd > 0
+    # LwF: the old classes' rows of the head get no gradient (FACIL: old heads out of the optimiser); the others do
+    changed = (model.head.weight.detach() - head).abs().sum(1) > 0
+    assert changed.tolist() == ([False] * 3 if arm == "lwf" else [True] * 3) + [True] * 2
+
+
+def test_replays_are_cropped_and_flipped_once_per_batch():
+    """As torchvision's RandomCrop(32, 4, edge) + RandomHorizontalFlip on a 4-D tensor: one offset and one flip."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 8, 8)
+    padded = F.pad(x, (4, 4, 4, 4), mode="replicate")
+    seen = set()
+    for _ in range(40):
+        out = genifer.crop_flip_batch(x)
+        hits = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (0, 1)
+                if torch.equal(out, (lambda c: c.flip(-1) if f else c)(padded[..., dy:dy + 8, dx:dx + 8]))]
+        assert len(hits) >= 1  # every sample of the batch: the same crop and flip
+        seen.add(hits[0])
+    assert len(seen) > 20
+
+
+def ema_weights(steps, horizon, ramp, batch=64):
+    """The final EMA generator as a mixture of the generators after each step: weights over steps 1..steps."""
+    beta = torch.tensor([genifer.ema_beta(d, batch, horizon, ramp) for d in range(steps)], dtype=torch.float64)
+    later = torch.cat([torch.flip(torch.cumprod(torch.flip(beta, [0]), 0), [0])[1:], torch.ones(1, dtype=torch.float64)])
+    return (1 - beta) * later
+
+
+def test_ema_and_ada_rule_of_shortened_gan_runs():
+    """At the official length the rule gives the official EMA half-life, ramp and ADA speed; at a tenth of it the
+    EMA generator's weight centre of mass (a fraction of the run) stays within 0.05 of the full-length one, where
+    the official values unscaled would move it."""
+    args = genifer.parse_args(["--device", "cpu"])  # official CIFAR-100 settings
+    horizon, ramp, ksteps, s = genifer.gan_schedule(args, 642, 25000, later=False)
+    assert (horizon, ksteps, s) == (500_000, 4, 1.0)
+    assert ramp == pytest.approx(500_000 / (64 * 642 / 4 * 782))  # official ema_rampup, loader of 32: 782 batches
+    assert genifer.gan_schedule(args, 1026, 5000, later=True)[::2] == (500_000, 4)
+
+    def centre(epochs, scaled=True):
+        steps = epochs * (25000 // 64)
+        h, r = genifer.gan_schedule(args, epochs, 25000, later=False)[:2] if scaled else (500_000, 500_000 / (
+            64 * epochs / 4 * 782))
+        w = ema_weights(steps, h, r)
+        return (w * torch.arange(1, steps + 1) / steps).sum().item() / w.sum().item(), w
+    full, _ = centre(642)
+    tenth, _ = centre(64)
+    assert abs(tenth - full) < 0.05 and 0.9 < full < 1.0  # the trained generator, late in the run
+    unscaled, w = centre(64, scaled=False)
+    assert abs(unscaled - full) > 0.05
+    w = ema_weights(5 * 390, 500_000, 500_000 / (64 * 5 / 4 * 782))  # 1,950 steps unscaled: 80 % on the first tenth
+    assert w[:195].sum() / w.sum() > 0.75
+    assert genifer.gan_schedule(args, 64, 25000, later=False)[2] == pytest.approx(4 * 64 * 390 / 250_380)
+
+
+def test_stage_features_stop_at_the_asked_stage():
+    from common.models import create_backbone, stage_features
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet18", small_input=True).eval()
+    calls = []
+    backbone.layer4.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        full = stage_features(backbone, x, "layer3")[0]
+        assert len(calls) == 1
+        fmap, pooled = stage_features(backbone, x, "layer3", stop=True)
+        assert len(calls) == 1 and pooled is None and torch.equal(fmap, full)
+        expected = backbone.layer3(backbone.layer2(backbone.layer1(backbone.act1(backbone.bn1(backbone.conv1(x))))))
+        assert torch.allclose(fmap, expected, atol=1e-6)
 
 
 def test_bench_runs_every_genifer_step():
@@ -248,22 +358,38 @@ def check_schema(res, arm):
     assert res["memory_policy"].startswith("none") and res["args"]["seed"] == 1212
 
 
+SHORT = ["--epochs", "4", "--milestones", "3"]  # the smoke protocol with 4 classifier epochs a task, not 5 (CI time)
+PAIR_ARMS = {"finetune": "finetune", "lwf": "lwf", "image-replay": "image_replay", "ada": "genifer_no_ada",
+             "gan-aug": "genifer_no_gan_aug"}
+
+
 @pytest.fixture(scope="module")
 def paired_run(tmp_path_factory):
+    """One run of every pair: Genifer once, then the five other arms (three of them on Genifer's task 0)."""
     out = tmp_path_factory.mktemp("genifer") / "pair"
-    proc = subprocess.run([sys.executable, "genifer.py", "--smoke", "--paired", "--out-dir", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    proc = subprocess.run([sys.executable, "genifer.py", "--smoke", "--paired", *SHORT, "--out-dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out, proc.stdout
 
 
-def test_smoke_paired_no_replay_vs_genifer(paired_run):
+def test_smoke_paired_every_pair_against_genifer(paired_run):
     out, stdout = paired_run
-    arms = {a: json.load(open(out / a / "results.json")) for a in ("no_replay", "genifer")}
+    arms = {a: json.load(open(out / a / "results.json")) for a in ["genifer", *PAIR_ARMS.values()]}
     for arm, res in arms.items():
         check_schema(res, arm)
-    assert arms["no_replay"]["acc_matrix"][0] == arms["genifer"]["acc_matrix"][0]  # one shared task 0
-    assert arms["genifer"]["acc_per_phase"][0] > 30  # task 0 learns (chance 10%)
+        assert res["replay"] == (arm not in ("finetune", "lwf")) and res["ada"] == (res["replay"] and "ada" not in arm)
+    for pair, arm in PAIR_ARMS.items():
+        paired = json.load(open(out / f"pair_{pair}" / "paired.json"))
+        assert paired["paired"] == pair and paired["baseline"] == arm and set(paired["arms"]) == {arm, "genifer"}
+        assert paired["difference"]["genifer"]["avg_inc_acc"] == pytest.approx(
+            arms["genifer"]["avg_inc_acc"] - arms[arm]["avg_inc_acc"])
+        # task 0 loaded from Genifer's (its row, timings included) where the arm keeps it; the others change the
+        # GAN trained after task 0 and run their own
+        task0 = [json.loads(next(open(out / a / "metrics.jsonl"))) for a in (arm, "genifer")]
+        assert (task0[0] == task0[1]) == (pair in ("finetune", "lwf", "gan-aug"))
+    assert arms["genifer"]["acc_per_phase"][0] > 20  # task 0 learns (chance 10%; 32.5 % on our CPU)
     g = arms["genifer"]
     assert g["generator_bytes"] == 4 * g["generator_parameters"] > 0
     assert g["exemplars_in_generator_bytes"] == g["generator_bytes"] // (32 * 32 * 3)
@@ -273,10 +399,14 @@ def test_smoke_paired_no_replay_vs_genifer(paired_run):
     assert "GAN epoch" in stdout and "img/s" in stdout
     ckpt = torch.load(out / "genifer" / "checkpoint.pt", weights_only=False)
     assert set(ckpt["gan"]) == {"g", "g_ema", "d", "ada"}
-    paired = json.load(open(out / "paired.json"))
-    assert paired["baseline"] == "no_replay" and paired["arms"]["genifer"]["generator_bytes"] == g["generator_bytes"]
-    assert paired["difference"]["genifer"]["avg_inc_acc"] == pytest.approx(
-        g["avg_inc_acc"] - arms["no_replay"]["avg_inc_acc"])
+    assert json.load(open(out / "pair_lwf" / "paired.json"))["arms"]["genifer"]["generator_bytes"] == \
+        g["generator_bytes"]
+    from PIL import Image
+    for arm, tasks in (("genifer", (0, 1)), ("image_replay", (0, 1)), ("genifer_no_gan_aug", (1,)), ("lwf", ())):
+        assert sorted(p.name for p in (out / arm).glob("samples_task*.png")) == [f"samples_task{t}.png" for t in tasks]
+        for t in tasks:  # a row of 8 images a class the generator replays (10 after task 0, 15 after task 1)
+            with Image.open(out / arm / f"samples_task{t}.png") as im:
+                assert im.size == (8 * 33 + 1, (10 + 5 * t) * 33 + 1) and im.mode == "RGB"
 
 
 def test_resume_matches_and_no_old_real_image_is_read(paired_run, tmp_path, monkeypatch):
@@ -296,12 +426,12 @@ def test_resume_matches_and_no_old_real_image_is_read(paired_run, tmp_path, monk
             return loader(data, indices, *a, **k)
         return wrapped
     monkeypatch.setattr(genifer, "train_batches", recording(genifer.train_batches))  # classifier and GAN loaders
-    flags = ["--smoke", "--out-dir", str(out), "--device", "cpu"]
+    flags = ["--smoke", *SHORT, "--out-dir", str(out), "--device", "cpu"]
     with pytest.raises(genifer.UserError):
         genifer.main(flags)  # an unfinished run is never overwritten without --resume
-    # task 1: classifier 5 epochs x 4 steps (120 images, batch 32), GAN 1 epoch x 7 steps (batch 16)
+    # task 1: classifier 4 epochs x 4 steps (120 images, batch 32), GAN 1 epoch x 7 steps (batch 16)
     with pytest.raises(Stopped, match="in task 1 GAN, epoch 1 after step 3"):
-        genifer.main(flags + ["--resume", "--checkpoint-minutes", "0", "--stop-after-steps", "23"])
+        genifer.main(flags + ["--resume", "--checkpoint-minutes", "0", "--stop-after-steps", "19"])
     assert (out / "in_phase.pt").exists() and not (out / "results.json").exists()
     res = genifer.main(flags + ["--resume"])
     ref = json.load(open(paired_run[0] / "genifer" / "results.json"))
