@@ -44,9 +44,12 @@ Usage:
     python cim.py --smoke [--paired]                  # tiny end-to-end run on generated data, CPU
 
 Deviations:
-- Scored model: FOSTER keeps one model a phase, the single-backbone student distilled from the two-backbone
-  teacher, and grows the next phase from it; we score it (memory-bounded) and log the teacher
-  (`teacher_acc_per_phase`), whose curve the official code seems to report (papers.md 4.4, unverified).
+- Scored model (verified): the headline curve is the teacher's, as the official code's: trainer.py scores
+  model.eval_task() on self._network (models/base.py), which models/foster.py incremental_train replaces by the
+  student (_snet) only at the next task; the student is only logged ("darknet eval", _feature_compression). We
+  log the student beside it (`student_*`: per-phase accuracies, accuracy matrices, CNN and NME).
+- Classifier: CIM-CIL convs/linears.py SimpleLinear, no bias; update_fc / copy_fc copy weights only (as here).
+- AutoAugment is torchvision's ImageNet policy (the official repo has its own utils/autoaugment.py ImageNetPolicy).
 - Effective-number class weights count a new class's true images (PyCIL `getlen` sums their positions, papers.md
   4.5; negligible for beta >= 0.95); old classes count floor(M / known) as in the code.
 - Large images: CAMs and boxes are found on the evaluation view (resize 256, centre crop 224) and applied to the
@@ -141,7 +144,13 @@ def parse_args(argv=None):
                    "after the base phase (official max_phi_grad_norm)")
     g.add_argument("--paired", action="store_true", help="both arms: --out-dir/{foster,foster_cim}/ and paired.json")
     add_system_flags(p)
-    return resolve_defaults(p.parse_args(argv), DATASET_DEFAULTS, SMOKE)
+    args = resolve_defaults(p.parse_args(argv), DATASET_DEFAULTS, SMOKE)
+    stages = {"--epochs": args.epochs, "--boost-epochs": args.boost_epochs, "--compress-epochs": args.compress_epochs}
+    short = [f"{flag} {n}" for flag, n in stages.items() if args.milestones and max(args.milestones) > n]
+    if short:  # every stage (base, boosting, compression) decays at --milestones
+        raise UserError(f"--milestones {' '.join(map(str, args.milestones))} must lie within the epochs of every stage "
+                        f"that uses it; too short: {', '.join(short)}")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------- compression
@@ -222,9 +231,10 @@ def set_rational(model: nn.Module, on: bool):
 
 
 def linear(in_features: int, out_features: int) -> nn.Linear:
-    fc = nn.Linear(in_features, out_features)  # PyCIL SimpleLinear: kaiming uniform (linear gain), zero bias
+    """official code: CIM-CIL convs/linears.py SimpleLinear: no bias (PyCIL's has a zero-initialised one),
+    kaiming uniform with linear gain."""
+    fc = nn.Linear(in_features, out_features, bias=False)
     nn.init.kaiming_uniform_(fc.weight, nonlinearity="linear")
-    nn.init.zeros_(fc.bias)
     return fc
 
 
@@ -257,8 +267,7 @@ def grow(student: FosterNet, total: int) -> FosterNet:
     teacher = FosterNet([student.backbones[0], copy.deepcopy(student.backbones[0])], total, old_fc)
     known, dim = student.fc.out_features, student.fc.in_features
     with torch.no_grad():
-        teacher.fc.weight[:known, :dim] = student.fc.weight
-        teacher.fc.bias[:known] = student.fc.bias
+        teacher.fc.weight[:known, :dim] = student.fc.weight  # official update_fc: weights only (no bias)
     for n, p in teacher.backbones[0].named_parameters():  # official: old backbone frozen, its rationals not
         p.requires_grad_("ratl" in n)
     return teacher
@@ -268,8 +277,7 @@ def new_student(teacher: FosterNet, total: int) -> FosterNet:
     """FOSTER compression: a single backbone initialised from the old one, old fc rows copied (copy_fc)."""
     student = FosterNet([copy.deepcopy(teacher.backbones[0]).requires_grad_(True)], total)
     with torch.no_grad():
-        student.fc.weight[:teacher.old_fc.out_features] = teacher.old_fc.weight
-        student.fc.bias[:teacher.old_fc.out_features] = teacher.old_fc.bias
+        student.fc.weight[:teacher.old_fc.out_features] = teacher.old_fc.weight  # official copy_fc: weights only
     return student
 
 
@@ -485,9 +493,22 @@ def bench_step(args, device):
     return make_step(model, optimizer, weights, first, args, device), optimizer, (x, y)
 
 
+class DownsampleA(nn.Module):
+    """Option-A shortcut (He et al. 2016, Sec. 4.2): stride-2 subsampling, the new channels zero; no parameters.
+    official code: PyCIL / CIM-CIL convs/cifar_resnet.py DownsampleA (AvgPool2d(kernel_size=1, stride=2), cat x*0)"""
+
+    def forward(self, x):
+        x = x[:, :, ::2, ::2]
+        return torch.cat([x, torch.zeros_like(x)], 1)
+
+
 def build_model(args, num_classes) -> FosterNet:
-    small = args.dataset in SMALL_IMAGE_DATASETS and args.backbone != "resnet32"
-    backbone = add_rationals(create_backbone(args.backbone, small_input=small))  # official convs/resnet.py
+    small = args.dataset in SMALL_IMAGE_DATASETS and not args.backbone.startswith("resnet32")
+    backbone = create_backbone(args.backbone.replace("resnet32a", "resnet32"), small_input=small)
+    if args.backbone == "resnet32a":  # the official host's ResNet-32 (convs/cifar_resnet.py): option-A shortcuts
+        for block in (m for m in backbone.modules() if getattr(m, "downsample", None) is not None):
+            block.downsample = DownsampleA()
+    backbone = add_rationals(backbone)  # official convs/resnet.py
     if not hasattr(backbone, "forward_features"):
         raise UserError(f"--backbone {args.backbone}: no forward_features (CIM needs the final feature maps)")
     return FosterNet([backbone], num_classes)
@@ -513,7 +534,7 @@ def run(args):
     memory = ckpt["memory"] if ckpt is not None else {}
     rows, start_phase = resume_point(ckpt)  # after the model's layers: restores the RNG state
     print(f"backbone {args.backbone}: {count_parameters(model.backbones[0]):,} parameters")
-    print(f"{'phase':>5} {'classes':>7} {'CNN':>6} {'NME':>6} {'teacher':>7} {'ex/cls':>6} {'time':>7}")
+    print(f"{'phase':>5} {'classes':>7} {'CNN':>6} {'NME':>6} {'student':>7} {'ex/cls':>6} {'time':>7}")
     size = data.image_size
 
     for phase in range(start_phase, len(splits)):
@@ -555,25 +576,31 @@ def run(args):
         memory = reduce_compressed(memory, budget, size, args.eta)  # then herding under the class budget
         memory.update(select_compressed(teacher, data, range(first, total), ctx["box_table"].cpu(), budget,
                                         args.eta, device, args.workers))
-        means = nme_means(model.eval(), data, memory, total, args.eta, device, args.workers)
-        result = evaluate(model, data, splits, phase, device, means, args.workers)
-        teacher_acc = result["cnn_acc"] if phase == 0 else \
-            evaluate(teacher.eval(), data, splits, phase, device, None, args.workers)["cnn_acc"]
+        # official trainer.py: eval_task scores self._network, the teacher (the student only from the next task,
+        # models/foster.py incremental_train), NME on its class means; the student: "darknet eval", logged only
+        result = evaluate(teacher.eval(), data, splits, phase, device,
+                          nme_means(teacher, data, memory, total, args.eta, device, args.workers), args.workers)
+        student = result if phase == 0 else evaluate(
+            model.eval(), data, splits, phase, device, nme_means(model, data, memory, total, args.eta, device,
+                                                                 args.workers), args.workers)
         per_class = [len(memory[c]) for c in range(total)]
         cost = compression_cost(memory_rows(memory)[:, 1:], size, size, args.eta)
-        row = {"phase": phase, "known_classes": first, "total_classes": total, **result, "teacher_acc": teacher_acc,
+        row = {"phase": phase, "known_classes": first, "total_classes": total, **result,
+               **{f"student_{k}": v for k, v in student.items()},
                "class_budget": budget, "memory_size": len(cost), "memory_cost": cost.sum().item(),
                "exemplars_mean": sum(per_class) / total, "exemplars_min": min(per_class),
                "exemplars_max": max(per_class), "phase_s": time.time() - phase_start, "train_img_per_s": ips}
         rows.append(row)
-        print(f"{phase:>5} {total:>7} {row['cnn_acc']:>6.2f} {row['nme_acc']:>6.2f} {teacher_acc:>7.2f} "
+        print(f"{phase:>5} {total:>7} {row['cnn_acc']:>6.2f} {row['nme_acc']:>6.2f} {student['cnn_acc']:>7.2f} "
               f"{row['exemplars_mean']:>6.1f} {row['phase_s']:>6.0f}s")
         if end_phase(args, phase, rows, {"model": model.state_dict(), "memory": memory}, len(splits)):
             return None
 
+    student = results_from_rows([{k[8:]: v for k, v in r.items() if k.startswith("student_")} | {"phase_s": 0}
+                                 for r in rows])
     return finish_run(args, "cim", data, order, device, __file__, t0, results_from_rows(rows), arm=arm,
-                      cim=not args.no_cim, teacher_acc_per_phase=[r["teacher_acc"] for r in rows],
-                      exemplars_mean_per_phase=[r["exemplars_mean"] for r in rows], scored_model="student")
+                      cim=not args.no_cim, **{f"student_{k}": v for k, v in student.items() if k != "wall_s"},
+                      exemplars_mean_per_phase=[r["exemplars_mean"] for r in rows], scored_model="teacher")
 
 
 def run_paired(args):
