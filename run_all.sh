@@ -179,7 +179,8 @@ else
     row bsce cifar100 "bsce-paired-memory-free-icarl__cifar100_B50_Inc10__seed$s" $C --paired memory-free --seed "$s"
     row bsce cifar100 "bsce-paired-memory-free-lucir__cifar100_B50_Inc10__seed$s" $C --paired memory-free --host lucir \
       --seed "$s"
-    # Genifer, CIFAR-100 B50, 5 tasks (official config/examples): no replay vs generative feature replay
+    # Genifer, CIFAR-100 B50, 5 tasks (official config/examples): Genifer vs fine-tuning, LwF, image replay, and
+    # without ADA / without replay augmentation (each pair: <folder>/pair_<pair>/paired.json)
     row genifer cifar100 "genifer-paired__cifar100_B50_Inc10__seed$s" $C --paired --seed "$s"
     # Tiny-ImageNet-200 (not in the papers; each script's tinyimagenet defaults)
     row lucir tinyimagenet "lucir__tinyimagenet__seed$s" $T --seed "$s"
