@@ -1,4 +1,5 @@
 """Device, bf16 autocast, seeding and the RNG state a checkpoint holds."""
+import functools
 import random
 
 import numpy as np
@@ -58,6 +59,7 @@ def check_batch_sizes(args):
                         "size is the global batch)")
 
 
+@functools.cache  # asked once: autocast() is entered in every training step
 def cpu_has_bf16() -> bool:
     """A CPU with native bf16 (AVX512-BF16 or AMX tiles). Without it bf16 is emulated: about 10x slower than fp32
     for a ResNet-32 step on an AVX2 CPU (README "Speed"), so autocast stays off there."""
