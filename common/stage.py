@@ -82,7 +82,8 @@ class Stage:
             yield self.epoch
             self.train_s += time.time() - self._since
             self.epoch, self.step = self.epoch + 1, 0
-            if self.epoch < self.total_epochs and time.time() - self.run["last_save"] >= 60 * minutes:
+            if (self.args.out_dir and self.epoch < self.total_epochs  # no folder (a unit test): nothing to save
+                    and time.time() - self.run["last_save"] >= 60 * minutes):
                 self.epoch_rng = rng_state()
                 self.save()
         if self.label not in self.run["finished"]:  # kept until the phase-end checkpoint, for later stages

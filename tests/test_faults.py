@@ -200,3 +200,13 @@ def test_a_signal_outside_any_stage_loop_stops_at_once(monkeypatch):
         common.stop._request_stop(signal.SIGTERM, None)
     assert stop.value.code == 143 and "the last checkpoint in the run folder is kept" in str(stop.value)
     assert not common.stop._STOP_SIGNALS
+
+
+def test_a_stage_without_a_run_folder_never_writes_a_checkpoint():
+    """Unit tests drive a Stage with no --out-dir; the periodic checkpoint (here due at every epoch) must then be
+    skipped, not crash on a missing folder (the suite's tenth minute once did exactly that)."""
+    from common.stage import Stage
+    model = torch.nn.Linear(2, 2)
+    args = argparse.Namespace(out_dir=None, checkpoint_minutes=0.0)
+    stage = Stage(args, "unit", model, None, None, epochs=3)
+    assert list(stage.epochs()) == [0, 1, 2]
