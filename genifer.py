@@ -40,7 +40,7 @@ fractions of the run: the EMA generator's weight centre of mass stays at 0.955 o
 80 % of its weight lay on the first tenth of training). s = 1 at or above the official length.
 
 Deviations:
-- ADA is ours in torch (genifer_ada.py; no stylegan2-ada code): same ops, strengths and adaptive rule, but one
+- ADA is ours in torch (no stylegan2-ada code): same ops, strengths and adaptive rule, but one
   bilinear grid_sample with reflection at the border instead of ADA's wavelet-filtered 2x upsampled warp; p adapts
   from the mean sign of D(real) over the last --ada-interval D steps (official: a sliding window).
 - RAdam: torch.optim.RAdam(decoupled_weight_decay=True) vs the radam.py the official README links (LiyuanLucasLiu/
@@ -65,6 +65,7 @@ Deviations:
 """
 import argparse
 import copy
+import math
 import os
 import time
 
@@ -74,26 +75,26 @@ import torch.nn.functional as F
 import torchvision
 
 from common.batches import augment, train_batches
+from common.checkpoints import default_out_dir, end_phase, open_run, resume_point
 from common.data import SHAPES, add_data_flags, indices_of, load_protocol, phase_splits
+from common.device import autocast, seed_everything, setup_device
 from common.dist import is_main, per_rank
+from common.errors import UserError
 from common.evaluation import evaluate, results_from_rows
+from common.flags import add_system_flags, new_parser, resolve_defaults
 from common.graph import CapturedStep
 from common.models import count_parameters, create_backbone, stage_features, to_channels_last
-from common.checkpoints import default_out_dir, end_phase, open_run, resume_point
-from common.device import autocast, seed_everything, setup_device
-from common.errors import UserError
-from common.flags import add_system_flags, new_parser, resolve_defaults
 from common.results import finish_run, run_arms, write_paired
 from common.stage import Stage, check_finite
 from common.stop import run_main
-from genifer_ada import ADA_OPS, AdaptiveAugment, geometric_matrix, warp  # noqa: F401 (tests use them here)
 
 # Per-dataset defaults (a flag given wins): CIFAR-100 official config/examples (papers.md 5.3); the rest ours.
+# --g-channels unset: the official 32 px widths 512 256 128 64, one more halving a doubling of --image-size.
 _CIFAR = dict(data_dir="data", backbone="resnet18", base_classes=50, increment=10, epochs=100,
-              milestones=[30, 60, 80], gan_epochs_first=642, gan_epochs=1026, g_channels=[512, 256, 128, 64])
+              milestones=[30, 60, 80], gan_epochs_first=642, gan_epochs=1026)
 DATASET_DEFAULTS = {
     "cifar100": _CIFAR, "cifar100-synthetic": {**_CIFAR, "data_dir": ""},  # generated, CIFAR shapes (timing)
-    "tinyimagenet": {**_CIFAR, "base_classes": 100, "g_channels": [512, 256, 128, 64, 32]},
+    "tinyimagenet": {**_CIFAR, "base_classes": 100},
     "cub200": {**_CIFAR, "base_classes": 100, "g_channels": [512, 512, 256, 128, 64, 32]},
     "synthetic": dict(data_dir="", backbone="resnet32", base_classes=10, increment=5, epochs=5, milestones=[4],
                       gan_epochs_first=1, gan_epochs=1, g_channels=[32, 16, 16, 8]),
@@ -135,12 +136,10 @@ def parse_args(argv=None):
     g.add_argument("--kd-temperature", type=float, default=1.0, help="(official: temperature 1)")
     g.add_argument("--replay-fraction", type=float, default=0.5, help="generated share (official: prev_curr_ratio)")
     g.add_argument("--feat-layer", default="stage4", choices=sorted(STAGES), help="D and KD features (official stage4)")
-    g.add_argument("--arm", default="genifer", choices=ARMS, help="image-replay: D on pixels (official stage0); "
-                   "finetune, lwf: the baselines (header)")
+    g.add_argument("--arm", default="genifer", choices=ARMS, help="image-replay: D on pixels (official stage0)")
     g.add_argument("--lwf-temperature", type=float, default=2.0, help="LwF's T (FACIL lwf.py: 2)")
     g.add_argument("--lwf-weight", type=float, default=1.0, help="LwF's lambda (FACIL lwf.py: 1)")
-    g.add_argument("--no-gan-aug", action="store_true", help="replays not crop/flipped (official gan_augmentation "
-                   "false): the classifier-side half of the augmentation claim")
+    g.add_argument("--no-gan-aug", action="store_true", help="replays not crop/flipped (official gan_augmentation)")
     g.add_argument("--paired", nargs="*", choices=list(PAIRS), default=None, help="pairs with Genifer (header), "
                    "each in <out>/pair_<pair>/paired.json, one Genifer arm for all; bare --paired: all five")
     g = p.add_argument_group("GAN (generator, feature discriminator, ADA)")
@@ -150,8 +149,7 @@ def parse_args(argv=None):
     g.add_argument("--gan-batch-size", type=int, default=64, help="(official: batch_size 64)")
     g.add_argument("--r1-gamma", type=float, default=0.5, help="(official: r1_gamma 0.5)")
     g.add_argument("--r1-interval", type=int, default=16, help="lazy R1 every N D steps (official: 16)")
-    g.add_argument("--no-ada", action="store_true", help="no adaptive augmentation of D's inputs (official "
-                   "dis_augmentation_p 0): the discriminator-side half of the augmentation claim")
+    g.add_argument("--no-ada", action="store_true", help="D's inputs not augmented (official dis_augmentation_p 0)")
     g.add_argument("--ada-target", type=float, default=0.5, help="E[sign D(real)] (official: dis_augmentation_p)")
     g.add_argument("--ada-max", type=float, default=0.5, help="(official: max_dis_augmentation_p 0.5)")
     g.add_argument("--ada-interval", type=int, default=4, help="adjust p every N steps (official: 4)")
@@ -166,7 +164,10 @@ def parse_args(argv=None):
     g.add_argument("--d-width", type=int, default=512, help="discriminator max channels (official: 512)")
     add_system_flags(p)
     p.set_defaults(seed=1212)  # official config: seed 1212
-    return resolve_defaults(p.parse_args(argv), DATASET_DEFAULTS, SMOKE)
+    args = resolve_defaults(p.parse_args(argv), DATASET_DEFAULTS, SMOKE)
+    size = args.image_size or SHAPES[args.dataset][1]  # 32 px: the official widths; 64 px: 512 ... 32 (ours)
+    args.g_channels = args.g_channels or [512 >> i for i in range(max(size // 4, 1).bit_length())]
+    return args
 
 
 # ----------------------------------------------------------------------------------------------- classifier
@@ -250,8 +251,8 @@ class Generator(nn.Module):
         self.resolutions = [base << (i // 2) for i in range(len(pairs))]
         self.to_rgb = StyleConv(channels[-1], 3, latent_dim, noise=False)
 
-    def sample_noise(self, n, device):
-        return [torch.randn(n, 1, r, r, device=device) for r in self.resolutions]
+    def sample_noise(self, n, device, generator=None):
+        return [torch.randn(n, 1, r, r, generator=generator, device=device) for r in self.resolutions]
 
     def forward(self, z, labels, noise=None):
         w = torch.cat([z, self.embed(F.one_hot(labels, self.num_classes).float())], 1)
@@ -308,6 +309,102 @@ def r1_penalty(d_real: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return grad.square().flatten(1).sum(1).mean()
 
 
+# ----------------------------------------------------------------------------------------------- ADA
+# ADA (Karras et al. 2020, "Training generative adversarial networks with limited data"; NVlabs/stylegan2-ada-pytorch
+# training/augment.py) in torch, no stylegan2-ada code: every 'bgc' op with ADA's strengths and order, each applied
+# per sample with probability p (a device buffer: no host sync, one static graph), differentiable in the images.
+ADA_OPS = ("xflip", "rotate90", "xint", "scale", "rotate", "aniso", "xfrac",
+           "brightness", "contrast", "lumaflip", "hue", "saturation")
+
+
+def _gate(value, identity, p):
+    """Per sample: `value` with probability p, else the identity value."""
+    keep = torch.rand(value.shape[0], device=value.device) < p
+    return torch.where(keep.view(-1, *[1] * (value.dim() - 1)), value, identity)
+
+
+def _affine(n, device, sx=1.0, sy=1.0, tx=0.0, ty=0.0, angle=0.0):
+    """Batched 3x3 matrices: rotation by `angle` after scaling by (sx, sy), then translation (tx, ty)."""
+    sx, sy, tx, ty, angle = (v if torch.is_tensor(v) else torch.zeros(n, device=device) + v
+                             for v in (sx, sy, tx, ty, angle))  # scalars by kernels: capturable
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    return torch.stack([sx * cos, -sy * sin, tx, sx * sin, sy * cos, ty, zero, zero, zero + 1], 1).view(n, 3, 3)
+
+
+def geometric_matrix(n, p, ops, size, device):
+    """ADA's inverse geometric transform (output -> input coordinates in [-1, 1]) in ADA's order and strengths: flip,
+    k*90 deg, integer shift <= 0.125 W, scale 2^N(0, 0.2), rotation U(-pi, pi) with p_rot = 1 - sqrt(1 - p) twice
+    around anisotropy 2^N(0, 0.2), fractional shift N(0, 0.125 W)."""
+    def rand(*shape): return torch.rand(n, *shape, device=device)
+    def shift(t): return _affine(n, device, tx=-2 * t[:, 0], ty=-2 * t[:, 1])  # shifts in widths -> [-1, 1]
+    def stretch(s, aniso): return _affine(n, device, sx=1 / s, sy=s if aniso else 1 / s)
+    mat, p_rot = torch.eye(3, device=device).repeat(n, 1, 1), 1 - (1 - torch.as_tensor(p, device=device)).sqrt()
+    make = {"xflip": lambda: _affine(n, device, sx=1 - 2 * _gate((rand() < 0.5).float(), 0.0, p)),
+            "rotate90": lambda: _affine(n, device, angle=-math.pi / 2 * _gate((rand() * 4).floor(), 0.0, p)),
+            "xint": lambda: shift(torch.round(_gate((rand(2) * 2 - 1) * 0.125, 0.0, p) * size) / size),
+            "scale": lambda: stretch(_gate(2 ** (torch.randn(n, device=device) * 0.2), 1.0, p), False),
+            "rotate": lambda: _affine(n, device, angle=-_gate((rand() * 2 - 1) * math.pi, 0.0, p_rot)),
+            "aniso": lambda: stretch(_gate(2 ** (torch.randn(n, device=device) * 0.2), 1.0, p), True),
+            "xfrac": lambda: shift(_gate(torch.randn(n, 2, device=device) * 0.125, 0.0, p))}
+    for op in ("xflip", "rotate90", "xint", "scale", "rotate", "aniso", "rotate", "xfrac"):  # ADA's order
+        mat = mat @ make[op]() if op in ops else mat
+    return mat
+
+
+def warp(x, mat):
+    """Sample x at mat @ (output coordinates): bilinear, reflection at the border (ours; ADA pads by reflection)."""
+    grid = F.affine_grid(mat[:, :2, :].to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def colour_matrix(n, p, ops, device):
+    """ADA's colour transform (4x4, homogeneous RGB) in ADA's order: brightness + N(0, 0.2), contrast x 2^N(0, 0.5),
+    luma flip, hue rotation U(-pi, pi) about the luma axis v, saturation 2^N(0, 1) off the axis."""
+    eye, a = torch.eye(4, device=device), 3 ** -0.5
+    v = torch.full((4,), a, device=device)
+    v[3] = 0  # fills, not a tensor of host values: no host-to-device copy inside a captured graph
+    vv, mat = torch.outer(v, v), eye.repeat(n, 1, 1)
+    if "brightness" in ops:  # the first op: a translation of the identity
+        mat[:, :3, 3] = _gate(torch.randn(n, device=device) * 0.2, 0.0, p)[:, None]
+    if "contrast" in ops:
+        c = _gate(2 ** (torch.randn(n, device=device) * 0.5), 1.0, p)
+        mat = torch.diag_embed(torch.stack([c, c, c, torch.ones_like(c)], 1)) @ mat
+    if "lumaflip" in ops:
+        mat = (eye - 2 * vv * _gate(torch.randint(0, 2, (n,), device=device).float(), 0.0, p)[:, None, None]) @ mat
+    if "hue" in ops:  # Rodrigues: cos t I + sin t [v]x + (1 - cos t) v v^T on the RGB block
+        t = _gate((torch.rand(n, device=device) * 2 - 1) * math.pi, 0.0, p)[:, None, None]
+        cross = torch.zeros(4, 4, device=device)
+        cross[0, 2] = cross[1, 0] = cross[2, 1] = a
+        cross[0, 1] = cross[1, 2] = cross[2, 0] = -a
+        rot = t.cos() * eye + t.sin() * cross + (1 - t.cos()) * vv
+        rot[:, 3, 3] = 1
+        mat = rot @ mat
+    if "saturation" in ops:
+        mat = (vv + (eye - vv) * _gate(2 ** torch.randn(n, device=device), 1.0, p)[:, None, None]) @ mat
+    return mat
+
+
+class AdaptiveAugment(nn.Module):
+    """ADA on D's inputs: `ops` applied per sample with probability p; p follows E[sign D(real)] to the target."""
+    def __init__(self, ops=ADA_OPS):
+        super().__init__()
+        self.ops = tuple(ops)
+        self.register_buffer("p", torch.zeros(()))
+
+    def forward(self, x):
+        if any(op in self.ops for op in ADA_OPS[:7]):
+            x = warp(x, geometric_matrix(len(x), self.p, self.ops, x.shape[-1], x.device))
+        if any(op in self.ops for op in ADA_OPS[7:]):
+            c = colour_matrix(len(x), self.p, self.ops, x.device).to(x.dtype)
+            x = torch.einsum("nij,njhw->nihw", c[:, :3, :3], x) + c[:, :3, 3, None, None]
+        return x
+
+    @torch.no_grad()
+    def adjust(self, mean_sign, target, interval, ksteps, p_max):
+        """Official update_ada: p += sign(r_t - target) * interval / (ksteps * 1000), clipped to [0, p_max]."""
+        self.p.copy_((self.p + torch.sign(mean_sign - target) * interval / (ksteps * 1000)).clamp(0, p_max))
+
+
 # ----------------------------------------------------------------------------------------------- losses
 def classifier_losses(logits, old_logits, fmap, old_fmap, y_new, n_gen, num_old, temperature=1.0):
     """Official get_modified_loss (KD_sep, single_L2) on a batch [n_gen replayed | real new]: CE over all seen
@@ -321,9 +418,9 @@ def classifier_losses(logits, old_logits, fmap, old_fmap, y_new, n_gen, num_old,
 
 
 def lwf_losses(logits, old_logits, y, num_old, temperature=2.0, eps=1e-5):
-    """FACIL src/approach/lwf.py criterion without exemplars, on a batch of real new samples: CE over the new
-    classes' logits (labels - num_old); KD = mean of -sum softmax(z_old / T) * log q over the old classes, q the
-    new model's softmax(z / T) + eps / num_old renormalised (FACIL's cross_entropy with exp = 1/T). -> (ce, kd)"""
+    """FACIL src/approach/lwf.py criterion without exemplars, on real new samples: CE over the new classes' logits;
+    KD = mean of -sum softmax(z_old / T) * log q over the old classes, q the new model's softmax(z / T) + eps /
+    num_old renormalised (FACIL's cross_entropy with exp = 1/T). -> (ce, kd)"""
     ce = F.cross_entropy(logits[:, num_old:], y - num_old)
     q = F.softmax(logits[:, :num_old] / temperature, 1) + eps / num_old
     kd = -(F.softmax(old_logits[:, :num_old] / temperature, 1) * (q / q.sum(1, keepdim=True)).log()).sum(1).mean()
@@ -340,11 +437,10 @@ def crop_flip_batch(x, padding=4):
 
 # ----------------------------------------------------------------------------------------------- training
 def make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, args, device):
-    """One classifier step. Task 0: CE. Later, finetune / lwf: their losses on the real batch (lwf: the old rows of
-    the head get no gradient, as FACIL's optimiser leaves old heads out without exemplars). Genifer: batch [replayed
-    | real new] (official prev_curr_ratio), loss 0.02 CE + 0.98 KD + 1.0 feature L2 (learner.py: ce_coefficient * CE
-    + the two weighted terms). Replayed: the previous EMA G's clamped images of uniform old labels, crop+flipped
-    unless --no-gan-aug. Returns [loss, ce, kd, feat, correct] (no sync)."""
+    """One classifier step -> [loss, ce, kd, feat, correct] (no sync). Task 0: CE. Later, finetune / lwf: their
+    losses on the real batch (lwf: no gradient to the old rows of the head). Genifer (official learner.py): batch
+    [replayed | real new] (prev_curr_ratio), loss ce_coefficient CE + coefficient KD + feat_coefficient L2; replays:
+    the previous EMA G's clamped images of uniform old labels, crop+flipped unless --no-gan-aug."""
     def step(x, y):
         optimizer.zero_grad(set_to_none=True)
         zero = torch.zeros((), device=device)
@@ -373,7 +469,7 @@ def make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, a
             loss = args.ce_weight * ce + args.kd_weight * kd + args.feat_weight * feat
             correct = (logits[n_gen:].argmax(1) == y_new).float().sum() * len(x) / len(y_new)
         loss.backward()
-        if old_model is not None and args.arm == "lwf":
+        if old_model is not None and args.arm == "lwf":  # FACIL: old heads out of the optimiser without exemplars
             model.head.weight.grad[:num_old], model.head.bias.grad[:num_old] = 0, 0
         optimizer.step()
         return torch.stack([loss.detach(), ce.detach(), kd.detach(), feat.detach(), correct])
@@ -410,10 +506,10 @@ def train_classifier(model, old_model, prev_g, data, train_idx, num_old, bounds,
 
 
 def make_gan_steps(gan, model, prev_g, num_old, total, args, device):
-    """Official genifer_trainer.prepare_next_training: D and G steps (non-saturating losses; D has a lazy R1 variant, G
-    a generator distillation L1) on a frozen eval copy's stage features (image-replay: on the images); new Adam
-    optimisers in `gan` (official: each task). For t > 0 D's 'real' batch starts with the old EMA G's images of the
-    old-class z (sample_d_inputs)."""
+    """Official genifer_trainer.prepare_next_training: D and G steps (non-saturating losses; D with or without lazy
+    R1, G with generator distillation) on a frozen eval copy's stage features (image-replay: on the images); new
+    Adam optimisers in `gan` (official: each task). After task 0 D's 'real' batch starts with the old EMA G's images
+    of the old-class z (sample_d_inputs). -> (d_step, d_r1_step, g_step)"""
     g, d, ada = gan["g"], gan["d"], gan["ada"]
     n_prev = args.gan_batch_size // 2 if prev_g is not None else 0
     lazy = args.r1_interval / (args.r1_interval + 1)  # official lazy_c: also scales D's lr and betas
@@ -480,8 +576,8 @@ def ema_beta(done, batch, horizon, ramp):
 
 
 def train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, device, label):
-    """GAN training after a task, against the frozen classifier's stage features (eval mode, as official).
-    G restarts from the EMA generator; ADA's p restarts at 0; returns images/s (real images a step)."""
+    """GAN training after a task against the frozen classifier (eval mode, as official); G restarts from the EMA
+    generator, ADA's p from 0. Returns images/s (real images a step)."""
     g, g_ema, ada = gan["g"], gan["g_ema"], gan["ada"]
     g.load_state_dict(g_ema.state_dict())
     ada.p.zero_()
@@ -544,28 +640,25 @@ def build_model(args, data, device):
 
 
 def bench_steps(args, device):
-    """Genifer's steps of task 1 (classifier with replay, D, D + lazy R1, G) on generated inputs of the real
-    shapes, for `python -m common.bench`: [(name, step, optimizer, inputs)]."""
-    num_classes, size = args.classes or SHAPES[args.dataset][0], args.image_size or SHAPES[args.dataset][1]
-    first, total = phase_splits(num_classes, args.base_classes, args.increment)[1]
-    data = argparse.Namespace(num_classes=num_classes, image_size=size)
+    """Task 1's steps (classifier with replay, D, D + lazy R1, G) on generated inputs of the real shapes, for
+    `python -m common.bench`: [(name, step, optimizer, inputs)]."""
+    data = argparse.Namespace(num_classes=args.classes or SHAPES[args.dataset][0],
+                              image_size=args.image_size or SHAPES[args.dataset][1])
+    first, total = phase_splits(data.num_classes, args.base_classes, args.increment)[1]
     model = build_model(args, data, device)
     model.add_classes(first)
-    gan = build_gan(args, data, model, device)
-    old_model, prev_g = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(gan["g_ema"])
+    gan, old_model = build_gan(args, data, model, device), copy.deepcopy(model).requires_grad_(False)
     model.add_classes(total - first)
-    optimizer = torch.optim.RAdam(model.parameters(), lr=args.inc_lr, capturable=device.type == "cuda")
+    opt = torch.optim.RAdam(model.parameters(), lr=args.inc_lr, capturable=device.type == "cuda")
     bounds = (torch.full((1, 3, 1, 1), -2.0, device=device), torch.full((1, 3, 1, 1), 2.0, device=device))
-    x = torch.randn(args.batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(first, total, (args.batch_size,), device=device)
-    model.train()
-    d_step, r1_step, g_step = make_gan_steps(gan, model, prev_g, first, total, args, device)
-    b = args.gan_batch_size
-    xg, yg, z = (torch.randn(b, 3, size, size, device=device), torch.randint(first, total, (b,), device=device),
-                 torch.randn(b, args.latent_dim, device=device))
-    return [("classifier", make_classifier_step(model, old_model, prev_g, optimizer, first, bounds, args, device),
-             optimizer, (x, y)), ("D", d_step, gan["opt_d"], (xg, yg, z, yg)),
-            ("D+R1", r1_step, gan["opt_d"], (xg, yg, z, yg)), ("G", g_step, gan["opt_g"], (z, yg))]
+    x, xg = (torch.randn(b, 3, data.image_size, data.image_size, device=device).contiguous(
+        memory_format=torch.channels_last) for b in (args.batch_size, args.gan_batch_size))
+    y, yg = (torch.randint(first, total, (b,), device=device) for b in (args.batch_size, args.gan_batch_size))
+    z, prev_g = torch.randn(args.gan_batch_size, args.latent_dim, device=device), copy.deepcopy(gan["g_ema"])
+    d_step, r1_step, g_step = make_gan_steps(gan, model.train(), prev_g, first, total, args, device)
+    return [("classifier", make_classifier_step(model, old_model, prev_g, opt, first, bounds, args, device), opt,
+             (x, y)), ("D", d_step, gan["opt_d"], (xg, yg, z, yg)), ("D+R1", r1_step, gan["opt_d"], (xg, yg, z, yg)),
+            ("G", g_step, gan["opt_g"], (z, yg))]
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -646,7 +739,7 @@ def save_samples(g, num_classes, mean, std, path, per_class=8):
     y = torch.arange(num_classes, device=device).repeat_interleave(per_class)
     with torch.no_grad():
         z = torch.randn(len(y), g.latent_dim, generator=rng, device=device)
-        noise = [torch.randn(len(y), 1, r, r, generator=rng, device=device) for r in g.resolutions]
+        noise = g.sample_noise(len(y), device, rng)
         x = torch.cat([g(z[i:i + 256], y[i:i + 256], [n[i:i + 256] for n in noise]) for i in range(0, len(y), 256)])
     if is_main():
         torchvision.utils.save_image((x * std + mean).clamp(0, 1), path, nrow=per_class, padding=1)
