@@ -1,67 +1,62 @@
 """Genifer: generative feature-driven image replay for exemplar-free class-incremental learning.
 
-Paper: Kevin Thandiackal et al., "Generative feature-driven image replay for continual learning", Image and Vision
-  Computing 150 (2024) 105187; arXiv 2106.05350 (v1: "Match What Matters: Generative Implicit Feature Replay").
-  Only the abstract was available to us; the method follows the official code (papers.md 5.2).
+Paper: K. Thandiackal et al., "Generative feature-driven image replay for continual learning", Image and Vision
+  Computing 150 (2024) 105187; arXiv 2106.05350. Only the abstract was available to us: the method follows the
+  official code (papers.md 5.2).
 Official code: kevthan/feature-driven-image-replay @ 79f6622 (genifer/trainers/genifer_trainer.py, learner.py,
   model/conditional_eql_style_generator.py, conditional_eql_discriminator.py, layers.py, continual_model.py,
-  backbones.py, config/examples/*.json). It needs stylegan2-ada-pytorch (ADA) and an external radam.py.
-Protocol reproduced by the defaults (official config/examples): CIFAR-100, 50 base classes then 5 tasks of 10,
-seed-1993 class order, training seed 1212, no exemplars. Classifier: ResNet-18 with a 3x3 stem and no max-pool,
-100 epochs, batch 32, SGD Nesterov lr 0.1 on task 0, RAdam lr 1e-4 later, x0.2 at 30/60/80, weight decay 5e-4.
-After each task a conditional StyleGAN-like generator is trained adversarially against a discriminator that judges
-the stage-4 (layer3, 256x8x8) features of the frozen classifier (642 GAN epochs on task 0, 1026 later, batch 64,
-ADA, lazy R1); its EMA copy replays the old classes: loss 0.02 CE (real new) + 0.98 KD + 1.0 feature L2 (generated).
+  backbones.py, config/examples/*.json), with stylegan2-ada-pytorch (ADA) and an external radam.py.
+Protocol (defaults, official config/examples): CIFAR-100, B50 then 5 tasks of 10, seed-1993 order, seed 1212, no
+exemplars. Classifier: ResNet-18 (3x3 stem, no max-pool), 100 epochs, batch 32, SGD Nesterov lr 0.1 on task 0,
+RAdam lr 1e-4 later, x0.2 at 30/60/80, weight decay 5e-4. After each task a conditional StyleGAN-like G is trained
+against a D on the frozen classifier's stage-4 (layer3) features (642 GAN epochs after task 0, 1026 later, batch
+64, ADA, lazy R1); its EMA copy replays the old classes: 0.02 CE (real new) + 0.98 KD + 1.0 feature L2 (replayed).
 
-Claims (abstract): generative feature-driven replay beats the exemplar-free state of the art and image replay, helped
-by image-space augmentation. Its numbers unknown to us, runs are paired (papers.md 5.4): arm A vs Genifer (B) on the
-same classifier, optimiser, schedule, seed, data and order; B - A in <out>/pair_<pair>/paired.json. `--paired [PAIR
-...]` runs Genifer once, then each pair's arm A (bare --paired: all five); `--arm`, `--no-ada`, `--no-gan-aug`: alone.
-- finetune (task 0 shared): CE over all seen classes on the new data only (FACIL src/approach/finetuning.py with
-  --all-outputs; Genifer's CE term alone). The lower bound.
-- lwf (task 0 shared): FACIL src/approach/lwf.py without exemplars: CE over the new classes' logits + 1 x KD at T = 2
-  on the old-class logits (old model in eval mode, FACIL's eps = 1e-5 smoothing), no gradient to the old rows of the
-  head (FACIL leaves old heads out of the optimiser; their decoupled decay, lr x wd a step, remains).
-- image-replay (claim 1, feature-driven vs image replay): the same generator, losses and GAN training, D on pixels
-  (official feat_matching_layer "stage0": conditional_eql_discriminator.py's stage-0 prologue). Task 0's classifier
-  is the same (same seed), the GAN after it is not, so it runs its own task 0.
-- ada (--no-ada): the discriminator-side half of the augmentation claim (official dis_augmentation_p 0: D's inputs
-  not augmented). Runs its own task 0 (the GAN after task 0 changes).
-- gan-aug (--no-gan-aug, task 0 shared): the classifier-side half (official gan_augmentation false: replayed images
-  enter the classifier without their crop and flip).
-Results (CNN top-1 %, average incremental accuracy with task 0, official `avg_inc_accuracy_0`): none of the pairs has
-run yet, on CIFAR-100 B50 or Tiny-ImageNet. Usage: `python genifer.py --data-dir data --paired [PAIR ...]`
-[--dataset tinyimagenet]; `--smoke [--paired]`: tiny run on generated data, CPU. After each GAN, samples_task{t}.png
-beside results.json: a row of 8 EMA-generator images for each class it replays (what the classifier is replayed).
-Shortened GAN runs (--gan-epochs-first / --gan-epochs below 642 / 1026): the EMA half-life (500 kimg), its ramp and
-ADA's speed (p 0 -> 1 in 4k steps) are multiplied by s = min(1, the run's D steps / the official run's: 642 x 390 =
-250,380 after task 0, 1026 x 78 = 80,028 after a later task), so a short run has the official run's shape in
-fractions of the run: the EMA generator's weight centre of mass stays at 0.955 of the run (unscaled, at 1,950 steps
-80 % of its weight lay on the first tenth of training). s = 1 at or above the official length.
+Claims (abstract): feature-driven generative replay beats exemplar-free baselines and image replay, helped by
+image-space augmentation. Runs are paired (papers.md 5.4): arm A vs Genifer on the same classifier, optimiser,
+schedule, seed, data and order; Genifer - A in <out>/pair_<pair>/paired.json. `--paired [PAIR ...]` (bare: all):
+- finetune: CE over all seen classes on the new data (FACIL finetuning.py, --all-outputs). The lower bound.
+- lwf: FACIL lwf.py without exemplars: CE on the new classes' logits + 1 x KD at T = 2 on the old ones (old model in
+  eval mode, eps 1e-5); the old head rows get no gradient (FACIL's optimiser leaves them out; their decay remains).
+- image-replay (feature-driven vs image replay): D on pixels (official feat_matching_layer "stage0").
+- ada (--no-ada): the discriminator half of the augmentation claim (official dis_augmentation_p 0).
+- gan-aug (--no-gan-aug): the classifier half (official gan_augmentation false: replays not crop/flipped).
+finetune, lwf and gan-aug load Genifer's task 0 (classifier and GAN); image-replay and ada train their own GAN.
+After each GAN, samples_task{t}.png beside results.json: 8 EMA-generator images a replayed class, one row a class;
+`replay_acc` in metrics.jsonl: the classifier's top-1 on them. Shortened GAN runs: EMA half-life (500 kimg), its
+ramp and ADA's speed x s = min(1, D steps / the official run's 250,380 after task 0, 80,028 later): the EMA's
+weight centre stays at 0.955 of the run (unscaled, at 2k steps 80 % of it lay on the first tenth).
+
+Results: none yet (CIFAR-100 needs a GPU). Laptop protocol (README "Genifer on the laptop"; run_all.sh --laptop):
+Tiny-ImageNet's first 50 classes x 100 images at 32 px, B25 then 5 tasks of 5, ResNet-32, 12 epochs (x0.2 at 4 7
+10), G at half the official widths (256 128 64 32), D at most 64 channels, 8 GAN epochs after task 0 and 14 later
+(312 and 98 steps, s = 0.0012): about an hour a GAN arm on one idle core. Measured (one AVX2 core, fp32, CPU
+seconds a step): official G 6.9 (task 0) / 8.4 (later) = 155 / 180 GFLOP, so the official length (111,636 GAN
+steps on this data) is ~240 CPU hours an arm; laptop G 3.0 / 3.4, image replay 3.8 / 4.2.
+Usage: `python genifer.py --data-dir data --paired [PAIR ...]`; `--smoke [--paired]`: seconds on a CPU.
 
 Deviations:
-- ADA is ours in torch (no stylegan2-ada code): same ops, strengths and adaptive rule, but one
-  bilinear grid_sample with reflection at the border instead of ADA's wavelet-filtered 2x upsampled warp; p adapts
-  from the mean sign of D(real) over the last --ada-interval D steps (official: a sliding window).
+- ADA in torch (no stylegan2-ada code): ADA's ops, strengths, order and rule, but one bilinear grid_sample with
+  reflection instead of the wavelet-filtered 2x upsampled warp; p adapts from the mean sign of D(real) over the last
+  --ada-interval D steps (official: a sliding window).
 - RAdam: torch.optim.RAdam(decoupled_weight_decay=True) vs the radam.py the official README links (LiyuanLucasLiu/
-  RAdam master @ d9fd30a, degenerated_to_sgd=False), the optimiser new each task (learner.py): from a task's 6th step
-  (rho_t > 5) both take the same rectified step (same eps placement) and decay p -= lr x wd x p; in steps 1-5 of each
-  task radam.py changes nothing (no step, no decay; moments accumulate) where torch takes SGD-momentum steps lr x
-  m_hat and decays. radam.py @ 688cb1e (degenerated_to_sgd=True) behaves as torch.
-- Classifier epochs: the last partial real batch wraps around the shuffled order (static shapes for CUDA graphs);
-  as officially, a replay step uses the first 32 - 16 real images of a 32 batch, real images are crop-padded with
-  the edge pixel (torchvision_loader.py) and the replays' crop and flip are drawn once a batch (torchvision on a 4-D
-  tensor). GAN epochs drop the last partial batch, as the official loader. Large-image datasets (cub200): the
-  loader's crops for the GAN and the classifier, and the 32 px crop/flip for replays (official: Resize + crop).
-- tinyimagenet (64 px, 3x3 stem: layer3 is 256x16x16) and cub200 (224 px, standard stem, 256x14x14) are ours:
-  one more generator stage (4 -> 64) and discriminator block for 64 px; for 224 px a 7x7 constant and five 2x
-  stages (512, 512, 256, 128, 64, 32 channels), as the official large generator and discriminator are not released.
-- Mixed precision: the classifier's feature pass runs in bf16 autocast on CUDA; G and D stay fp32 (R1 needs
-  second derivatives). CIFAR normalisation: the official (0.507, 0.487, 0.441) / (0.267, 0.256, 0.276).
-- An arm sharing task 0 loads Genifer's (classifier and RNG state after task 0's GAN), so alone it differs from its
-  paired twin; fine-tuning and LwF use Genifer's optimiser and schedule (FACIL's own: SGD lr 0.05, patience). No GAN
-  follows the last task (nothing replays it). R1 and ADA step counters restart each task (official: one global
-  counter). The GAN runs the classifier only up to D's stage (stage_features stop). ResNet-18: timm's.
+  RAdam master @ d9fd30a, degenerated_to_sgd=False), new each task (learner.py): from a task's 6th step (rho_t > 5)
+  both take the same rectified step (same eps placement) and decay p -= lr x wd x p; in steps 1-5 radam.py changes
+  nothing (moments accumulate) where torch takes SGD-momentum steps lr x m_hat and decays. radam.py @ 688cb1e
+  (degenerated_to_sgd=True) behaves as torch.
+- Classifier epochs: the last partial batch wraps around the shuffled order (static shapes for CUDA graphs); as
+  officially, a replay step uses the first 16 real images of a 32 batch, real images are crop-padded with the edge
+  pixel (torchvision_loader.py), replays' crop and flip are drawn once a batch (torchvision on a 4-D tensor), GAN
+  epochs drop the last partial batch. cub200: the loader's crops for GAN and classifier (official: Resize + crop).
+- tinyimagenet (64 px: layer3 256x16x16) and cub200 (224 px: 256x14x14) are ours: one more G stage and D block at
+  64 px; at 224 px a 7x7 constant and five 2x stages (512 512 256 128 64 32), as the official large G and D are not
+  released. G and D stay fp32 (R1 needs second derivatives); the feature pass runs in bf16 autocast where used.
+  CIFAR normalisation: the official (0.507, 0.487, 0.441) / (0.267, 0.256, 0.276). ResNet-18: timm's.
+- An arm sharing task 0 loads Genifer's (classifier, GAN and RNG state), so alone it differs from its paired twin;
+  fine-tuning and LwF use Genifer's optimiser and schedule (FACIL's own: SGD lr 0.05, patience). No GAN after the
+  last task (nothing replays it). R1 and ADA step counters restart each task (official: one global counter).
+Generic pieces kept here because only Genifer uses them (common/ stays method-free): ADA, R1, minibatch std, the
+equalised layers, the EMA rule, crop_flip_batch (torchvision's batch-wide RandomCrop on a 4-D tensor).
 """
 import argparse
 import copy
@@ -100,7 +95,6 @@ DATASET_DEFAULTS = {
                       gan_epochs_first=1, gan_epochs=1, g_channels=[32, 16, 16, 8]),
 }
 SMOKE = dict(dataset="synthetic", gan_batch_size=16, latent_dim=32, label_dim=16, d_width=32, inc_lr=1e-3)
-ARMS = ("genifer", "image-replay", "finetune", "lwf")
 # what an arm of a pair may change without changing task 0 (then shared: the GAN after task 0 is the same or unused)
 ARM_KEYS = ("arm", "no_gan_aug", "lwf_temperature", "lwf_weight", "paired")
 # official CIFAR-100 GAN runs, D steps of batch 64: 642 epochs x 390 after task 0, 1026 x 78 after a later task
@@ -136,7 +130,8 @@ def parse_args(argv=None):
     g.add_argument("--kd-temperature", type=float, default=1.0, help="(official: temperature 1)")
     g.add_argument("--replay-fraction", type=float, default=0.5, help="generated share (official: prev_curr_ratio)")
     g.add_argument("--feat-layer", default="stage4", choices=sorted(STAGES), help="D and KD features (official stage4)")
-    g.add_argument("--arm", default="genifer", choices=ARMS, help="image-replay: D on pixels (official stage0)")
+    g.add_argument("--arm", default="genifer", choices=("genifer", "image-replay", "finetune", "lwf"),
+                   help="image-replay: D on pixels (official stage0); finetune, lwf: the baselines (header)")
     g.add_argument("--lwf-temperature", type=float, default=2.0, help="LwF's T (FACIL lwf.py: 2)")
     g.add_argument("--lwf-weight", type=float, default=1.0, help="LwF's lambda (FACIL lwf.py: 1)")
     g.add_argument("--no-gan-aug", action="store_true", help="replays not crop/flipped (official gan_augmentation)")
@@ -561,9 +556,9 @@ def make_gan_steps(gan, model, prev_g, num_old, total, args, device):
 
 
 def gan_schedule(args, epochs, n, later):
-    """(EMA half-life in images, its ramp rate, ADA's k steps, s) of a GAN run of `epochs` over n images: the official
-    values x s = min(1, the run's D steps / the official run's). The ramp (official ema_rampup: epochs / 4 x the
-    classifier loader's batches of 32, i.e. half the GAN steps at 64) reaches the half-life halfway."""
+    """(EMA half-life in images, its ramp rate, ADA's k steps, s) of `epochs` over n images: official x s = min(1, D
+    steps / the official run's). The ramp (official ema_rampup: epochs / 4 x the classifier loader's batches of 32,
+    i.e. half the GAN steps at 64) reaches the half-life halfway."""
     s = min(1.0, epochs * (n // args.gan_batch_size) / OFFICIAL_GAN_STEPS[later])
     horizon = args.ema_half_life_kimg * 1000 * s
     ramp = horizon / max(args.gan_batch_size * epochs / 4 * -(-n // args.batch_size), 1)
@@ -586,8 +581,8 @@ def train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, d
                   None, epochs)
     steps = [CapturedStep(s, device, enabled=not args.no_graph, optimizer=gan[o]) for s, o in
              zip(step_fns, ("opt_d", "opt_d", "opt_g"))]
-    batch, per_epoch = args.gan_batch_size, len(train_idx) // args.gan_batch_size
-    n_prev = batch // 2 if prev_g is not None else 0
+    batch, per_epoch, n_prev = args.gan_batch_size, len(train_idx) // args.gan_batch_size, args.gan_batch_size // 2
+    n_prev = n_prev if prev_g is not None else 0
     horizon, ramp, ksteps, scale = gan_schedule(args, epochs, len(train_idx), prev_g is not None)
     print(f"{label} GAN: {epochs * per_epoch} steps, s {scale:.4g}: EMA half-life {horizon / batch:.0f} steps, ADA p "
           f"0 -> 1 in {ksteps * 1000:.0f}")
@@ -702,17 +697,19 @@ def run(args, shared_base=None):
         model.add_classes(total - first)
         train_idx = indices_of(data.train_y, first, total)  # exemplar-free: only this task's real images
         ips = train_classifier(model, old_model, prev_g, data, train_idx, first, bounds, args, device, label)
-        train_s, gan_ips, gan_s = time.time() - phase_start, 0.0, 0.0
+        train_s, gan_ips, gan_s, replay_acc = time.time() - phase_start, 0.0, 0.0, None
         if gan is not None and phase < len(splits) - 1:  # the last task's GAN would never replay
             epochs = args.gan_epochs_first if phase == 0 else args.gan_epochs
             gan_ips = train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, device, label)
             gan_s = time.time() - phase_start - train_s
-            save_samples(gan["g_ema"], total, mean, std, os.path.join(args.out_dir, f"samples_task{phase}.png"))
+            replay_acc = save_samples(gan["g_ema"], model.eval(), total, bounds, mean, std,
+                                      os.path.join(args.out_dir, f"samples_task{phase}.png"))
         model.eval()
         result = evaluate(lambda x: model(x)[:2], data, splits, phase, device, None, args.workers)
         row = {"phase": phase, "known_classes": first, "total_classes": total, **result, "memory_size": 0,
                "train_s": train_s, "gan_s": gan_s, "phase_s": time.time() - phase_start, "train_img_per_s": ips,
-               "gan_img_per_s": gan_ips, "ada_p": None if gan is None else gan["ada"].p.item()}
+               "gan_img_per_s": gan_ips, "ada_p": None if gan is None else gan["ada"].p.item(),
+               "replay_acc": replay_acc}
         rows.append(row)
         print(f"{phase:>5} {total:>7} {row['cnn_acc']:>6.2f} {row['phase_s']:>6.0f}s {ips:>7.0f} {gan_ips:>9.0f}")
         gan_state = None if gan is None else {k: gan[k].state_dict() for k in GAN_PARTS}
@@ -732,17 +729,21 @@ def arm_name(args):
     return args.arm.replace("-", "_") + "_no_ada" * (gan and args.no_ada) + "_no_gan_aug" * (gan and args.no_gan_aug)
 
 
-def save_samples(g, num_classes, mean, std, path, per_class=8):
+def save_samples(g, model, num_classes, bounds, mean, std, path, per_class=8):
     """`path` (PNG): a row of `per_class` images of the EMA generator for each class it replays, 1 px apart (fixed
-    z and noise from their own random generator: the run's random stream is untouched)."""
+    z and noise from their own random generator: the run's random stream is untouched). Returns the classifier's
+    top-1 % on them (did G learn the classes as the classifier sees them? chance: 100 / num_classes)."""
     rng, device = torch.Generator(mean.device).manual_seed(0), mean.device
     y = torch.arange(num_classes, device=device).repeat_interleave(per_class)
     with torch.no_grad():
         z = torch.randn(len(y), g.latent_dim, generator=rng, device=device)
         noise = g.sample_noise(len(y), device, rng)
         x = torch.cat([g(z[i:i + 256], y[i:i + 256], [n[i:i + 256] for n in noise]) for i in range(0, len(y), 256)])
+        replay = torch.maximum(torch.minimum(x, bounds[1]), bounds[0])  # clamped as replayed (make_classifier_step)
+        pred = torch.cat([model(replay[i:i + 256])[0].argmax(1) for i in range(0, len(y), 256)])
     if is_main():
         torchvision.utils.save_image((x * std + mean).clamp(0, 1), path, nrow=per_class, padding=1)
+    return 100 * (pred == y).float().mean().item()
 
 
 # (the pair's name: arm A's overrides); arm B is Genifer; B - A in <out>/pair_<pair>/paired.json. Genifer runs
