@@ -1,8 +1,8 @@
 """Genifer: generative feature-driven image replay for exemplar-free class-incremental learning.
 
 Paper: K. Thandiackal et al., "Generative feature-driven image replay for continual learning", Image and Vision
-  Computing 150 (2024) 105187; arXiv 2106.05350. Only the abstract was available to us: the method follows the
-  official code (papers.md 5.2).
+  Computing 150 (2024) 105187; arXiv 2106.05350 (v1: "Match What Matters: Generative Implicit Feature Replay"). Only
+  the abstract was available to us: the method follows the official code (papers.md 5.2).
 Official code: kevthan/feature-driven-image-replay @ 79f6622 (genifer/trainers/genifer_trainer.py, learner.py,
   model/conditional_eql_style_generator.py, conditional_eql_discriminator.py, layers.py, continual_model.py,
   backbones.py, config/examples/*.json), with stylegan2-ada-pytorch (ADA) and an external radam.py.
@@ -25,14 +25,16 @@ finetune, lwf and gan-aug load Genifer's task 0 (classifier and GAN); image-repl
 After each GAN, samples_task{t}.png beside results.json: 8 EMA-generator images a replayed class, one row a class;
 `replay_acc` in metrics.jsonl: the classifier's top-1 on them. Shortened GAN runs: EMA half-life (500 kimg), its
 ramp and ADA's speed x s = min(1, D steps / the official run's 250,380 after task 0, 80,028 later): the EMA's
-weight centre stays at 0.955 of the run (unscaled, at 2k steps 80 % of it lay on the first tenth).
+weight centre stays at 0.955 of the run (unscaled, at 2k steps 80 % of it lay on the first tenth). Below s = 0.002
+one ADA adjustment (4 / (4000 s)) exceeds p's range: p toggles between 0 and --ada-max by the sign of D(real).
 
-Results: none yet (CIFAR-100 needs a GPU). Laptop protocol (README "Genifer on the laptop"; run_all.sh --laptop):
-Tiny-ImageNet's first 50 classes x 100 images at 32 px, B25 then 5 tasks of 5, ResNet-32, 12 epochs (x0.2 at 4 7
-10), G at half the official widths (256 128 64 32), D at most 64 channels, 8 GAN epochs after task 0 and 14 later
-(312 and 98 steps, s = 0.0012): about an hour a GAN arm on one idle core. Measured (one AVX2 core, fp32, CPU
-seconds a step): official G 6.9 (task 0) / 8.4 (later) = 155 / 180 GFLOP, so the official length (111,636 GAN
-steps on this data) is ~240 CPU hours an arm; laptop G 3.0 / 3.4, image replay 3.8 / 4.2.
+Results (CNN top-1 %, average incremental accuracy with task 0, official avg_inc_accuracy_0): none yet. Laptop
+protocol (README "Genifer on the laptop", run_all.sh --laptop): Tiny-ImageNet's first 50 classes x 100 images at 32
+px, B25 then 5 tasks of 5, ResNet-32, 12 epochs (x0.2 at 4 7 10), RAdam 1e-3 (at 1e-4 a 12-epoch task learned no new
+class), G at half the official widths (256 128 64 32), D at most 64 channels, 8 GAN epochs after task 0 and 14 later
+(312 and 98 steps, s = 0.0012): about an hour a GAN arm on one idle core. Measured there (one AVX2 core, fp32, CPU
+seconds a GAN step): official G 6.9 after task 0 / 8.4 later (155 / 180 GFLOP), so the official length (111,636
+steps on that data) is ~240 CPU hours an arm; laptop G 2.7-3.3 / 3.3-4.0, image replay 3.8 / 4.2.
 Usage: `python genifer.py --data-dir data --paired [PAIR ...]`; `--smoke [--paired]`: seconds on a CPU.
 
 Deviations:
@@ -47,10 +49,11 @@ Deviations:
 - Classifier epochs: the last partial batch wraps around the shuffled order (static shapes for CUDA graphs); as
   officially, a replay step uses the first 16 real images of a 32 batch, real images are crop-padded with the edge
   pixel (torchvision_loader.py), replays' crop and flip are drawn once a batch (torchvision on a 4-D tensor), GAN
-  epochs drop the last partial batch. cub200: the loader's crops for GAN and classifier (official: Resize + crop).
+  epochs drop the last partial batch. cub200: the loader's crops for GAN and classifier, replays the same 4 px
+  crop/flip (official: Resize + crop).
 - tinyimagenet (64 px: layer3 256x16x16) and cub200 (224 px: 256x14x14) are ours: one more G stage and D block at
   64 px; at 224 px a 7x7 constant and five 2x stages (512 512 256 128 64 32), as the official large G and D are not
-  released. G and D stay fp32 (R1 needs second derivatives); the feature pass runs in bf16 autocast where used.
+  released. G and D stay fp32 (R1 needs second derivatives); the classifier runs in bf16 autocast where it is on.
   CIFAR normalisation: the official (0.507, 0.487, 0.441) / (0.267, 0.256, 0.276). ResNet-18: timm's.
 - An arm sharing task 0 loads Genifer's (classifier, GAN and RNG state), so alone it differs from its paired twin;
   fine-tuning and LwF use Genifer's optimiser and schedule (FACIL's own: SGD lr 0.05, patience). No GAN after the
@@ -105,8 +108,8 @@ GAN_PARTS = ("g", "g_ema", "d", "ada")  # what a checkpoint holds of the GAN
 
 def parse_args(argv=None):
     p, g = new_parser(__doc__)
-    g.add_argument("--dataset", default="cifar100", help="cifar100 (official config) | tinyimagenet | cub200 | "
-                   "synthetic | cifar100-synthetic (generated, CIFAR-100's shapes, for timing)")
+    g.add_argument("--dataset", default="cifar100", help="cifar100 (official) | tinyimagenet | cub200 | synthetic | "
+                   "cifar100-synthetic (generated, CIFAR-100's shapes, for timing)")
     add_data_flags(g)  # --data-dir, --classes, --train-per-class, --image-size (laptop protocol, README)
     g.add_argument("--backbone", default=None, help="timm ResNet (official: ResNet-18, 3x3 stem, no max-pool)")
     g.add_argument("--base-classes", type=int, default=None, help="classes of task 0 (official config: 50)")
@@ -134,7 +137,8 @@ def parse_args(argv=None):
                    help="image-replay: D on pixels (official stage0); finetune, lwf: the baselines (header)")
     g.add_argument("--lwf-temperature", type=float, default=2.0, help="LwF's T (FACIL lwf.py: 2)")
     g.add_argument("--lwf-weight", type=float, default=1.0, help="LwF's lambda (FACIL lwf.py: 1)")
-    g.add_argument("--no-gan-aug", action="store_true", help="replays not crop/flipped (official gan_augmentation)")
+    g.add_argument("--no-gan-aug", action="store_true", help="replays not crop/flipped (official gan_augmentation "
+                   "false): the classifier half of the augmentation claim")
     g.add_argument("--paired", nargs="*", choices=list(PAIRS), default=None, help="pairs with Genifer (header), "
                    "each in <out>/pair_<pair>/paired.json, one Genifer arm for all; bare --paired: all five")
     g = p.add_argument_group("GAN (generator, feature discriminator, ADA)")
@@ -144,7 +148,8 @@ def parse_args(argv=None):
     g.add_argument("--gan-batch-size", type=int, default=64, help="(official: batch_size 64)")
     g.add_argument("--r1-gamma", type=float, default=0.5, help="(official: r1_gamma 0.5)")
     g.add_argument("--r1-interval", type=int, default=16, help="lazy R1 every N D steps (official: 16)")
-    g.add_argument("--no-ada", action="store_true", help="D's inputs not augmented (official dis_augmentation_p 0)")
+    g.add_argument("--no-ada", action="store_true", help="D's inputs not augmented (official dis_augmentation_p "
+                   "0): the discriminator half of the augmentation claim")
     g.add_argument("--ada-target", type=float, default=0.5, help="E[sign D(real)] (official: dis_augmentation_p)")
     g.add_argument("--ada-max", type=float, default=0.5, help="(official: max_dis_augmentation_p 0.5)")
     g.add_argument("--ada-interval", type=int, default=4, help="adjust p every N steps (official: 4)")

@@ -152,12 +152,12 @@ if [ -n "$LAPTOP" ]; then
     row bsce tinyimagenet "laptop/bsce_memfree/seed$s" $L $B50 --memory-per-class 0 --paired memory-free --seed "$s"
     # CIM and Genifer: their laptop pairs join here once they test what the papers claim (issues 17 and 20)
     # Genifer's reduced protocol (README "Genifer on the laptop"): 50 classes, B25 then 5 tasks of 5, 12 epochs (x0.2
-    # at 4 7 10), G at half the official widths, D <= 64 channels, 8 GAN epochs after task 0 and 14 after the others;
-    # Genifer vs fine-tuning, LwF and image replay (pair_<pair>/paired.json)
+    # at 4 7 10), RAdam lr 1e-3 after task 0, G at half the official widths, D <= 64 channels, 8 GAN epochs after
+    # task 0 and 14 after the others; Genifer vs fine-tuning, LwF and image replay (pair_<pair>/paired.json)
     row genifer tinyimagenet "laptop/genifer/seed$s" --dataset tinyimagenet --data-dir "$TINYIMAGENET_DIR" \
       --classes 50 --train-per-class 100 --image-size 32 --backbone resnet32 --class-order-seed 1993 \
-      --base-classes 25 --increment 5 --epochs 12 --milestones 4 7 10 --g-channels 256 128 64 32 --d-width 64 \
-      --gan-epochs-first 8 --gan-epochs 14 --paired finetune lwf image-replay --seed "$s"
+      --base-classes 25 --increment 5 --epochs 12 --milestones 4 7 10 --inc-lr 1e-3 --g-channels 256 128 64 32 \
+      --d-width 64 --gan-epochs-first 8 --gan-epochs 14 --paired finetune lwf image-replay --seed "$s"
   done
 elif [ -n "$SMOKE" ]; then
   SUMMARY_ROOT="$RESULTS/smoke"
