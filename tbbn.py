@@ -115,7 +115,7 @@ DATASET_DEFAULTS = {
                       milestones=[5], class_order_seed=1993, augmentation="resized-crop"),
 }
 DATASET_DEFAULTS["cifar100-synthetic"] = {**DATASET_DEFAULTS["cifar100"], "data_dir": ""}  # speed runs (common/data.py)
-SMOKE = dict(dataset="synthetic", batch_size=32)
+SMOKE = dict(dataset="synthetic", image_size=16, batch_size=32)
 PAPER_RESULTS = {}  # the paper's tables were not available to us: no number from the paper (papers.md 2)
 
 
