@@ -1,7 +1,6 @@
 """bf16 autocast on a CPU (issue 18): where it is used (a CPU with native bf16), the training step's loss stays
 within a stated tolerance of fp32 on a fixed batch, and BatchNorm's parameters and running statistics stay fp32.
 The emulation on other CPUs is slow but exact enough to check the numbers, so the test runs on any CPU."""
-import copy
 
 import pytest
 import torch
