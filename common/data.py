@@ -1,10 +1,9 @@
 """Datasets, class order and phase splits (the batch iterators are in common.batches).
 
-Small-image datasets (cifar100, tinyimagenet, synthetic) live on the training device as uint8 NHWC tensors;
-padded random crop and horizontal flip run there in batch, and a phase's training set or the exemplar memory is
-a tensor of indices into them. Large-image datasets (imagenet100, imagenet, food101, cub200) keep file paths and
-go through a DataLoader with torchvision transforms and workers. Labels are re-indexed by the class order, so
-label k is the k-th class of the order and the classes seen after a phase are simply 0 .. total-1.
+Small-image datasets (cifar100, tinyimagenet, synthetic) live on the training device as uint8 NHWC tensors, and a
+phase's training set or the exemplar memory is a tensor of indices into them; large-image datasets (imagenet100,
+imagenet, food101, cub200) keep file paths. Labels are re-indexed by the class order: label k is the k-th class
+of the order, so the classes seen after a phase are 0 .. total-1.
 """
 import os
 import pickle
@@ -22,8 +21,7 @@ DATASETS = SMALL_IMAGE_DATASETS + LARGE_IMAGE_DATASETS
 
 # (classes, image size) of each dataset, for generated inputs of the real shapes (common/bench.py)
 SHAPES = {"cifar100": (100, 32), "tinyimagenet": (200, 64), "synthetic": (20, 32), "cifar100-synthetic": (100, 32),
-          "imagenet100": (100, 224),
-          "imagenet": (1000, 224), "food101": (101, 224), "cub200": (200, 224)}
+          "imagenet100": (100, 224), "imagenet": (1000, 224), "food101": (101, 224), "cub200": (200, 224)}
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LUCIR_CIFAR_MEAN, LUCIR_CIFAR_STD = (0.5071, 0.4866, 0.4409), (0.2009, 0.1984, 0.2023)  # LUCIR official code
@@ -169,16 +167,6 @@ def _load_tinyimagenet(root, classes=None, train_per_class=None, image_size=None
                 torch.tensor(test_labels)[keep_test], IMAGENET_MEAN, IMAGENET_STD, size,
                 _read_images([train_paths[i] for i in keep_train], size),
                 _read_images([test_paths[i] for i in keep_test], size), class_names=wnids)
-
-
-def _image_folder(split_dir):
-    classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
-    files, labels = [], []
-    for i, c in enumerate(classes):
-        names = sorted(os.listdir(os.path.join(split_dir, c)))
-        files += [os.path.join(split_dir, c, n) for n in names]
-        labels += [i] * len(names)
-    return classes, files, labels
 
 
 def _load_imagenet(root, name, class_list=None):

@@ -1,25 +1,20 @@
 """Turn a plain training-step function into a captured CUDA graph (eager on CPU or with --no-graph).
 
-The step function stays plain PyTorch: `zero_grad(set_to_none=True)`, forward, loss, backward, optimiser
-step, and return a few detached tensors (e.g. loss and correct count). It must not sync with the host
-(no `.item()`, no `nonzero()`, no data-dependent shapes) and its inputs must have fixed shapes.
+The step function stays plain PyTorch (zero_grad(set_to_none=True), forward, loss, backward, optimiser step) and
+returns a few detached tensors; it must not sync with the host (no `.item()`, `nonzero()` or data-dependent
+shapes) and its inputs have fixed shapes. Outputs are static buffers, overwritten by the next call: use them now.
 
     step = CapturedStep(train_step, device, enabled=not args.no_graph, optimizer=optimizer)
     for x, y in batches:
-        stats += step(x, y)          # outputs are static buffers, overwritten by the next call: use them now
+        stats += step(x, y)
 
-On CUDA the first `warmup` calls run eagerly on a side stream (they are real training steps and let cuDNN and
-the optimiser allocate their state), the next call captures the step and replays it, and later calls copy the
-inputs into static buffers and replay. A change of any learning rate in `optimizer` (a milestone) triggers a
-re-capture, since the graph holds the learning rate as a constant. Make a new CapturedStep when the model,
-the optimiser or the set of active classes changes (each phase). Warm-up, capture and replay run the same
-kernels on the same values, so captured and eager training agree (tests/test_graph.py, on CUDA).
-
-Under torchrun the gradients of `optimizer` are averaged over the ranks inside its step (common.dist
-.sync_gradients), so the graph holds the all_reduce too (NCCL allows that; not run on a GPU here).
-
-If a capture raises (an op that cannot be captured, an old driver), one line is printed and every CapturedStep
-of the process runs eagerly from then on; `graph_used(enabled, device)` then reports False for results.json.
+On CUDA the first `warmup` calls run eagerly on a side stream (real steps; cuDNN and the optimiser allocate their
+state), the next captures the step, later ones copy the inputs into static buffers and replay. A new learning
+rate in `optimizer` (a milestone) re-captures: the graph holds it as a constant. Make a new CapturedStep when the
+model, the optimiser or the active classes change (each phase). Captured and eager training run the same kernels
+on the same values (tests/test_graph.py, on CUDA). Under torchrun the gradient all_reduce (common.dist
+.sync_gradients) runs inside the step, so inside the graph (NCCL allows it; not run on a GPU here). A failed
+capture prints one line, and every CapturedStep of the process runs eagerly from then on (`graph_used` False).
 """
 import torch
 

@@ -1,8 +1,5 @@
-"""Exemplar memory: iCaRL herding returning indices, growing or fixed budgets, reduction, NME class means.
-
-The memory is a dict {class: LongTensor of training-set indices in herding order}. Reducing a class keeps a
-prefix of its herding order (iCaRL Alg. 5), so no features need to be recomputed.
-"""
+"""Exemplar memory, a dict {class: LongTensor of training-set indices in herding order}: iCaRL herding, growing
+or fixed budgets, reduction to a prefix of the herding order (iCaRL Alg. 5: no features recomputed), NME means."""
 import torch
 import torch.nn.functional as F
 
@@ -37,9 +34,8 @@ def check_budget(num_classes: int, memory_per_class: int, memory_total: int = No
 
 @torch.no_grad()
 def extract_features(feature_fn, data, indices, device, split="train", flip=False, batch_size=1000, workers=0):
-    """Features (N, D) of `indices` in order, with `feature_fn` in whatever mode the caller set (eval). Under
-    torchrun each rank runs every N-th batch and every rank gets all features, in order (herding, class means
-    and imprinting then compute the same values on every rank, as in one process)."""
+    """Features (N, D) of `indices` in order, with `feature_fn` in the mode the caller set. Under torchrun each
+    rank runs every N-th batch and gets all features, so herding, means and imprinting agree on every rank."""
     out = []
     for x, _ in eval_batches(data, dist.shard(indices, batch_size), device, split, batch_size, workers):
         out.append(feature_fn(x.flip(3) if flip else x).float())
@@ -48,10 +44,9 @@ def extract_features(feature_fn, data, indices, device, split="train", flip=Fals
 
 def herding(features: torch.Tensor, m: int) -> torch.Tensor:
     """iCaRL herding (Rebuffi et al. 2017, Alg. 4): greedily pick the sample that brings the mean of the picked
-    set closest to the class mean of the L2-normalised features. Returns positions into `features`, in order.
-    Runs on the features' device; no host syncs. (The iCaRL/LUCIR code runs the same greedy rule as
-    argmax <w_t, x> with w_t += mu - x_picked, and may re-pick a sample without counting it; here a picked
-    sample is excluded, as the definition says, so the two differ only after such a re-pick.)"""
+    set closest to the class mean of the L2-normalised features; positions into `features`, in order, no host
+    syncs. (The iCaRL/LUCIR code runs it as argmax <w_t, x>, w_t += mu - x_picked, and may re-pick a sample
+    without counting it; here a picked sample is excluded, as the definition says.)"""
     feats = F.normalize(features.float(), dim=1)
     mu = feats.mean(0)
     m = min(m, len(feats))

@@ -17,10 +17,6 @@ from common.checkpoints import _atomic
 from common.device import amp_used
 
 
-def write_results(out_dir: str, results: dict):
-    _atomic(os.path.join(out_dir, "results.json"), lambda p: open(p, "w").write(json.dumps(results, indent=1)))
-
-
 def memory_policy(args) -> str:
     if args.memory_total is not None:
         return f"fixed total {args.memory_total}"
@@ -40,13 +36,10 @@ def finish_run(args, method: str, data, order: list, device, script_path: str, s
                "memory_policy": memory_policy(args), **metrics, "wall_s_this_process": time.time() - start_time,
                "bf16_autocast": amp_used(device, not args.no_amp),
                **environment(device, script_path)}
-    write_results(args.out_dir, results)
-
-    def fmt(x):
-        return "n/a" if x is None else f"{x:.2f}"
-    print(f"average incremental accuracy: CNN {fmt(metrics['avg_inc_acc'])}  NME {fmt(metrics['nme_avg_inc_acc'])}"
-          f"   last: CNN {fmt(metrics['last_acc'])}  NME {fmt(metrics['nme_last_acc'])}   forgetting (CNN): "
-          f"{fmt(metrics['forgetting'])}")
+    _atomic(os.path.join(args.out_dir, "results.json"), lambda p: open(p, "w").write(json.dumps(results, indent=1)))
+    fmt = {k: "n/a" if metrics[k] is None else f"{metrics[k]:.2f}" for k in PAIRED_METRICS[:5]}
+    print(f"average incremental accuracy: CNN {fmt['avg_inc_acc']}  NME {fmt['nme_avg_inc_acc']}   last: CNN "
+          f"{fmt['last_acc']}  NME {fmt['nme_last_acc']}   forgetting (CNN): {fmt['forgetting']}")
     print(f"results: {os.path.join(args.out_dir, 'results.json')}")
     return results
 
