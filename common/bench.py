@@ -19,7 +19,6 @@ SCRIPTS = ("lucir", "tbbn", "bsce", "cim", "genifer")
 
 
 def time_steps(step, inputs, steps, device) -> float:
-    """Seconds per step over `steps` calls, after the caller's warm-up."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()

@@ -1,12 +1,5 @@
-"""The run folder, its checkpoints and resume.
-
-A run folder holds `metrics.jsonl` (one line per finished phase), `checkpoint.pt` (rewritten atomically after
-each phase, everything needed to continue), `in_phase.pt` (inside a phase, every --checkpoint-minutes at an epoch
-boundary and on SIGTERM / Ctrl-C after the current step) and, only once the run has really finished,
-`results.json`. Each checkpoint keeps the one before it as `*.prev.pt`: a damaged file gets one line naming it and
---resume falls back to the previous one. Checkpoints hold only tensors and plain types: they load with
-`torch.load(weights_only=True)`, which unpickles nothing else.
-"""
+"""The run folder, its checkpoints and resume (what each file holds: README, "Outputs, resume"). A checkpoint
+keeps the one before as `*.prev.pt`, the fallback of a damaged one; it holds only tensors and plain types."""
 import json
 import os
 import shutil
@@ -40,7 +33,7 @@ CHECKPOINT, IN_PHASE = "checkpoint.pt", "in_phase.pt"
 _RUNS = {}  # out_dir -> what the in-phase checkpoints of the run in that folder need (see Stage)
 
 
-def run_record(out_dir: str) -> dict:
+def run_record(out_dir: str) -> dict:  # what Stage and end_phase share about the run in `out_dir`
     return _RUNS.setdefault(out_dir, {"in_phase": None, "finished": {}, "last_save": time.time(), "steps": 0})
 
 
@@ -128,11 +121,10 @@ def check_resume_args(saved: dict, now: dict):
 
 
 def open_run(args, title: str, shared_base: str = None, arm_keys=()):
-    """The start of every run, once bad input has had its one-line error: prepare the run folder, print `title`
-    with the folder and the settings, and return the phase-end state the run starts from: its own checkpoint
-    (--resume; the settings must match), else the base phase of a pair written by the other arm to `shared_base`
-    (every setting but `arm_keys` must match), else None. The caller rebuilds its model, loads the state, then
-    calls resume_point (after any layer it creates, so the resumed run draws what the uninterrupted one draws)."""
+    """After bad input had its one-line error: prepare the run folder, print `title`, the folder and the settings,
+    and return the phase-end state to start from: its own checkpoint (--resume; same settings), else the base
+    phase a pair's other arm wrote to `shared_base` (same settings but `arm_keys`), else None. The caller rebuilds
+    its model, loads the state, then calls resume_point (after any layer it creates: the same random draws)."""
     ckpt = prepare_out_dir(args.out_dir, args.resume)
     print(f"{title}, out: {args.out_dir}")
     print_args(args)

@@ -89,7 +89,6 @@ def apply_class_order(data: Data, order: list) -> Data:
 
 
 def indices_of(labels: torch.Tensor, first: int, last: int) -> torch.Tensor:
-    """Indices of the samples whose (ordered) label lies in [first, last)."""
     return torch.nonzero((labels >= first) & (labels < last)).flatten()
 
 
@@ -159,10 +158,9 @@ def _load_tinyimagenet(root, classes=None, train_per_class=None, image_size=None
         if len(parts) >= 2:
             test_paths.append(os.path.join(folder, "val", "images", parts[0]))
             test_labels.append(label_of[parts[1]])
-    # --classes / --train-per-class before decoding, so a subset reads only its own files
     keep_train = subset_indices(train_labels, train_paths, classes, train_per_class)
     keep_test = subset_indices(test_labels, test_paths, classes, None)
-    size = image_size or 64
+    size = image_size or 64  # the subset is kept before decoding: only its own files are read
     return Data("tinyimagenet", len(wnids), torch.tensor(train_labels)[keep_train],
                 torch.tensor(test_labels)[keep_test], IMAGENET_MEAN, IMAGENET_STD, size,
                 _read_images([train_paths[i] for i in keep_train], size),
@@ -252,9 +250,8 @@ def synthetic(num_classes=20, train_per_class=24, test_per_class=8, size=32, see
 
 # ----------------------------------------------------------------------------------------------- subsets
 def add_data_flags(group):
-    """--data-dir, then --classes, --train-per-class, --image-size: the same smaller problem in every script (laptop
-    protocol, README). They change the numbers, so they are protocol flags and results.json records them (in
-    `args`). Each script adds its own --dataset (with the paper's datasets) before them."""
+    """--data-dir, then --classes, --train-per-class, --image-size: the same smaller problem in every script (the
+    laptop protocol), protocol flags recorded in results.json. Each script adds its own --dataset before them."""
     group.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
     group.add_argument("--classes", type=int, default=None, metavar="N", help="keep only the first N classes of "
                        "the dataset's own sorted class list (Tiny-ImageNet: sorted wnids), before the class order "
@@ -265,11 +262,6 @@ def add_data_flags(group):
     group.add_argument("--image-size", type=int, default=None, metavar="S", help="small-image datasets: resize to "
                        "S x S on load (bilinear); large-image datasets: crop to S instead of 224 (default: the "
                        "dataset's own size)")
-
-
-def subset_flags(args) -> dict:
-    """The keyword arguments of load_dataset that the subset flags set."""
-    return {k: getattr(args, k, None) for k in ("classes", "train_per_class", "image_size")}
 
 
 def subset_indices(labels, names=None, classes=None, per_class=None) -> list:
@@ -342,7 +334,8 @@ def load_dataset(name: str, data_dir: str, device: torch.device, class_list=None
 def load_protocol(args, device: torch.device):
     """What every script starts from: the --dataset (with the subset flags) on `device`, its phases (--base-classes,
     --increment) and the class order of --class-order-seed applied to its labels. Returns (data, splits, order)."""
-    data = load_dataset(args.dataset, args.data_dir, device, args.class_list, **subset_flags(args))
+    data = load_dataset(args.dataset, args.data_dir, device, args.class_list,
+                        **{k: getattr(args, k, None) for k in ("classes", "train_per_class", "image_size")})
     splits = phase_splits(data.num_classes, args.base_classes, args.increment)
     order = class_order(data.num_classes, args.class_order_seed)
     return apply_class_order(data, order), splits, order

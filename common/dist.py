@@ -1,13 +1,8 @@
-"""Several processes under `torchrun --nproc_per_node=N` (NCCL on GPUs, gloo on CPU), without a DDP wrapper.
-
-Every rank holds the whole model and the same generators (same seed), draws the same shuffle and augmentation of
-each global batch of --batch-size and keeps its own 1/N slice (common.batches.train_batches). Gradients are
-averaged just before each optimiser step (a step pre-hook, so a step still captures as one CUDA graph), which
-keeps the parameters equal. Evaluation runs batch b on rank b mod N and gathers the outputs in order (`shard`,
-`gather`): the same batches, so the same numbers, as one process. Rank 0 alone writes files and prints. A single
-process (no WORLD_SIZE, or 1) takes none of these paths. Verified on CPU with gloo and 2 processes
-(tests/test_ddp.py); the NCCL path (an all_reduce inside a captured CUDA graph included) was not run: no GPU.
-"""
+"""Several processes under `torchrun --nproc_per_node=N` (NCCL on GPUs, gloo on CPU) without a DDP wrapper: the
+design and what was verified are in the README, "Several GPUs (torchrun)". Every rank draws the same global batch
+and keeps its 1/N slice; gradients are averaged in an optimiser step pre-hook (so a step still captures as one
+CUDA graph); evaluation runs batch b on rank b mod N and gathers in order. A single process takes none of these
+paths."""
 import os
 import sys
 import weakref
@@ -71,10 +66,8 @@ def close(wait: bool = False):
 
 
 def exit_now(code: int):
-    """End this torchrun process with `code` after `close`, skipping the interpreter's teardown. Why: a gloo
-    worker thread frees its last work a moment after the collective returns; during Py_FinalizeEx its GIL request
-    aborts the process (SIGABRT in 5 of 132 two-process launches under load; ProcessGroupGloo::runLoop ->
-    ~AsyncBarrierWork -> take_gil; pytorch/pytorch PR 179291). Every file is closed by then."""
+    """End this torchrun process with `code` after `close`, skipping the interpreter's teardown, during which a
+    gloo worker thread freeing its last work aborted the process (README; pytorch/pytorch PR 179291)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -97,8 +90,7 @@ def broadcast_error(message):
 
 
 # ----------------------------------------------------------------------------------------------- training
-def per_rank(n: int) -> int:
-    """This rank's share of a global batch of n (the caller checks that N divides n)."""
+def per_rank(n: int) -> int:  # this rank's share of a global batch (the caller checks that N divides n)
     return n // world_size()
 
 
@@ -121,7 +113,6 @@ def seed_worker(worker_id: int):
 
 
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Rank `src`'s values in `tensor` on every rank, in place."""
     if active():
         buffer = tensor.to(_comm_device())
         tdist.broadcast(buffer, src)

@@ -78,7 +78,6 @@ def select_exemplars(feature_fn, data, classes, m: int, device, workers=0, candi
 
 
 def reduce_memory(memory: dict, m: int) -> dict:
-    """Keep the first `m` exemplars (herding order) of every class."""
     return {c: idx[:m] for c, idx in memory.items()}
 
 
@@ -90,10 +89,9 @@ NME_VIEWS = ("hflip", "channels", "none")
 
 
 def second_view(x: torch.Tensor, view: str, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)) -> torch.Tensor:
-    """The second view of a normalised NCHW batch for the NME class means: "hflip" mirrors the width; "channels"
-    reverses the colour channels of the raw image, then normalises it with the usual (RGB) mean and std (what
-    LUCIR's CIFAR code really computes: `prototypes[c][:,:,:,::-1]` on HWC uint8 arrays reverses the last axis,
-    the channel axis, before the transform); "none" is the image itself."""
+    """The second view of a normalised NCHW batch for the NME means: "hflip" mirrors the width; "channels" reverses
+    the colour channels of the raw image, normalised as RGB (LUCIR's CIFAR code: `prototypes[c][:,:,:,::-1]` on
+    HWC uint8 arrays, before the transform); "none" is the image itself."""
     if view == "hflip":
         return x.flip(3)
     if view == "channels":
@@ -106,9 +104,8 @@ def second_view(x: torch.Tensor, view: str, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0,
 def class_means(feature_fn, data, memory: dict, num_classes: int, device, workers=0, view: str = "hflip"):
     """NME class means (num_classes, D): per class, the mean over its exemplars of (L2-normalised feature of the
     image + L2-normalised feature of its second view) / 2, then L2-normalised (iCaRL; LUCIR official code,
-    class_means[..] = (D.alph + D2.alph) / 2). The second view (`second_view`): the official LUCIR CIFAR code
-    labels it "flipped" but reverses the colour channels ("channels"); its ImageNet code sets D2 = D ("none");
-    "hflip" mirrors the image, as the name "flipped" suggests. A class without exemplars gets a zero mean."""
+    class_means[..] = (D.alph + D2.alph) / 2). LUCIR's "flipped" view is "channels" in its CIFAR code, "none" in
+    its ImageNet code; "hflip" is what the name says. A class without exemplars gets a zero mean."""
     if view not in NME_VIEWS:
         raise ValueError(f"view must be one of {NME_VIEWS}, not {view!r}")
     idx = memory_indices(memory)

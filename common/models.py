@@ -1,7 +1,5 @@
-"""Backbones: the CIFAR ResNet-32 registered with timm, and every other backbone through timm.
-
-A backbone maps images to features of size `backbone.num_features` (no classifier: heads belong to the methods).
-"""
+"""Backbones: the CIFAR ResNet-32 registered with timm, every other one through timm. A backbone maps images to
+features of size `backbone.num_features` (no classifier: heads belong to the methods)."""
 import timm
 import torch
 import torch.nn as nn

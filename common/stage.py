@@ -113,10 +113,7 @@ class Stage:
             limit = getattr(self.args, "stop_after_steps", None)
             if limit is not None and self.run["steps"] >= limit:
                 _STOP_SIGNALS.append(signal.SIGTERM)  # the test hook behaves as a real SIGTERM
-            if vote is not None:
-                if vote(bool(_STOP_SIGNALS)):
-                    self._stop()
-            elif _STOP_SIGNALS:
+            if vote(bool(_STOP_SIGNALS)) if vote is not None else _STOP_SIGNALS:
                 self._stop()
 
     def images_per_s(self) -> float:

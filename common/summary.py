@@ -3,12 +3,9 @@
     python -m common.summary results                       # writes results/SUMMARY.md (+ results/plots/*.png)
     python -m common.summary results --readme README.md    # also rewrites README's results block
 
-A setting is a run folder's path without its `seed<N>` part: seeds group. Per setting: the paper's average
-incremental accuracy (a script's PAPER_RESULTS), ours as mean ± sample std over seeds (CNN and NME), wall time,
-device, date and command. Paired claims (paired.json): arm - baseline with its mean, 95% Student-t interval over
-seeds and n; "yes" in the sign column only when the interval of Δ average incremental accuracy lies above 0.
-One accuracy-vs-classes plot per setting with matplotlib (requirements-plots.txt). The README block between
-`<!-- results:begin -->` and `<!-- results:end -->` gets the tables of runs on real data, linking their JSON.
+A setting is a run folder's path without its `seed<N>` part, so seeds pool (the columns: README, after
+`bash run_all.sh`). Plots need matplotlib (requirements-plots.txt). The README block between the markers gets the
+tables of the runs on real data.
 """
 import argparse
 import glob
