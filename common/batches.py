@@ -27,9 +27,8 @@ def augment(x: torch.Tensor, padding: int = 4, mode: str = "constant") -> torch.
 
 
 def random_resized_crop(x_uint8: torch.Tensor, padding: int = 4, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """Zero padding, RandomResizedCrop(original size, scale, ratio) and horizontal flip in batch (NHWC uint8 ->
-    NHWC uint8): FACIL's CIFAR-100 train transform Pad(4), RandomResizedCrop(32), flip. Boxes as torchvision's
-    get_params per sample (10 tries, the first that fits, else the ratio-clamped centre crop); bilinear resampling
+    """FACIL's CIFAR-100 train transform Pad(4), RandomResizedCrop(input size, scale, ratio), flip, in batch (NHWC
+    uint8): boxes as torchvision's get_params per sample (10 tries, else the ratio-clamped centre crop), bilinear
     at pixel centres rounded to uint8 like PIL, without PIL's antialiasing of boxes larger than the output."""
     n, h, w, _ = x_uint8.shape
     dev = x_uint8.device
@@ -115,19 +114,15 @@ def _file_batches(data, split, train, batch_size, workers, order, stream="eval",
 def train_batches(data: Data, indices: torch.Tensor, batch_size: int, device: torch.device, workers: int = 0,
                   augmentation: str = "crop", stream: str = "train", batch_fn=None, train_transform=None,
                   shard: bool = True, drop_last: bool = False):
-    """One epoch of augmented (x, y) batches of exactly `batch_size` over a shuffled `indices`.
-
-    Small images: `augmentation` "crop" (padded random crop + flip), "resized-crop" or "none"; large images:
-    RandomResizedCrop + flip in the DataLoader, or the PIL transforms `train_transform(image_size)`. Streams
-    iterated side by side need different `stream` names (one DataLoader each). `batch_fn(x, idx) -> x` edits each
-    batch given its dataset indices (a device tensor): before the augmentation of small images (uint8 NHWC),
-    after the transform of files (normalised float NCHW). Static shapes (CUDA graphs): the last partial batch
-    wraps around to the start of the permutation, ceil(n / batch_size) steps; `drop_last`: floor(n / batch_size).
-
+    """One epoch of augmented (x, y) batches of exactly `batch_size` over a shuffled `indices`. Small images:
+    `augmentation` "crop" (padded random crop + flip), "resized-crop" or "none"; files: RandomResizedCrop + flip,
+    or the PIL transforms `train_transform(image_size)`. Streams iterated side by side need their own `stream`
+    name. `batch_fn(x, idx) -> x` edits each batch given its dataset indices: before the augmentation of small
+    images (uint8 NHWC), after the transform of files (float NCHW). Static shapes (CUDA graphs): the last batch
+    wraps around to the start of the permutation (ceil(n / batch_size) steps; `drop_last`: floor).
     Under torchrun `batch_size` stays the global batch: every rank uses rank 0's permutation and yields its 1/N
-    slice of each batch (small images: augmented alike on every rank, then sliced, so the slices together are the
-    one-process batch; files: each rank decodes its slice). `shard=False`: every rank gets the whole batch.
-    """
+    slice of each batch (small images are augmented alike on every rank, so the slices make the one-process batch;
+    files: each rank decodes its slice). `shard=False`: every rank gets the whole batch."""
     n = len(indices)
     steps = n // batch_size if drop_last else -(-n // batch_size)
     world = dist.world_size() if shard else 1

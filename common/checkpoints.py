@@ -17,8 +17,7 @@ from common.stop import _STOP_SIGNALS, _stopped
 
 def default_out_dir(method: str, args) -> str:
     """results/<method>__<dataset>[_C<classes>_T<train-per-class>_S<image-size>]_B<base>_Inc<inc>__seed<seed>
-    (subset tags only where those flags are set). A --smoke run's default folder holds only a throw-away run on
-    generated data, so a new --smoke run (without --resume) replaces it."""
+    (tags of the subset flags set). A new --smoke run (without --resume) replaces its throw-away default folder."""
     subset = "".join(f"_{tag}{getattr(args, key)}" for key, tag in
                      (("classes", "C"), ("train_per_class", "T"), ("image_size", "S")) if getattr(args, key, None))
     path = os.path.join("results", f"{method}__{args.dataset}{subset}_B{args.base_classes}_Inc{args.increment}"
@@ -38,9 +37,8 @@ def run_record(out_dir: str) -> dict:  # what Stage and end_phase share about th
 
 
 def prepare_out_dir(out_dir: str, resume: bool):
-    """Refuse to overwrite a run unless --resume; check that the folder takes files (a probe file, free space)
-    before any training; return the phase-end checkpoint to continue from (or None). Under torchrun rank 0
-    checks, and its error ends every rank; then every rank loads the same checkpoint."""
+    """Refuse to overwrite a run unless --resume; check that the folder takes files (a probe file, free space);
+    return the phase-end checkpoint to continue from, or None. Under torchrun rank 0 checks for every rank."""
     error = None
     if dist.is_main():
         try:
@@ -87,9 +85,7 @@ def load_state(path: str):
     """The newest readable of `path` and its `.prev.pt`, loaded safely (weights_only=True); None if neither
     exists. A damaged file gets one line naming it; when no file is usable, one line says so (UserError)."""
     damaged = []
-    for candidate in (path, _prev(path)):
-        if not os.path.exists(candidate):
-            continue
+    for candidate in (c for c in (path, _prev(path)) if os.path.exists(c)):
         try:
             state = torch.load(candidate, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated zip, disk error, foreign pickle: all mean "not usable"
@@ -98,10 +94,10 @@ def load_state(path: str):
                 print(f"warning: {candidate} is damaged or unreadable ({type(e).__name__}: {reason}); not used",
                       file=sys.stderr)
             damaged.append(candidate)
-            continue
-        if damaged and dist.is_main():
-            print(f"falling back to the previous checkpoint {candidate}", file=sys.stderr)
-        return state
+        else:
+            if damaged and dist.is_main():
+                print(f"falling back to the previous checkpoint {candidate}", file=sys.stderr)
+            return state
     if damaged:
         raise UserError(f"no usable checkpoint: {' and '.join(damaged)} are damaged; move them away to start the "
                         "run again")
@@ -121,10 +117,10 @@ def check_resume_args(saved: dict, now: dict):
 
 
 def open_run(args, title: str, shared_base: str = None, arm_keys=()):
-    """After bad input had its one-line error: prepare the run folder, print `title`, the folder and the settings,
-    and return the phase-end state to start from: its own checkpoint (--resume; same settings), else the base
-    phase a pair's other arm wrote to `shared_base` (same settings but `arm_keys`), else None. The caller rebuilds
-    its model, loads the state, then calls resume_point (after any layer it creates: the same random draws)."""
+    """After bad input had its one-line error: prepare the run folder, print `title` and the settings, and return
+    the phase-end state to start from: its own checkpoint (--resume; same settings), else the base phase a pair's
+    other arm wrote to `shared_base` (same settings but `arm_keys`), else None. The caller rebuilds its model and
+    loads the state, then calls resume_point after any layer it creates (so the random draws stay the same)."""
     ckpt = prepare_out_dir(args.out_dir, args.resume)
     print(f"{title}, out: {args.out_dir}")
     print_args(args)
@@ -155,8 +151,7 @@ def _base_key(args, arm_keys) -> dict:
 def end_phase(args, phase: int, rows: list, state: dict, num_phases: int, shared_base: str = None,
               arm_keys=()) -> bool:
     """After each phase: metrics.jsonl, the base phase of a pair for the other arm (`shared_base`, once), the
-    checkpoint (the script's `state` with the phase, rows, RNG state and args; a SIGTERM / Ctrl-C stops the run
-    here), then --stop-after. Returns True when the run stops here (it continues with --resume)."""
+    checkpoint (`state` with phase, rows, RNG and args; SIGTERM / Ctrl-C stop here), then True if --stop-after."""
     state = {"phase": phase, **state, "rows": rows, "rng": rng_state(), "args": vars(args)}
     _atomic(os.path.join(args.out_dir, "metrics.jsonl"),  # rewritten whole: a resumed run never repeats a line
             lambda p: open(p, "w").write("".join(json.dumps(r) + "\n" for r in rows)))

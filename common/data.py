@@ -35,8 +35,7 @@ LAYOUTS = {
     "food101": "<data-dir>/food-101/{images/<class>/<id>.jpg,meta/train.txt,meta/test.txt,meta/classes.txt}",
     "cub200": "<data-dir>/CUB_200_2011/{images.txt,image_class_labels.txt,train_test_split.txt,images/}",
 }
-# cifar100-synthetic: generated images of CIFAR-100's shapes (100 classes, 500 + 100 a class, 32 px), to time
-# the full protocol where the real data cannot be had (a GPU machine without network); numbers are not CIFAR's.
+# cifar100-synthetic: generated images of CIFAR-100's shapes, to time the full protocol without the data.
 
 
 @dataclass

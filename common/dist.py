@@ -1,8 +1,7 @@
-"""Several processes under `torchrun --nproc_per_node=N` (NCCL on GPUs, gloo on CPU) without a DDP wrapper: the
-design and what was verified are in the README, "Several GPUs (torchrun)". Every rank draws the same global batch
-and keeps its 1/N slice; gradients are averaged in an optimiser step pre-hook (so a step still captures as one
-CUDA graph); evaluation runs batch b on rank b mod N and gathers in order. A single process takes none of these
-paths."""
+"""Several processes under `torchrun` (NCCL on GPUs, gloo on CPU) without a DDP wrapper (design, and what was
+verified: README, "Several GPUs (torchrun)"). Every rank draws the same global batch and keeps its 1/N slice;
+gradients are averaged in an optimiser step pre-hook (so a step still captures as one CUDA graph); evaluation runs
+batch b on rank b mod N and gathers in order. A single process takes none of these paths."""
 import os
 import sys
 import weakref
@@ -36,8 +35,7 @@ def is_main() -> bool:
 
 
 def init(device: torch.device) -> torch.device:
-    """Join the process group (once): NCCL and cuda:LOCAL_RANK on GPUs, gloo on CPU. Ranks above 0 keep stderr
-    only."""
+    """Join the process group (once): NCCL and cuda:LOCAL_RANK on GPUs, gloo on CPU; ranks > 0 print no stdout."""
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -123,10 +121,8 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def broadcast_state(module: torch.nn.Module, buffers_only: bool = False):
-    """Rank 0's parameters and buffers on every rank, as DDP does when it wraps a model (every rank starts a stage
-    from the same weights). `buffers_only`: the BatchNorm statistics each rank updates from its own slice, as
-    DDP's broadcast_buffers; common.stage.Stage calls it after every epoch, so evaluation, herding and
-    checkpoints use one model."""
+    """Rank 0's parameters and buffers on every rank, as DDP does when it wraps a model. `buffers_only`: the BN
+    statistics each rank updates from its own slice, as DDP's broadcast_buffers (Stage: after every epoch)."""
     if active():
         for t in list([] if buffers_only else module.parameters()) + list(module.buffers()):
             broadcast_(t.data)
@@ -174,10 +170,9 @@ def average_(stats: torch.Tensor):
 
 
 class StopVote:
-    """SIGTERM / Ctrl-C under torchrun reach every rank, but not always within the same step; a rank that
-    stopped alone would leave the others waiting in the next all_reduce. So after every step each rank adds its
-    stop request (0 or 1) to a small all_reduce, read one step later (the device never waits for the host):
-    every rank stops after the same step."""
+    """SIGTERM / Ctrl-C reach every rank, not always within the same step, and a rank stopping alone would leave
+    the others waiting. So each rank adds its stop request (0 or 1) to a small all_reduce after every step, read
+    one step later (the device never waits for the host): every rank stops after the same step."""
 
     def __init__(self):
         self.pending = None

@@ -1,20 +1,16 @@
 """Turn a plain training-step function into a captured CUDA graph (eager on CPU or with --no-graph).
 
-The step function stays plain PyTorch (zero_grad(set_to_none=True), forward, loss, backward, optimiser step) and
-returns a few detached tensors; it must not sync with the host (no `.item()`, `nonzero()` or data-dependent
-shapes) and its inputs have fixed shapes. Outputs are static buffers, overwritten by the next call: use them now.
-
     step = CapturedStep(train_step, device, enabled=not args.no_graph, optimizer=optimizer)
-    for x, y in batches:
-        stats += step(x, y)
+    stats += step(x, y)  # static buffers, overwritten by the next call: use them now
 
-On CUDA the first `warmup` calls run eagerly on a side stream (real steps; cuDNN and the optimiser allocate their
-state), the next captures the step, later ones copy the inputs into static buffers and replay. A new learning
-rate in `optimizer` (a milestone) re-captures: the graph holds it as a constant. Make a new CapturedStep when the
-model, the optimiser or the active classes change (each phase). Captured and eager training run the same kernels
-on the same values (tests/test_graph.py, on CUDA). Under torchrun the gradient all_reduce (common.dist
-.sync_gradients) runs inside the step, so inside the graph (NCCL allows it; not run on a GPU here). A failed
-capture prints one line, and every CapturedStep of the process runs eagerly from then on (`graph_used` False).
+The step stays plain PyTorch (zero_grad(set_to_none=True), forward, loss, backward, optimiser step) returning a few
+detached tensors, with fixed input shapes and no host sync (no `.item()`, `nonzero()`, data-dependent shapes).
+On CUDA the first `warmup` calls run eagerly on a side stream (real steps that let cuDNN and the optimiser
+allocate), the next captures, later ones copy the inputs into static buffers and replay; a new learning rate (a
+milestone) re-captures; captured equals eager (tests/test_graph.py, on CUDA). Make a new CapturedStep when the
+model, optimiser or active classes change (each phase). Under torchrun the gradient all_reduce (common.dist
+.sync_gradients) is captured too (not run on a GPU here). A failed capture prints one line, and every
+CapturedStep of the process then runs eagerly (`graph_used` False).
 """
 import torch
 

@@ -11,9 +11,8 @@ from common.errors import UserError
 
 def exemplars_per_class(seen_classes: int, memory_per_class: int, memory_total: int = None,
                         rounding: str = "floor") -> int:
-    """Growing memory: `memory_per_class` for every class; fixed memory: memory_total / seen, rounded down
-    ("floor": PyCIL) or up ("ceil": LUCIR official `ceil(2000/seen)`, FACIL exemplars_selection.py; the memory
-    then holds up to seen-1 exemplars more than memory_total)."""
+    """Growing memory: `memory_per_class` a class; fixed: memory_total / seen, rounded down ("floor": PyCIL) or up
+    ("ceil": LUCIR's `ceil(2000/seen)`, FACIL exemplars_selection.py: up to seen-1 more than memory_total)."""
     if rounding not in ("floor", "ceil"):
         raise ValueError(f"rounding must be floor or ceil, not {rounding!r}")
     if memory_total is not None:
@@ -22,8 +21,7 @@ def exemplars_per_class(seen_classes: int, memory_per_class: int, memory_total: 
 
 
 def check_budget(num_classes: int, memory_per_class: int, memory_total: int = None, allow_zero: bool = False):
-    """Fail before training if the budget cannot hold one exemplar per class at the end of the protocol
-    (floor rounding: a total below the class count fails even where ceil would give 1 a class)."""
+    """Fail before training if the budget cannot hold one exemplar per class at the end (floor rounding)."""
     per_class = exemplars_per_class(num_classes, memory_per_class, memory_total)
     if per_class < 1 and not (allow_zero and not memory_total):
         what = f"--memory-total {memory_total}" if memory_total is not None else \
@@ -33,12 +31,12 @@ def check_budget(num_classes: int, memory_per_class: int, memory_total: int = No
 
 
 @torch.no_grad()
-def extract_features(feature_fn, data, indices, device, split="train", flip=False, batch_size=1000, workers=0):
+def extract_features(feature_fn, data, indices, device, split="train", batch_size=1000, workers=0):
     """Features (N, D) of `indices` in order, with `feature_fn` in the mode the caller set. Under torchrun each
     rank runs every N-th batch and gets all features, so herding, means and imprinting agree on every rank."""
     out = []
     for x, _ in eval_batches(data, dist.shard(indices, batch_size), device, split, batch_size, workers):
-        out.append(feature_fn(x.flip(3) if flip else x).float())
+        out.append(feature_fn(x).float())
     return dist.gather(out, len(indices), batch_size) if len(indices) else torch.empty(0, device=device)
 
 

@@ -15,15 +15,13 @@ from common.stop import _STAGES_USED, _STOP_SIGNALS, _stopped
 
 
 class Stage:
-    """The epochs and steps of one training stage (a phase's training, or a finetuning stage after it) with the
-    fault handling: an in-phase checkpoint every --checkpoint-minutes at an epoch boundary, and after the current
-    step on SIGTERM / Ctrl-C (then `Stopped`). --resume continues there with the numbers of an uninterrupted run:
-    model, optimiser(s), scheduler(s) (each one object, a list or None), RNG, epoch and step come back and the
-    epoch's data stream is replayed to the step. `stage.state` holds anything else the loop needs back (tensors and
-    plain types); a stage finished before the checkpoint is restored whole and runs no epoch. `seen`, `train_s`
-    and `images_per_s()` count across resumes. Made before the step's CapturedStep, then used as in lucir.py:
-    `for epoch in stage.epochs()`, `stats = stage.running(zeros)`, `for x, y in stage.batches(train_batches(..))`,
-    then `check_finite(..)` and `stage.report(epoch, text)` (the progress line).
+    """The epochs and steps of one training stage (a phase's training, or a finetuning stage after it) with an
+    in-phase checkpoint every --checkpoint-minutes at an epoch boundary, and after the current step on SIGTERM /
+    Ctrl-C (then `Stopped`). --resume continues there with the numbers of an uninterrupted run: model, optimiser(s),
+    scheduler(s) (one object, a list or None), RNG, epoch and step come back and the epoch's data stream is
+    replayed. `stage.state` holds anything else the loop needs back; a stage finished before the checkpoint is
+    restored whole. Made before the step's CapturedStep, then (lucir.py): `for epoch in stage.epochs()`, `stats =
+    stage.running(zeros)`, `for x, y in stage.batches(train_batches(..))`, `check_finite(..)`, `stage.report(..)`.
     """
 
     def __init__(self, args, label: str, model, optimizer, scheduler, epochs: int):
@@ -116,7 +114,7 @@ class Stage:
             if vote(bool(_STOP_SIGNALS)) if vote is not None else _STOP_SIGNALS:
                 self._stop()
 
-    def images_per_s(self) -> float:
+    def images_per_s(self) -> float:  # `seen` and `train_s` count across resumes
         return self.seen / max(self.train_s + time.time() - self._since, 1e-9)
 
     def report(self, epoch: int, text: str):

@@ -24,9 +24,8 @@ README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 
 def mean_std(values):
     values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+    return "-" if not values else f"{statistics.mean(values):.2f}" + (
+        f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
 
 def mean_ci(values):
