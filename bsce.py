@@ -99,7 +99,7 @@ DATASET_DEFAULTS = {
                       weight_decay=5e-4, lambda_base=5.0),
 }
 DATASET_DEFAULTS["cifar100-synthetic"] = {**DATASET_DEFAULTS["cifar100"], "data_dir": ""}  # speed runs (common/data.py)
-SMOKE = dict(dataset="synthetic", batch_size=32, rebalance_epochs=1, rebalance_milestones=[1])
+SMOKE = dict(dataset="synthetic", image_size=16, batch_size=32, rebalance_epochs=1, rebalance_milestones=[1])
 # Settings an arm of a pair may change without changing the base phase (which the arms then share).
 ARM_KEYS = ("loss", "rebalance", "rebalance_epochs", "rebalance_lr", "rebalance_milestones", "paired")
 

@@ -101,7 +101,7 @@ PAPER_RESULTS = {("cifar100", 50, 10): (63.42, 63.12), ("cifar100", 50, 5): (60.
                  ("imagenet100", 50, 10): (70.47, 68.43), ("imagenet100", 50, 5): (68.09, 66.16),
                  ("imagenet", 500, 100): (64.34, 61.56), ("imagenet", 500, 50): (61.28, 59.92)}
 DATASET_DEFAULTS["cifar100-synthetic"] = {**DATASET_DEFAULTS["cifar100"], "data_dir": ""}  # speed runs (common/data.py)
-SMOKE = dict(dataset="synthetic", batch_size=32, cbf_epochs=1, cbf_milestones=[1])
+SMOKE = dict(dataset="synthetic", image_size=16, batch_size=32, cbf_epochs=1, cbf_milestones=[1])
 
 
 def parse_args(argv=None):

@@ -39,7 +39,7 @@ Deviations:
 - Validation split: the same rule (round(10%) of each class, np.round) drawn with torch's generator, not
   Python's random.sample, so the held-out images differ. FACIL's loaders also drop the last partial batch of
   the validation and test sets (drop_last=True); we evaluate every image.
-- Random-resized crop runs batched on the device (common/data.py random_resized_crop): torchvision's box
+- Random-resized crop runs batched on the device (common/batches.py random_resized_crop): torchvision's box
   sampling, bilinear resampling without PIL's antialiasing when a box larger than 32 px is shrunk.
 - The ImageNet-100 subset is LUCIR's seed-1993 draw (common/data.py); TBBN's data/imagenet100 folder is
   prepared by the user, its class list is not in the repository.
@@ -115,7 +115,7 @@ DATASET_DEFAULTS = {
                       milestones=[5], class_order_seed=1993, augmentation="resized-crop"),
 }
 DATASET_DEFAULTS["cifar100-synthetic"] = {**DATASET_DEFAULTS["cifar100"], "data_dir": ""}  # speed runs (common/data.py)
-SMOKE = dict(dataset="synthetic", batch_size=32)
+SMOKE = dict(dataset="synthetic", image_size=16, batch_size=32)
 PAPER_RESULTS = {}  # the paper's tables were not available to us: no number from the paper (papers.md 2)
 
 

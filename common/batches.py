@@ -1,8 +1,5 @@
-"""Batches: on-device augmentation of small images and the batch iterators of every dataset.
-
-Small images are augmented in batch on the training device from the uint8 tensors of `common.data`; large-image
-datasets go through a DataLoader with torchvision transforms and workers, one kept for the whole run.
-"""
+"""Batches: small images augmented in batch on the training device from the uint8 tensors of `common.data`;
+large images through a DataLoader with torchvision transforms and workers, one kept for the whole run."""
 import math
 
 import torch
@@ -13,10 +10,8 @@ from common.errors import UserError
 
 
 def augment(x: torch.Tensor, padding: int = 4, mode: str = "constant") -> torch.Tensor:
-    """Random crop after padding and horizontal flip, in batch on the device (NHWC -> NHWC, any dtype). Padding
-    with zeros (torchvision's RandomCrop(size, padding) + RandomHorizontalFlip()), or with `mode="replicate"` the
-    edge pixel repeated (RandomCrop's padding_mode="edge"). One gather per batch.
-    """
+    """Random crop after padding and horizontal flip in batch, one gather (NHWC -> NHWC, any dtype): torchvision's
+    RandomCrop(size, padding) + RandomHorizontalFlip(); `mode="replicate"`: RandomCrop's padding_mode="edge"."""
     n, h, w, _ = x.shape
     dy = torch.randint(0, 2 * padding + 1, (n, 1), device=x.device)
     dx = torch.randint(0, 2 * padding + 1, (n, 1), device=x.device)
@@ -32,15 +27,9 @@ def augment(x: torch.Tensor, padding: int = 4, mode: str = "constant") -> torch.
 
 
 def random_resized_crop(x_uint8: torch.Tensor, padding: int = 4, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """Zero padding, RandomResizedCrop(original size, scale, ratio) and horizontal flip, in batch on the device
-    (NHWC uint8 -> NHWC uint8): FACIL's CIFAR-100 train transform Pad(4), RandomResizedCrop(32), flip.
-
-    Boxes as torchvision's RandomResizedCrop.get_params, per sample: up to 10 tries of area U(scale) x H x W and
-    log aspect ratio U(log ratio), w = round(sqrt(area * ratio)), h = round(sqrt(area / ratio)); the first box
-    that fits, at an integer offset drawn uniformly; if none fits, the centre crop with the ratio clamped.
-    Resampling: bilinear at pixel centres (grid_sample, align_corners=False, border values), rounded to uint8
-    like PIL's output; PIL also antialiases when it shrinks a box larger than the output, this does not.
-    """
+    """FACIL's CIFAR-100 train transform Pad(4), RandomResizedCrop(input size, scale, ratio), flip, in batch (NHWC
+    uint8): boxes as torchvision's get_params per sample (10 tries, else the ratio-clamped centre crop), bilinear
+    at pixel centres rounded to uint8 like PIL, without PIL's antialiasing of boxes larger than the output."""
     n, h, w, _ = x_uint8.shape
     dev = x_uint8.device
     padded = torch.nn.functional.pad(x_uint8, (0, 0, padding, padding, padding, padding))
@@ -81,19 +70,6 @@ def to_input(x_uint8: torch.Tensor, data: Data) -> torch.Tensor:
     return (x_uint8.permute(0, 3, 1, 2).float() - mean) / std
 
 
-class _Order(torch.utils.data.Sampler):
-    """Yields whatever index order was set last, so one DataLoader (and its workers) serves every epoch."""
-
-    def __init__(self):
-        self.order = []
-
-    def __iter__(self):
-        return iter(self.order)
-
-    def __len__(self):
-        return len(self.order)
-
-
 class _Files(torch.utils.data.Dataset):
     def __init__(self, files, labels, transform):
         self.files, self.labels, self.transform = files, labels, transform
@@ -111,11 +87,10 @@ _LOADERS = {}
 
 
 def _file_batches(data, split, train, batch_size, workers, order, stream="eval", train_transform=None):
-    """Batches of decoded, transformed images in `order` through a DataLoader kept for the whole run
-    (persistent workers, pinned memory). Train: RandomResizedCrop + flip, or the PIL transforms
-    `train_transform(image_size)` returns; test: resize 256 / centre crop 224.
-    One loader per `stream`: two streams iterated at the same time (TBBN's current and exemplar parts) must
-    never share one, or each would reset the other's order."""
+    """Batches of decoded, transformed images in `order` through a DataLoader kept for the whole run (persistent
+    workers, pinned memory; its sampler, a list, takes each call's order in place). Train: RandomResizedCrop +
+    flip, or the PIL transforms `train_transform(image_size)`; test: resize 256 / centre crop 224. One loader a
+    `stream`: two streams iterated at once (TBBN's current and exemplar parts) would reset each other's order."""
     key = (id(data), split, train, stream, batch_size, workers, train_transform)
     if key not in _LOADERS:
         import torchvision.transforms as T
@@ -125,38 +100,29 @@ def _file_batches(data, split, train, batch_size, workers, order, stream="eval",
                         [T.Resize(int(data.image_size * 256 / 224)), T.CenterCrop(data.image_size)]) +
                        [T.ToTensor(), T.Normalize(data.mean, data.std)])
         files, labels = (data.train_files, data.train_y) if split == "train" else (data.test_files, data.test_y)
-        sampler = _Order()
+        sampler = []
         loader = torch.utils.data.DataLoader(_Files(files, labels.tolist(), tf), batch_size=batch_size,
                                              sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
                                              pin_memory=torch.cuda.is_available(),
                                              worker_init_fn=dist.seed_worker if dist.active() else None)
         _LOADERS[key] = (loader, sampler)
     loader, sampler = _LOADERS[key]
-    sampler.order = order
+    sampler[:] = order
     return loader
 
 
 def train_batches(data: Data, indices: torch.Tensor, batch_size: int, device: torch.device, workers: int = 0,
                   augmentation: str = "crop", stream: str = "train", batch_fn=None, train_transform=None,
                   shard: bool = True, drop_last: bool = False):
-    """One epoch of augmented (x, y) batches of exactly `batch_size` over a shuffled `indices`.
-
-    Small images: `augmentation` "crop" (padded random crop + flip), "resized-crop" (`random_resized_crop`) or "none";
-    large images: RandomResizedCrop + flip in the DataLoader, or the PIL transforms `train_transform(image_size)`
-    returns. `stream` names the batch stream: streams iterated side by side need different names (each gets its
-    own DataLoader). Optional `batch_fn(x, idx) -> x` edits each batch given its dataset indices (a device
-    tensor): before the augmentation on the small-image path (x: uint8 NHWC), after the transform on the file
-    path (x: normalised float NCHW).
-
-    Static shapes (for CUDA graphs): the last partial batch is filled by wrapping around to the start of the
-    permutation, so each sample is seen at least once an epoch and ceil(n / batch_size) steps are taken;
-    `drop_last`: floor(n / batch_size) steps, the partial batch dropped (as a DataLoader with drop_last=True).
-
-    Under torchrun (common.dist) `batch_size` stays the global batch: every rank uses rank 0's permutation and
-    yields its own 1/N slice of each batch (small images: the global batch is augmented on every rank with
-    the same random draws, then sliced, so the ranks' slices together are the one-process batch; large images:
-    each rank decodes only its slice). `shard=False`: every rank gets the whole batch (e.g. a replicated step).
-    """
+    """One epoch of augmented (x, y) batches of exactly `batch_size` over a shuffled `indices`. Small images:
+    `augmentation` "crop" (padded random crop + flip), "resized-crop" or "none"; files: RandomResizedCrop + flip,
+    or the PIL transforms `train_transform(image_size)`. Streams iterated side by side need their own `stream`
+    name. `batch_fn(x, idx) -> x` edits each batch given its dataset indices: before the augmentation of small
+    images (uint8 NHWC), after the transform of files (float NCHW). Static shapes (CUDA graphs): the last batch
+    wraps around to the start of the permutation (ceil(n / batch_size) steps; `drop_last`: floor).
+    Under torchrun `batch_size` stays the global batch: every rank uses rank 0's permutation and yields its 1/N
+    slice of each batch (small images are augmented alike on every rank, so the slices make the one-process batch;
+    files: each rank decodes its slice). `shard=False`: every rank gets the whole batch."""
     n = len(indices)
     steps = n // batch_size if drop_last else -(-n // batch_size)
     world = dist.world_size() if shard else 1

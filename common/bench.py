@@ -3,11 +3,9 @@
     python -m common.bench                     # every script, its paper protocol's shapes (GPU)
     python -m common.bench --scripts lucir --steps 20 --batch-size 16   # small sizes (CPU, tests)
 
-Each script exposes `bench_step(args, device) -> (step, optimizer, inputs)`: the real step of an incremental
-phase (old model and all losses on) built from the script's own defaults; a script with several steps
-(genifer: classifier, D, D + lazy R1, G) exposes `bench_steps(args, device) -> [(name, step, optimizer,
-inputs)]`. The same step function is timed eagerly and through common.graph.CapturedStep (which is eager on
-CPU), after warm-up, with a device sync around the timed region. Prints images/s for both and their ratio.
+A script's `bench_step(args, device) -> (step, optimizer, inputs)` is the real step of an incremental phase
+from its defaults (several steps: `bench_steps -> [(name, step, optimizer, inputs)]`, e.g. genifer's). Each is
+timed after warm-up, eagerly and through CapturedStep (eager on CPU); prints images/s for both and the ratio.
 """
 import argparse
 import importlib
@@ -21,7 +19,6 @@ SCRIPTS = ("lucir", "tbbn", "bsce", "cim", "genifer")
 
 
 def time_steps(step, inputs, steps, device) -> float:
-    """Seconds per step over `steps` calls, after the caller's warm-up."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()

@@ -1,12 +1,5 @@
-"""The run folder, its checkpoints and resume.
-
-A run folder holds `metrics.jsonl` (one line per finished phase), `checkpoint.pt` (rewritten atomically after
-each phase, everything needed to continue), `in_phase.pt` (inside a phase, every --checkpoint-minutes at an epoch
-boundary and on SIGTERM / Ctrl-C after the current step) and, only once the run has really finished,
-`results.json`. Each checkpoint keeps the one before it as `*.prev.pt`: a damaged file gets one line naming it and
---resume falls back to the previous one. Checkpoints hold only tensors and plain types: they load with
-`torch.load(weights_only=True)`, which unpickles nothing else.
-"""
+"""The run folder, its checkpoints and resume (what each file holds: README, "Outputs, resume"). A checkpoint
+keeps the one before as `*.prev.pt`, the fallback of a damaged one; it holds only tensors and plain types."""
 import json
 import os
 import shutil
@@ -24,8 +17,7 @@ from common.stop import _STOP_SIGNALS, _stopped
 
 def default_out_dir(method: str, args) -> str:
     """results/<method>__<dataset>[_C<classes>_T<train-per-class>_S<image-size>]_B<base>_Inc<inc>__seed<seed>
-    (subset tags only where those flags are set). A --smoke run's default folder holds only a throw-away run on
-    generated data, so a new --smoke run (without --resume) replaces it."""
+    (tags of the subset flags set). A new --smoke run (without --resume) replaces its throw-away default folder."""
     subset = "".join(f"_{tag}{getattr(args, key)}" for key, tag in
                      (("classes", "C"), ("train_per_class", "T"), ("image_size", "S")) if getattr(args, key, None))
     path = os.path.join("results", f"{method}__{args.dataset}{subset}_B{args.base_classes}_Inc{args.increment}"
@@ -40,11 +32,13 @@ CHECKPOINT, IN_PHASE = "checkpoint.pt", "in_phase.pt"
 _RUNS = {}  # out_dir -> what the in-phase checkpoints of the run in that folder need (see Stage)
 
 
+def run_record(out_dir: str) -> dict:  # what Stage and end_phase share about the run in `out_dir`
+    return _RUNS.setdefault(out_dir, {"in_phase": None, "finished": {}, "last_save": time.time(), "steps": 0})
+
+
 def prepare_out_dir(out_dir: str, resume: bool):
-    """Refuse to overwrite a run unless --resume; check that the folder takes files (a probe file, free space)
-    before any training; return the phase-end checkpoint to continue from (or None). Under torchrun rank 0
-    checks and every rank waits for it (its error ends every rank); then every rank loads the same checkpoint."""
-    ckpt_path, in_phase_path = os.path.join(out_dir, CHECKPOINT), os.path.join(out_dir, IN_PHASE)
+    """Refuse to overwrite a run unless --resume; check that the folder takes files (a probe file, free space);
+    return the phase-end checkpoint to continue from, or None. Under torchrun rank 0 checks for every rank."""
     error = None
     if dist.is_main():
         try:
@@ -54,18 +48,17 @@ def prepare_out_dir(out_dir: str, resume: bool):
     error = dist.broadcast_error(error)
     if error is not None:
         raise UserError(error)
-    ckpt = load_state(ckpt_path) if resume else None
-    _RUNS[out_dir] = {"in_phase": load_state(in_phase_path) if resume else None, "finished": {},
+    ckpt = load_state(os.path.join(out_dir, CHECKPOINT)) if resume else None
+    _RUNS[out_dir] = {"in_phase": load_state(os.path.join(out_dir, IN_PHASE)) if resume else None, "finished": {},
                       "last_save": time.time(), "steps": 0}
     return ckpt
 
 
 def _check_out_dir(out_dir: str, resume: bool):
-    started = any(os.path.exists(os.path.join(out_dir, n)) for n in (CHECKPOINT, IN_PHASE, _prev(CHECKPOINT),
-                                                                      _prev(IN_PHASE)))
     if os.path.exists(os.path.join(out_dir, "results.json")) and not resume:
         raise UserError(f"{out_dir} holds a finished run; pass --resume to reuse it or choose another --out-dir")
-    if started and not resume:
+    if not resume and any(os.path.exists(os.path.join(out_dir, n)) for n in (CHECKPOINT, IN_PHASE, _prev(CHECKPOINT),
+                                                                             _prev(IN_PHASE))):
         raise UserError(f"{out_dir} holds an unfinished run; pass --resume to continue it or choose another "
                         "--out-dir")
     probe = os.path.join(out_dir, ".write_probe")
@@ -92,9 +85,7 @@ def load_state(path: str):
     """The newest readable of `path` and its `.prev.pt`, loaded safely (weights_only=True); None if neither
     exists. A damaged file gets one line naming it; when no file is usable, one line says so (UserError)."""
     damaged = []
-    for candidate in (path, _prev(path)):
-        if not os.path.exists(candidate):
-            continue
+    for candidate in (c for c in (path, _prev(path)) if os.path.exists(c)):
         try:
             state = torch.load(candidate, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated zip, disk error, foreign pickle: all mean "not usable"
@@ -103,10 +94,10 @@ def load_state(path: str):
                 print(f"warning: {candidate} is damaged or unreadable ({type(e).__name__}: {reason}); not used",
                       file=sys.stderr)
             damaged.append(candidate)
-            continue
-        if damaged and dist.is_main():
-            print(f"falling back to the previous checkpoint {candidate}", file=sys.stderr)
-        return state
+        else:
+            if damaged and dist.is_main():
+                print(f"falling back to the previous checkpoint {candidate}", file=sys.stderr)
+            return state
     if damaged:
         raise UserError(f"no usable checkpoint: {' and '.join(damaged)} are damaged; move them away to start the "
                         "run again")
@@ -125,11 +116,14 @@ def check_resume_args(saved: dict, now: dict):
                         "original flags or another --out-dir")
 
 
-def start_state(ckpt, args, shared_base: str = None, arm_keys=()):
-    """The phase-end state a run starts from: its own checkpoint (--resume; the settings must match), else the
-    base phase of a pair written by the other arm to `shared_base` (every setting but `arm_keys` must match),
-    else None (scripts reach it through open_run). The caller rebuilds its model, loads the state, then calls
-    resume_point (after any layer it creates, so the resumed run draws what the uninterrupted one draws)."""
+def open_run(args, title: str, shared_base: str = None, arm_keys=()):
+    """After bad input had its one-line error: prepare the run folder, print `title` and the settings, and return
+    the phase-end state to start from: its own checkpoint (--resume; same settings), else the base phase a pair's
+    other arm wrote to `shared_base` (same settings but `arm_keys`), else None. The caller rebuilds its model and
+    loads the state, then calls resume_point after any layer it creates (so the random draws stay the same)."""
+    ckpt = prepare_out_dir(args.out_dir, args.resume)
+    print(f"{title}, out: {args.out_dir}")
+    print_args(args)
     if ckpt is None and shared_base is not None and os.path.exists(shared_base):
         ckpt = torch.load(shared_base, map_location="cpu", weights_only=True)
         if ckpt["base_key"] != _base_key(args, arm_keys):
@@ -141,20 +135,9 @@ def start_state(ckpt, args, shared_base: str = None, arm_keys=()):
     return ckpt
 
 
-def open_run(args, title: str, shared_base: str = None, arm_keys=()):
-    """The start of every run, once bad input has had its one-line error: prepare the run folder
-    (prepare_out_dir), print `title` with the folder and the settings, and return the phase-end state the run
-    starts from (start_state), or None."""
-    ckpt = prepare_out_dir(args.out_dir, args.resume)
-    print(f"{title}, out: {args.out_dir}")
-    print_args(args)
-    return start_state(ckpt, args, shared_base, arm_keys)
-
-
 def resume_point(ckpt) -> tuple:
-    """(rows, first phase to run) of a run starting from the phase-end state `ckpt`; ([], 0) without one. Call it
-    once the model is rebuilt and loaded: it restores the checkpoint's RNG state, so the resumed run draws what the
-    uninterrupted one draws."""
+    """(rows, first phase to run) of a run starting from the phase-end state `ckpt`; ([], 0) without one. It
+    restores the checkpoint's RNG state, so call it once the model is rebuilt and loaded."""
     if ckpt is None:
         return [], 0
     set_rng_state(ckpt["rng"])
@@ -168,58 +151,42 @@ def _base_key(args, arm_keys) -> dict:
 def end_phase(args, phase: int, rows: list, state: dict, num_phases: int, shared_base: str = None,
               arm_keys=()) -> bool:
     """After each phase: metrics.jsonl, the base phase of a pair for the other arm (`shared_base`, once), the
-    checkpoint (which stops the run here on SIGTERM / Ctrl-C), then --stop-after. The checkpoint holds the
-    script's own `state` (model, memory, ...) and the phase, rows, RNG state and args. Returns True when the run
-    stops here (it continues with --resume)."""
+    checkpoint (`state` with phase, rows, RNG and args; SIGTERM / Ctrl-C stop here), then True if --stop-after."""
     state = {"phase": phase, **state, "rows": rows, "rng": rng_state(), "args": vars(args)}
-    write_metrics(args.out_dir, rows)
+    _atomic(os.path.join(args.out_dir, "metrics.jsonl"),  # rewritten whole: a resumed run never repeats a line
+            lambda p: open(p, "w").write("".join(json.dumps(r) + "\n" for r in rows)))
     if phase == 0 and shared_base is not None and not os.path.exists(shared_base):
         _atomic(shared_base, lambda p: torch.save({**state, "base_key": _base_key(args, arm_keys)}, p))
-    save_checkpoint(args.out_dir, state)
+    save_state(os.path.join(args.out_dir, CHECKPOINT), state)
+    for name in (IN_PHASE, _prev(IN_PHASE)):  # the phase's in-phase checkpoints are spent
+        if dist.is_main() and os.path.exists(os.path.join(args.out_dir, name)):
+            os.remove(os.path.join(args.out_dir, name))
+    run_record(args.out_dir).update(finished={}, last_save=time.time())
+    if _STOP_SIGNALS:
+        raise _stopped(f"after phase {phase}, checkpoint {os.path.join(args.out_dir, CHECKPOINT)}")
     if args.stop_after == phase and phase < num_phases - 1:
-        print(f"stopped after phase {state['phase']} (--stop-after); continue with the same flags and --resume")
+        print(f"stopped after phase {phase} (--stop-after); continue with the same flags and --resume")
         return True
     return False
 
 
-def _atomic(path: str, write):
-    if not dist.is_main():  # torchrun: rank 0 writes every file
+def _atomic(path: str, write, keep_prev: bool = False):
+    """`write(tmp)`, then rename over `path` (`keep_prev`: the file replaced stays as `.prev.pt`). Under torchrun
+    rank 0 writes every file."""
+    if not dist.is_main():
         return
     tmp = path + ".tmp"
     write(tmp)
+    if keep_prev and os.path.exists(path):
+        os.replace(path, _prev(path))
     os.replace(tmp, path)
 
 
 def save_state(path: str, state: dict):
-    """Write atomically; the file it replaces stays beside it as `.prev.pt`. A full disk: one line. Under
-    torchrun only rank 0 writes."""
-    if not dist.is_main():
-        return
-    tmp = path + ".tmp"
+    """A checkpoint, atomically, the one it replaces kept as `.prev.pt`; a full disk: one line."""
     try:
-        torch.save(state, tmp)
-        if os.path.exists(path):
-            os.replace(path, _prev(path))
-        os.replace(tmp, path)
+        _atomic(path, lambda p: torch.save(state, p), keep_prev=True)
     except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
         raise UserError(f"cannot write {path}: {e.strerror or e}; the previous checkpoint is kept") from None
-
-
-def save_checkpoint(out_dir: str, state: dict):
-    """The phase-end checkpoint; the in-phase ones of that phase are dropped. Stops here on SIGTERM / Ctrl-C."""
-    save_state(os.path.join(out_dir, CHECKPOINT), state)
-    for name in (IN_PHASE, _prev(IN_PHASE)):
-        if dist.is_main() and os.path.exists(os.path.join(out_dir, name)):
-            os.remove(os.path.join(out_dir, name))
-    run = _RUNS.setdefault(out_dir, {"in_phase": None, "steps": 0})
-    run.update(finished={}, last_save=time.time())
-    if _STOP_SIGNALS:
-        raise _stopped(f"after phase {state['phase']}, checkpoint {os.path.join(out_dir, CHECKPOINT)}")
-
-
-def write_metrics(out_dir: str, rows: list):
-    """Rewrite metrics.jsonl from the finished phases (so a resumed run never duplicates a line)."""
-    _atomic(os.path.join(out_dir, "metrics.jsonl"),
-            lambda p: open(p, "w").write("".join(json.dumps(r) + "\n" for r in rows)))

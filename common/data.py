@@ -1,10 +1,9 @@
 """Datasets, class order and phase splits (the batch iterators are in common.batches).
 
-Small-image datasets (cifar100, tinyimagenet, synthetic) live on the training device as uint8 NHWC tensors;
-padded random crop and horizontal flip run there in batch, and a phase's training set or the exemplar memory is
-a tensor of indices into them. Large-image datasets (imagenet100, imagenet, food101, cub200) keep file paths and
-go through a DataLoader with torchvision transforms and workers. Labels are re-indexed by the class order, so
-label k is the k-th class of the order and the classes seen after a phase are simply 0 .. total-1.
+Small-image datasets (cifar100, tinyimagenet, synthetic) live on the training device as uint8 NHWC tensors, and a
+phase's training set or the exemplar memory is a tensor of indices into them; large-image datasets (imagenet100,
+imagenet, food101, cub200) keep file paths. Labels are re-indexed by the class order: label k is the k-th class
+of the order, so the classes seen after a phase are 0 .. total-1.
 """
 import os
 import pickle
@@ -22,8 +21,7 @@ DATASETS = SMALL_IMAGE_DATASETS + LARGE_IMAGE_DATASETS
 
 # (classes, image size) of each dataset, for generated inputs of the real shapes (common/bench.py)
 SHAPES = {"cifar100": (100, 32), "tinyimagenet": (200, 64), "synthetic": (20, 32), "cifar100-synthetic": (100, 32),
-          "imagenet100": (100, 224),
-          "imagenet": (1000, 224), "food101": (101, 224), "cub200": (200, 224)}
+          "imagenet100": (100, 224), "imagenet": (1000, 224), "food101": (101, 224), "cub200": (200, 224)}
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LUCIR_CIFAR_MEAN, LUCIR_CIFAR_STD = (0.5071, 0.4866, 0.4409), (0.2009, 0.1984, 0.2023)  # LUCIR official code
@@ -37,8 +35,7 @@ LAYOUTS = {
     "food101": "<data-dir>/food-101/{images/<class>/<id>.jpg,meta/train.txt,meta/test.txt,meta/classes.txt}",
     "cub200": "<data-dir>/CUB_200_2011/{images.txt,image_class_labels.txt,train_test_split.txt,images/}",
 }
-# cifar100-synthetic: generated images of CIFAR-100's shapes (100 classes, 500 + 100 a class, 32 px), to time
-# the full protocol where the real data cannot be had (a GPU machine without network); numbers are not CIFAR's.
+# cifar100-synthetic: generated images of CIFAR-100's shapes, to time the full protocol without the data.
 
 
 @dataclass
@@ -91,7 +88,6 @@ def apply_class_order(data: Data, order: list) -> Data:
 
 
 def indices_of(labels: torch.Tensor, first: int, last: int) -> torch.Tensor:
-    """Indices of the samples whose (ordered) label lies in [first, last)."""
     return torch.nonzero((labels >= first) & (labels < last)).flatten()
 
 
@@ -161,24 +157,13 @@ def _load_tinyimagenet(root, classes=None, train_per_class=None, image_size=None
         if len(parts) >= 2:
             test_paths.append(os.path.join(folder, "val", "images", parts[0]))
             test_labels.append(label_of[parts[1]])
-    # --classes / --train-per-class before decoding, so a subset reads only its own files
     keep_train = subset_indices(train_labels, train_paths, classes, train_per_class)
     keep_test = subset_indices(test_labels, test_paths, classes, None)
-    size = image_size or 64
+    size = image_size or 64  # the subset is kept before decoding: only its own files are read
     return Data("tinyimagenet", len(wnids), torch.tensor(train_labels)[keep_train],
                 torch.tensor(test_labels)[keep_test], IMAGENET_MEAN, IMAGENET_STD, size,
                 _read_images([train_paths[i] for i in keep_train], size),
                 _read_images([test_paths[i] for i in keep_test], size), class_names=wnids)
-
-
-def _image_folder(split_dir):
-    classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
-    files, labels = [], []
-    for i, c in enumerate(classes):
-        names = sorted(os.listdir(os.path.join(split_dir, c)))
-        files += [os.path.join(split_dir, c, n) for n in names]
-        labels += [i] * len(names)
-    return classes, files, labels
 
 
 def _load_imagenet(root, name, class_list=None):
@@ -264,9 +249,8 @@ def synthetic(num_classes=20, train_per_class=24, test_per_class=8, size=32, see
 
 # ----------------------------------------------------------------------------------------------- subsets
 def add_data_flags(group):
-    """--data-dir, then --classes, --train-per-class, --image-size: the same smaller problem in every script (laptop
-    protocol, README). They change the numbers, so they are protocol flags and results.json records them (in
-    `args`). Each script adds its own --dataset (with the paper's datasets) before them."""
+    """--data-dir, then --classes, --train-per-class, --image-size: the same smaller problem in every script (the
+    laptop protocol), protocol flags recorded in results.json. Each script adds its own --dataset before them."""
     group.add_argument("--data-dir", default=None, help="dataset root; the expected layout is printed if missing")
     group.add_argument("--classes", type=int, default=None, metavar="N", help="keep only the first N classes of "
                        "the dataset's own sorted class list (Tiny-ImageNet: sorted wnids), before the class order "
@@ -277,11 +261,6 @@ def add_data_flags(group):
     group.add_argument("--image-size", type=int, default=None, metavar="S", help="small-image datasets: resize to "
                        "S x S on load (bilinear); large-image datasets: crop to S instead of 224 (default: the "
                        "dataset's own size)")
-
-
-def subset_flags(args) -> dict:
-    """The keyword arguments of load_dataset that the subset flags set."""
-    return {k: getattr(args, k, None) for k in ("classes", "train_per_class", "image_size")}
 
 
 def subset_indices(labels, names=None, classes=None, per_class=None) -> list:
@@ -354,7 +333,8 @@ def load_dataset(name: str, data_dir: str, device: torch.device, class_list=None
 def load_protocol(args, device: torch.device):
     """What every script starts from: the --dataset (with the subset flags) on `device`, its phases (--base-classes,
     --increment) and the class order of --class-order-seed applied to its labels. Returns (data, splits, order)."""
-    data = load_dataset(args.dataset, args.data_dir, device, args.class_list, **subset_flags(args))
+    data = load_dataset(args.dataset, args.data_dir, device, args.class_list,
+                        **{k: getattr(args, k, None) for k in ("classes", "train_per_class", "image_size")})
     splits = phase_splits(data.num_classes, args.base_classes, args.increment)
     order = class_order(data.num_classes, args.class_order_seed)
     return apply_class_order(data, order), splits, order

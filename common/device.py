@@ -40,23 +40,17 @@ def setup_device(args) -> torch.device:
     device = torch.device(args.device)
     if dist.launched():  # torchrun: one process a GPU (cuda:LOCAL_RANK), or CPU processes with gloo
         device = dist.init(device)
-        check_batch_sizes(args)
+        world = dist.world_size()  # --batch-size (every *-batch-size) stays the global batch: N must divide it
+        bad = [f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
+               if k.endswith("batch_size") and isinstance(v, int) and v % world]
+        if bad:
+            raise UserError(f"{', '.join(bad)} must be divisible by the {world} processes of torchrun (the batch "
+                            "size is the global batch)")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return device
-
-
-def check_batch_sizes(args):
-    """--batch-size (and every *-batch-size flag) stays the global batch under torchrun: each of the N ranks
-    takes 1/N of it, so N must divide it."""
-    world = dist.world_size()
-    bad = [f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
-           if k.endswith("batch_size") and isinstance(v, int) and v % world]
-    if bad:
-        raise UserError(f"{', '.join(bad)} must be divisible by the {world} processes of torchrun (the batch "
-                        "size is the global batch)")
 
 
 @functools.cache  # asked once: autocast() is entered in every training step

@@ -1,16 +1,7 @@
-"""Several processes under `torchrun --nproc_per_node=N` (NCCL on GPUs, gloo on CPU), without a DDP wrapper.
-
-Every rank holds the whole model and the same random generators (same seed): every rank draws the same shuffle
-and the same augmentation of each global batch of --batch-size and keeps its own 1/N slice (common.data
-.train_batches). Gradients are averaged over the ranks just before each optimiser step (`sync_gradients`, a
-step pre-hook, so a step still captures as one CUDA graph), which keeps the parameters equal on every rank.
-Evaluation and feature extraction split the evaluation batches over the ranks (batch b on rank b mod N) and
-gather the outputs in the original order (`shard`, `gather`): the same batches as one process, so the same
-numbers. Rank 0 alone writes files and prints. A single process (no WORLD_SIZE, or 1) takes none of these paths.
-
-Verified on CPU with gloo and 2 processes (tests/test_ddp.py); the NCCL / GPU path is written the same way but
-was not run (no GPU was available), in particular the all_reduce inside a captured CUDA graph.
-"""
+"""Several processes under `torchrun` (NCCL on GPUs, gloo on CPU) without a DDP wrapper (design, and what was
+verified: README, "Several GPUs (torchrun)"). Every rank draws the same global batch and keeps its 1/N slice;
+gradients are averaged in an optimiser step pre-hook (so a step still captures as one CUDA graph); evaluation runs
+batch b on rank b mod N and gathers in order. A single process takes none of these paths."""
 import os
 import sys
 import weakref
@@ -44,11 +35,9 @@ def is_main() -> bool:
 
 
 def init(device: torch.device) -> torch.device:
-    """Join the process group (once per process): NCCL and cuda:LOCAL_RANK on GPUs, gloo on CPU. Ranks other
-    than 0 print nothing on stdout (their stderr stays, for errors)."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    """Join the process group (once): NCCL and cuda:LOCAL_RANK on GPUs, gloo on CPU; ranks > 0 print no stdout."""
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not tdist.is_initialized():
         tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -67,8 +56,7 @@ def launcher() -> list:
 
 
 def close(wait: bool = False):
-    """Leave the process group; `wait`: first wait for every rank (a finished run: no rank tears its connections
-    down while another still uses them)."""
+    """Leave the process group; `wait` first for every rank (no rank tears down connections another still uses)."""
     if tdist.is_available() and tdist.is_initialized():
         if wait:
             tdist.barrier()
@@ -76,13 +64,8 @@ def close(wait: bool = False):
 
 
 def exit_now(code: int):
-    """End this torchrun process now with `code`, skipping the interpreter's teardown (call after `close`).
-    Why: a gloo worker thread frees its last finished work, whose tensors Python objects own, a moment after the
-    collective has returned; if the interpreter is finalising by then, the thread's request for the GIL ends it
-    inside a C++ destructor and the process aborts (SIGABRT, "terminate called without an active exception",
-    seen in 5 of 132 two-process launches under CPU load; core dump: ProcessGroupGloo::runLoop ->
-    ~AsyncBarrierWork -> decref -> take_gil during Py_FinalizeEx; pytorch/pytorch PR 179291 describes it). Every
-    file of the run is closed by then; the standard streams are flushed here."""
+    """End this torchrun process with `code` after `close`, skipping the interpreter's teardown, during which a
+    gloo worker thread freeing its last work aborted the process (README; pytorch/pytorch PR 179291)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -95,8 +78,8 @@ def _comm_device() -> torch.device:
 
 
 def broadcast_error(message):
-    """Rank 0's error message (or None) on every rank: a failure of rank 0 alone (e.g. an unwritable --out-dir)
-    then ends every rank with the same error instead of leaving the others waiting. Also a barrier."""
+    """Rank 0's error message (or None) on every rank, so a failure of rank 0 alone (e.g. an unwritable
+    --out-dir) ends every rank with the same error. Also a barrier."""
     if not active():
         return message
     box = [message]
@@ -105,8 +88,7 @@ def broadcast_error(message):
 
 
 # ----------------------------------------------------------------------------------------------- training
-def per_rank(n: int) -> int:
-    """This rank's share of a global batch of n (the caller checks that N divides n)."""
+def per_rank(n: int) -> int:  # this rank's share of a global batch (the caller checks that N divides n)
     return n // world_size()
 
 
@@ -119,8 +101,7 @@ def local_slice(batch: torch.Tensor) -> torch.Tensor:
 
 
 def seed_worker(worker_id: int):
-    """DataLoader workers under torchrun: the ranks' workers would start from equal seeds (the ranks' generators
-    are equal), so their random crops would repeat across ranks; offset the seeds by the rank."""
+    """DataLoader workers under torchrun: seeds offset by the rank, or the ranks' random crops would repeat."""
     import random
     import numpy as np
     seed = (torch.initial_seed() + 1_000_003 * rank()) % 2 ** 32
@@ -130,7 +111,6 @@ def seed_worker(worker_id: int):
 
 
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Rank `src`'s values in `tensor` on every rank, in place."""
     if active():
         buffer = tensor.to(_comm_device())
         tdist.broadcast(buffer, src)
@@ -140,28 +120,17 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def broadcast_state(module: torch.nn.Module):
-    """Rank 0's parameters and buffers on every rank (as DDP does when it wraps a model): every rank starts a
-    stage from the same weights even where something drew a different random number on one rank."""
+def broadcast_state(module: torch.nn.Module, buffers_only: bool = False):
+    """Rank 0's parameters and buffers on every rank, as DDP does when it wraps a model. `buffers_only`: the BN
+    statistics each rank updates from its own slice, as DDP's broadcast_buffers (Stage: after every epoch)."""
     if active():
-        for t in list(module.parameters()) + list(module.buffers()):
+        for t in list([] if buffers_only else module.parameters()) + list(module.buffers()):
             broadcast_(t.data)
 
 
-@torch.no_grad()
-def sync_buffers(module: torch.nn.Module):
-    """Rank 0's buffers (BatchNorm running statistics, which each rank updates from its own slice) on every
-    rank, as DDP's broadcast_buffers does; called after every epoch (common.stage.Stage) so that evaluation,
-    herding and checkpoints use one model."""
-    if active():
-        for t in module.buffers():
-            broadcast_(t)
-
-
 def _average(grads: list):
-    """Every gradient replaced by its mean over the ranks, one flat all_reduce per dtype (equal slices, so the
-    mean of the ranks' batch means is the global batch mean). No host sync, so it can be captured in a CUDA
-    graph with the step (NCCL all_reduce is capturable; not run on GPUs here)."""
+    """Every gradient replaced by its mean over the ranks (equal slices: the global batch mean), one flat
+    all_reduce per dtype, no host sync (so it can be captured with the step)."""
     for dtype in {g.dtype for g in grads}:
         same = [g for g in grads if g.dtype == dtype]
         flat = torch.cat([g.reshape(-1) for g in same])
@@ -171,10 +140,6 @@ def _average(grads: list):
             g.copy_(part.view_as(g))
 
 
-def _average_hook(optimizer, args, kwargs):  # an optimiser step pre-hook
-    _average([p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None])
-
-
 def sync_gradients(optimizer):
     """Average the gradients over the ranks before every `optimizer.step()` (once per optimiser), and start
     from rank 0's parameters. Single process: nothing."""
@@ -182,23 +147,22 @@ def sync_gradients(optimizer):
         return
     _hooked.add(optimizer)
     with torch.no_grad():
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                broadcast_(p.data)
-    optimizer.register_step_pre_hook(_average_hook)
+        for p in (p for group in optimizer.param_groups for p in group["params"]):
+            broadcast_(p.data)
+    optimizer.register_step_pre_hook(lambda opt, *_: _average([p.grad for group in opt.param_groups
+                                                               for p in group["params"] if p.grad is not None]))
 
 
 def average_gradients(params):
-    """The same averaging, called by hand where a loop changes the gradients before its step (clipping must
-    see the global gradient). Single process: nothing."""
+    """The same averaging by hand, where a loop changes the gradients before its step (clipping must see the
+    global gradient). Single process: nothing."""
     if active():
         _average([p.grad for p in params if p.grad is not None])
 
 
 def average_(stats: torch.Tensor):
-    """An epoch's running sums (of batch-mean losses, of counts) in place: their mean over the ranks, i.e. the
-    loss sums of the global batches and the counts of one rank's share; a NaN on one rank is a NaN on all, so
-    every rank stops at the same epoch with the same error."""
+    """An epoch's running sums in place: their mean over the ranks (loss sums of the global batches, counts of
+    one rank's share); a NaN on one rank is a NaN on all, so every rank stops at the same epoch."""
     if active() and stats is not None:
         buffer = stats.to(_comm_device())
         tdist.all_reduce(buffer)
@@ -206,11 +170,9 @@ def average_(stats: torch.Tensor):
 
 
 class StopVote:
-    """SIGTERM / Ctrl-C under torchrun reach every rank, but not always within the same training step; a rank
-    that stopped alone would leave the others waiting in the next all_reduce (and, were it not rank 0, rank 0
-    would never write its checkpoint). So after every step each rank adds its stop request (0 or 1) to a small
-    all_reduce, and the sum is read one step later (the device never waits for the host): every rank stops
-    after the same step."""
+    """SIGTERM / Ctrl-C reach every rank, not always within the same step, and a rank stopping alone would leave
+    the others waiting. So each rank adds its stop request (0 or 1) to a small all_reduce after every step, read
+    one step later (the device never waits for the host): every rank stops after the same step."""
 
     def __init__(self):
         self.pending = None
@@ -234,18 +196,15 @@ class StopVote:
 
     @staticmethod
     def _read(vote) -> bool:
-        if vote is None:
-            return False
-        host, event = vote
-        if event is not None:
-            event.synchronize()
-        return host.item() > 0
+        if vote is not None and vote[1] is not None:
+            vote[1].synchronize()
+        return vote is not None and vote[0].item() > 0
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
 def shard(indices: torch.Tensor, batch_size: int) -> torch.Tensor:
     """This rank's part of `indices` for an evaluation pass in batches of `batch_size`: the batches b with
-    b mod N = rank, so each batch is the same as in one process (and gives the same outputs)."""
+    b mod N = rank, so each batch is the one of a single process."""
     if not active():
         return indices
     mine = indices.split(batch_size)[rank()::world_size()]

@@ -1,10 +1,7 @@
-"""Evaluation: CNN and NME top-1 over the seen classes, per-task accuracy, and the summary metrics.
-
-Definitions (papers.md 0.5): acc_k is top-1 on the test images of all classes seen after phase k;
-average incremental accuracy = mean of acc_0 .. acc_T (base phase included, LUCIR Sec. 4.1); last = acc_T;
-forgetting (Chaudhry et al. 2018) = mean over j < T of max_{k in [j, T-1]} a[k][j] - a[T][j], where a[k][j] is
-the accuracy on the classes of phase j after phase k.
-"""
+"""Evaluation: CNN and NME top-1 over the seen classes, per-task accuracy, and the summary metrics (papers.md
+0.5): acc_k, top-1 on the test images of all classes seen after phase k; average incremental accuracy, the mean
+of acc_0 .. acc_T (base phase included, LUCIR Sec. 4.1); last, acc_T; forgetting (Chaudhry et al. 2018), the mean
+over j < T of max_{k in [j, T-1]} a[k][j] - a[T][j], a[k][j] the accuracy on phase j's classes after phase k."""
 import torch
 import torch.nn.functional as F
 
@@ -16,12 +13,9 @@ from common.data import indices_of
 @torch.no_grad()
 def evaluate(forward_fn, data, splits: list, phase: int, device, means: torch.Tensor = None, workers=0,
              batch_size=1000) -> dict:
-    """Top-1 on the test images of the classes of phases 0..phase.
-
-    `forward_fn(x) -> (logits, features)`; logits over at least the seen classes (extra columns are ignored).
-    `means` (num_classes, D): NME class means, or None to skip NME. Returns accuracies in %. Under torchrun each
-    rank runs every N-th batch and the hits are gathered in order: the same numbers as one process.
-    """
+    """Top-1 (%) on the test images of the classes of phases 0..phase. `forward_fn(x) -> (logits, features)`,
+    logits over at least the seen classes; `means` (num_classes, D): NME class means, or None (no NME). Under
+    torchrun each rank runs every N-th batch and the hits are gathered in order: the numbers of one process."""
     total = splits[phase][1]
     idx = indices_of(data.test_y, 0, total)
     cnn_hits, nme_hits, labels = [], [], []
@@ -48,9 +42,8 @@ def summarize(acc_per_phase: list, acc_matrix: list) -> dict:
     """Average incremental accuracy, last accuracy and forgetting from per-phase accuracies and the accuracy
     matrix (row k = per-task accuracies after phase k, lower-triangular)."""
     T = len(acc_matrix) - 1
-    forgetting = None
-    if T > 0:
-        forgetting = sum(max(acc_matrix[k][j] for k in range(j, T)) - acc_matrix[T][j] for j in range(T)) / T
+    forgetting = sum(max(acc_matrix[k][j] for k in range(j, T)) - acc_matrix[T][j] for j in range(T)) / T \
+        if T > 0 else None
     return {"avg_inc_acc": sum(acc_per_phase) / len(acc_per_phase), "last_acc": acc_per_phase[-1],
             "forgetting": forgetting}
 
@@ -65,8 +58,7 @@ def results_from_rows(rows: list) -> dict:
     return {
         "acc_per_phase": [r["cnn_acc"] for r in rows],
         "nme_acc_per_phase": [r["nme_acc"] for r in rows] if has_nme else None,
-        "avg_inc_acc": cnn["avg_inc_acc"], "last_acc": cnn["last_acc"], "forgetting": cnn["forgetting"],
-        "nme_avg_inc_acc": nme["avg_inc_acc"], "nme_last_acc": nme["last_acc"], "nme_forgetting": nme["forgetting"],
+        **cnn, **{f"nme_{k}": v for k, v in nme.items()},
         "acc_matrix": [r["cnn_acc_per_task"] for r in rows],
         "nme_acc_matrix": [r["nme_acc_per_task"] for r in rows] if has_nme else None,
         "wall_s": sum(r["phase_s"] for r in rows),

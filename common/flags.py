@@ -57,9 +57,8 @@ def resolve_defaults(args, table: dict, smoke: dict):
     return args
 
 
-# Every numeric flag is checked before training, by name (flag names are the same in every script). Rules:
-# count >= 1, count0 >= 0, positive > 0, nonneg >= 0, prob in [0, 1], unit in [0, 1), milestones in
-# [1, epochs] of the matching *epochs flag. Exact names first, then name endings. None = off / default.
+# Every numeric flag is checked before training by its name (the same in every script): exact names first, then
+# name endings; milestones lie in [1, epochs] of the matching *epochs flag. None = off / default.
 FLAG_RULES = {
     "base_classes": "count", "increment": "count", "memory_total": "count", "k_hard": "count",
     "batch_memory": "count", "cn_groups": "count", "classes": "count", "train_per_class": "count",

@@ -1,25 +1,16 @@
 """Turn a plain training-step function into a captured CUDA graph (eager on CPU or with --no-graph).
 
-The step function stays plain PyTorch: `zero_grad(set_to_none=True)`, forward, loss, backward, optimiser
-step, and return a few detached tensors (e.g. loss and correct count). It must not sync with the host
-(no `.item()`, no `nonzero()`, no data-dependent shapes) and its inputs must have fixed shapes.
-
     step = CapturedStep(train_step, device, enabled=not args.no_graph, optimizer=optimizer)
-    for x, y in batches:
-        stats += step(x, y)          # outputs are static buffers, overwritten by the next call: use them now
+    stats += step(x, y)  # static buffers, overwritten by the next call: use them now
 
-On CUDA the first `warmup` calls run eagerly on a side stream (they are real training steps and let cuDNN and
-the optimiser allocate their state), the next call captures the step and replays it, and later calls copy the
-inputs into static buffers and replay. A change of any learning rate in `optimizer` (a milestone) triggers a
-re-capture, since the graph holds the learning rate as a constant. Make a new CapturedStep when the model,
-the optimiser or the set of active classes changes (each phase). Warm-up, capture and replay run the same
-kernels on the same values, so captured and eager training agree (tests/test_graph.py, on CUDA).
-
-Under torchrun the gradients of `optimizer` are averaged over the ranks inside its step (common.dist
-.sync_gradients), so the graph holds the all_reduce too (NCCL allows that; not run on a GPU here).
-
-If a capture raises (an op that cannot be captured, an old driver), one line is printed and every CapturedStep
-of the process runs eagerly from then on; `graph_used(enabled, device)` then reports False for results.json.
+The step stays plain PyTorch (zero_grad(set_to_none=True), forward, loss, backward, optimiser step) returning a few
+detached tensors, with fixed input shapes and no host sync (no `.item()`, `nonzero()`, data-dependent shapes).
+On CUDA the first `warmup` calls run eagerly on a side stream (real steps that let cuDNN and the optimiser
+allocate), the next captures, later ones copy the inputs into static buffers and replay; a new learning rate (a
+milestone) re-captures; captured equals eager (tests/test_graph.py, on CUDA). Make a new CapturedStep when the
+model, optimiser or active classes change (each phase). Under torchrun the gradient all_reduce (common.dist
+.sync_gradients) is captured too (not run on a GPU here). A failed capture prints one line, and every
+CapturedStep of the process then runs eagerly (`graph_used` False).
 """
 import torch
 

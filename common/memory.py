@@ -1,8 +1,5 @@
-"""Exemplar memory: iCaRL herding returning indices, growing or fixed budgets, reduction, NME class means.
-
-The memory is a dict {class: LongTensor of training-set indices in herding order}. Reducing a class keeps a
-prefix of its herding order (iCaRL Alg. 5), so no features need to be recomputed.
-"""
+"""Exemplar memory, a dict {class: LongTensor of training-set indices in herding order}: iCaRL herding, growing
+or fixed budgets, reduction to a prefix of the herding order (iCaRL Alg. 5: no features recomputed), NME means."""
 import torch
 import torch.nn.functional as F
 
@@ -14,9 +11,8 @@ from common.errors import UserError
 
 def exemplars_per_class(seen_classes: int, memory_per_class: int, memory_total: int = None,
                         rounding: str = "floor") -> int:
-    """Growing memory: `memory_per_class` for every class; fixed memory: memory_total / seen, rounded down
-    ("floor": PyCIL) or up ("ceil": LUCIR official `ceil(2000/seen)`, FACIL exemplars_selection.py; the memory
-    then holds up to seen-1 exemplars more than memory_total)."""
+    """Growing memory: `memory_per_class` a class; fixed: memory_total / seen, rounded down ("floor": PyCIL) or up
+    ("ceil": LUCIR's `ceil(2000/seen)`, FACIL exemplars_selection.py: up to seen-1 more than memory_total)."""
     if rounding not in ("floor", "ceil"):
         raise ValueError(f"rounding must be floor or ceil, not {rounding!r}")
     if memory_total is not None:
@@ -25,8 +21,7 @@ def exemplars_per_class(seen_classes: int, memory_per_class: int, memory_total: 
 
 
 def check_budget(num_classes: int, memory_per_class: int, memory_total: int = None, allow_zero: bool = False):
-    """Fail before training if the budget cannot hold one exemplar per class at the end of the protocol
-    (floor rounding: a total below the class count fails even where ceil would give 1 a class)."""
+    """Fail before training if the budget cannot hold one exemplar per class at the end (floor rounding)."""
     per_class = exemplars_per_class(num_classes, memory_per_class, memory_total)
     if per_class < 1 and not (allow_zero and not memory_total):
         what = f"--memory-total {memory_total}" if memory_total is not None else \
@@ -36,22 +31,20 @@ def check_budget(num_classes: int, memory_per_class: int, memory_total: int = No
 
 
 @torch.no_grad()
-def extract_features(feature_fn, data, indices, device, split="train", flip=False, batch_size=1000, workers=0):
-    """Features (N, D) of `indices` in order, with `feature_fn` in whatever mode the caller set (eval). Under
-    torchrun each rank runs every N-th batch and every rank gets all features, in order (herding, class means
-    and imprinting then compute the same values on every rank, as in one process)."""
+def extract_features(feature_fn, data, indices, device, split="train", batch_size=1000, workers=0):
+    """Features (N, D) of `indices` in order, with `feature_fn` in the mode the caller set. Under torchrun each
+    rank runs every N-th batch and gets all features, so herding, means and imprinting agree on every rank."""
     out = []
     for x, _ in eval_batches(data, dist.shard(indices, batch_size), device, split, batch_size, workers):
-        out.append(feature_fn(x.flip(3) if flip else x).float())
+        out.append(feature_fn(x).float())
     return dist.gather(out, len(indices), batch_size) if len(indices) else torch.empty(0, device=device)
 
 
 def herding(features: torch.Tensor, m: int) -> torch.Tensor:
     """iCaRL herding (Rebuffi et al. 2017, Alg. 4): greedily pick the sample that brings the mean of the picked
-    set closest to the class mean of the L2-normalised features. Returns positions into `features`, in order.
-    Runs on the features' device; no host syncs. (The iCaRL/LUCIR code runs the same greedy rule as
-    argmax <w_t, x> with w_t += mu - x_picked, and may re-pick a sample without counting it; here a picked
-    sample is excluded, as the definition says, so the two differ only after such a re-pick.)"""
+    set closest to the class mean of the L2-normalised features; positions into `features`, in order, no host
+    syncs. (The iCaRL/LUCIR code runs it as argmax <w_t, x>, w_t += mu - x_picked, and may re-pick a sample
+    without counting it; here a picked sample is excluded, as the definition says.)"""
     feats = F.normalize(features.float(), dim=1)
     mu = feats.mean(0)
     m = min(m, len(feats))
@@ -83,7 +76,6 @@ def select_exemplars(feature_fn, data, classes, m: int, device, workers=0, candi
 
 
 def reduce_memory(memory: dict, m: int) -> dict:
-    """Keep the first `m` exemplars (herding order) of every class."""
     return {c: idx[:m] for c, idx in memory.items()}
 
 
@@ -95,10 +87,9 @@ NME_VIEWS = ("hflip", "channels", "none")
 
 
 def second_view(x: torch.Tensor, view: str, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)) -> torch.Tensor:
-    """The second view of a normalised NCHW batch for the NME class means: "hflip" mirrors the width; "channels"
-    reverses the colour channels of the raw image, then normalises it with the usual (RGB) mean and std (what
-    LUCIR's CIFAR code really computes: `prototypes[c][:,:,:,::-1]` on HWC uint8 arrays reverses the last axis,
-    the channel axis, before the transform); "none" is the image itself."""
+    """The second view of a normalised NCHW batch for the NME means: "hflip" mirrors the width; "channels" reverses
+    the colour channels of the raw image, normalised as RGB (LUCIR's CIFAR code: `prototypes[c][:,:,:,::-1]` on
+    HWC uint8 arrays, before the transform); "none" is the image itself."""
     if view == "hflip":
         return x.flip(3)
     if view == "channels":
@@ -111,9 +102,8 @@ def second_view(x: torch.Tensor, view: str, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0,
 def class_means(feature_fn, data, memory: dict, num_classes: int, device, workers=0, view: str = "hflip"):
     """NME class means (num_classes, D): per class, the mean over its exemplars of (L2-normalised feature of the
     image + L2-normalised feature of its second view) / 2, then L2-normalised (iCaRL; LUCIR official code,
-    class_means[..] = (D.alph + D2.alph) / 2). The second view (`second_view`): the official LUCIR CIFAR code
-    labels it "flipped" but reverses the colour channels ("channels"); its ImageNet code sets D2 = D ("none");
-    "hflip" mirrors the image, as the name "flipped" suggests. A class without exemplars gets a zero mean."""
+    class_means[..] = (D.alph + D2.alph) / 2). LUCIR's "flipped" view is "channels" in its CIFAR code, "none" in
+    its ImageNet code; "hflip" is what the name says. A class without exemplars gets a zero mean."""
     if view not in NME_VIEWS:
         raise ValueError(f"view must be one of {NME_VIEWS}, not {view!r}")
     idx = memory_indices(memory)

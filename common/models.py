@@ -1,7 +1,5 @@
-"""Backbones: the CIFAR ResNet-32 registered with timm, and every other backbone through timm.
-
-A backbone maps images to features of size `backbone.num_features` (no classifier: heads belong to the methods).
-"""
+"""Backbones: the CIFAR ResNet-32 registered with timm, every other one through timm. A backbone maps images to
+features of size `backbone.num_features` (no classifier: heads belong to the methods)."""
 import timm
 import torch
 import torch.nn as nn
@@ -18,9 +16,8 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu, self.last_relu = nn.ReLU(inplace=True), last_relu
-        self.downsample = None
-        if stride != 1 or in_planes != planes:  # 1x1 conv shortcut, as LUCIR's modified_resnet_cifar.py
-            self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+        self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)) \
+            if stride != 1 or in_planes != planes else None  # 1x1 conv shortcut, as LUCIR's modified_resnet_cifar.py
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
@@ -38,15 +35,9 @@ class CifarResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU(inplace=True)
-        stages, in_planes = [], 16
-        for i, planes in enumerate((16, 32, 64)):
-            blocks = []
-            for b in range(n):
-                last = i == 2 and b == n - 1
-                blocks.append(BasicBlock(in_planes, planes, 2 if (b == 0 and i > 0) else 1,
-                                         last_relu=last_relu or not last))
-                in_planes = planes
-            stages.append(nn.Sequential(*blocks))
+        stages = [nn.Sequential(*(BasicBlock(planes if b else in_planes, planes, 2 if b == 0 and i > 0 else 1,
+                                             last_relu=last_relu or (i, b) != (2, n - 1)) for b in range(n)))
+                  for i, (in_planes, planes) in enumerate(((16, 16), (16, 32), (32, 64)))]
         self.layer1, self.layer2, self.layer3 = stages
         self.pool, self.num_features = nn.AdaptiveAvgPool2d(1), 64
         self.fc = nn.Linear(64, num_classes) if num_classes else nn.Identity()
@@ -74,8 +65,7 @@ def create_backbone(name: str, last_relu: bool = True, small_input: bool = False
     conv, the usual change for 32 and 64 px inputs; `last_relu=False` drops the ReLU after the last block."""
     if name == "resnet32":
         return timm.create_model("resnet32", num_classes=0, last_relu=last_relu)
-    try:  # zero_init_last=False: the torchvision/LUCIR/FACIL ResNets start every BN with gamma 1 (timm's
-        # default zero-initialises the last BN of each block)
+    try:  # zero_init_last=False: every BN starts at gamma 1 as in torchvision/LUCIR/FACIL (timm zeroes the last)
         model = timm.create_model(name, pretrained=False, num_classes=0, zero_init_last=False)
     except TypeError:  # a timm model without that argument
         model = timm.create_model(name, pretrained=False, num_classes=0)

@@ -17,10 +17,6 @@ from common.checkpoints import _atomic
 from common.device import amp_used
 
 
-def write_results(out_dir: str, results: dict):
-    _atomic(os.path.join(out_dir, "results.json"), lambda p: open(p, "w").write(json.dumps(results, indent=1)))
-
-
 def memory_policy(args) -> str:
     if args.memory_total is not None:
         return f"fixed total {args.memory_total}"
@@ -35,26 +31,20 @@ def finish_run(args, method: str, data, order: list, device, script_path: str, s
         command = shlex.join(dist.launcher() + [os.path.basename(script_path)] +
                              [a for a in sys.argv[1:] if a != "--resume"])
     results = {"method": method, **extra, "finished": True, "command": command, "args": vars(args),
-               "class_order": order,
-               "normalization": {"mean": data.mean, "std": data.std}, "backbone": args.backbone,
+               "class_order": order, "normalization": {"mean": data.mean, "std": data.std}, "backbone": args.backbone,
                "memory_policy": memory_policy(args), **metrics, "wall_s_this_process": time.time() - start_time,
-               "bf16_autocast": amp_used(device, not args.no_amp),
-               **environment(device, script_path)}
-    write_results(args.out_dir, results)
-
-    def fmt(x):
-        return "n/a" if x is None else f"{x:.2f}"
-    print(f"average incremental accuracy: CNN {fmt(metrics['avg_inc_acc'])}  NME {fmt(metrics['nme_avg_inc_acc'])}"
-          f"   last: CNN {fmt(metrics['last_acc'])}  NME {fmt(metrics['nme_last_acc'])}   forgetting (CNN): "
-          f"{fmt(metrics['forgetting'])}")
+               "bf16_autocast": amp_used(device, not args.no_amp), **environment(device, script_path)}
+    _atomic(os.path.join(args.out_dir, "results.json"), lambda p: open(p, "w").write(json.dumps(results, indent=1)))
+    fmt = {k: "n/a" if metrics[k] is None else f"{metrics[k]:.2f}" for k in PAIRED_METRICS[:5]}
+    print(f"average incremental accuracy: CNN {fmt['avg_inc_acc']}  NME {fmt['nme_avg_inc_acc']}   last: CNN "
+          f"{fmt['last_acc']}  NME {fmt['nme_last_acc']}   forgetting (CNN): {fmt['forgetting']}")
     print(f"results: {os.path.join(args.out_dir, 'results.json')}")
     return results
 
 
 def run_arms(args, run, arms, root: str, **kwargs):
-    """The arms of a paired claim in turn: `arms` is [(name, flag overrides)], each arm runs `run(arm_args,
-    **kwargs)` into root/<name>/. Returns {name: results}, or None once an arm stops (--stop-after: the next
-    --resume continues there)."""
+    """The arms of a paired claim in turn: `arms` is [(name, flag overrides)], each runs `run(arm_args, **kwargs)`
+    into root/<name>/. Returns {name: results}, or None once an arm stops (--stop-after; --resume continues)."""
     results = {}
     for name, overrides in arms:
         arm_args = argparse.Namespace(**{**vars(args), **overrides, "paired": None, "out_dir": os.path.join(root, name)})
@@ -69,10 +59,9 @@ PAIRED_METRICS = ("avg_inc_acc", "last_acc", "forgetting", "nme_avg_inc_acc", "n
 
 
 def write_paired(root: str, arms: dict, baseline: str, extra_metrics=(), compare=None, **info) -> dict:
-    """paired.json for a paired claim: each arm's metrics and its difference to the baseline arm (same seed,
-    data, class order), or, for an arm named in `compare` ({arm: its baseline}, e.g. an ablation ladder's rung
-    below it), to that arm. `arms` maps an arm name to its results dict. Same schema in every script. `arms` None
-    (run_arms after --stop-after; the next --resume continues): nothing is written, returns None."""
+    """paired.json, one schema in every script: each arm's metrics ({name: results} `arms`) and its difference to
+    the baseline arm or, for an arm in `compare` ({arm: its baseline}: a ladder's rung below), to that arm. `arms`
+    None (run_arms after --stop-after): nothing is written, returns None."""
     if arms is None:
         return None
     keys, compare = PAIRED_METRICS + tuple(extra_metrics), compare or {}

@@ -1,4 +1,4 @@
-"""One training stage's loop with its fault handling (`Stage`), the loss check and the progress line."""
+"""One training stage's loop with its fault handling and progress line (`Stage`), and the loss check."""
 import math
 import os
 import signal
@@ -8,34 +8,20 @@ import time
 import torch
 
 from common import dist
-from common.checkpoints import _RUNS, IN_PHASE, check_resume_args, save_state
+from common.checkpoints import IN_PHASE, check_resume_args, run_record, save_state
 from common.device import rng_state, set_rng_state
 from common.errors import UserError
 from common.stop import _STAGES_USED, _STOP_SIGNALS, _stopped
 
 
 class Stage:
-    """The epochs and steps of one training stage (a phase's training, or a finetuning stage after it) with the
-    fault handling: an in-phase checkpoint every --checkpoint-minutes at an epoch boundary, and after the current
-    step on SIGTERM / Ctrl-C (then `Stopped`). On --resume it continues where that checkpoint was taken, with the
-    same numbers as an uninterrupted run: it restores model, optimiser, scheduler, RNG, epoch and step, and
-    replays the epoch's data stream up to the step (same shuffle and augmentation draws). `stage.state` holds
-    anything else the loop needs back (e.g. the best model so far, the last epoch's loss), tensors and plain
-    types only.
-
-        stage = Stage(args, f"phase {phase}", model, optimizer, scheduler, epochs)  # before CapturedStep
-        for epoch in stage.epochs():
-            stats = stage.running(torch.zeros(2, device=device))
-            for x, y in stage.batches(train_batches(data, idx, args.batch_size, device, args.workers)):
-                stats += captured(x, y)
-            scheduler.step()
-            loss_sum, correct = stats.tolist()  # one host sync per epoch
-            check_finite(loss_sum, f"phase {phase} epoch {epoch + 1}")
-            stage.report(epoch, f"loss {loss_sum / steps:.3f}")  # the progress line, with images/s
-
-    `optimizer` and `scheduler` may each be one object, a list (e.g. a GAN's two optimisers) or None. A stage
-    finished before the checkpoint (e.g. the training before a finetuning stage) is restored whole and runs no
-    epoch. `stage.seen`, `stage.train_s` and `stage.images_per_s()` count across resumes.
+    """The epochs and steps of one training stage (a phase's training, or a finetuning stage after it) with an
+    in-phase checkpoint every --checkpoint-minutes at an epoch boundary, and after the current step on SIGTERM /
+    Ctrl-C (then `Stopped`). --resume continues there with the numbers of an uninterrupted run: model, optimiser(s),
+    scheduler(s) (one object, a list or None), RNG, epoch and step come back and the epoch's data stream is
+    replayed. `stage.state` holds anything else the loop needs back; a stage finished before the checkpoint is
+    restored whole. Made before the step's CapturedStep, then (lucir.py): `for epoch in stage.epochs()`, `stats =
+    stage.running(zeros)`, `for x, y in stage.batches(train_batches(..))`, `check_finite(..)`, `stage.report(..)`.
     """
 
     def __init__(self, args, label: str, model, optimizer, scheduler, epochs: int):
@@ -45,11 +31,10 @@ class Stage:
         self.total_epochs, self.epoch, self.step, self.seen, self.train_s = epochs, 0, 0, 0, 0.0
         self.state, self.epoch_rng, self.step_rng, self._since = {}, None, None, time.time()
         self.stats = self._saved_stats = None
-        self.progress = Progress(epochs, f"  {label} epoch")
+        self.started, self.tty = time.time(), sys.stdout.isatty()  # for the progress line
         _STAGES_USED.append(label)
         dist.broadcast_state(model)  # torchrun: every rank starts from rank 0's weights (a resume loads the same)
-        self.run = _RUNS.setdefault(args.out_dir, {"in_phase": None, "finished": {}, "last_save": time.time(),
-                                                   "steps": 0})
+        self.run = run_record(args.out_dir)
         saved = self.run["in_phase"]
         if saved is None:
             return
@@ -113,7 +98,7 @@ class Stage:
             except StopIteration:  # torchrun: rank 0's BN statistics everywhere, the ranks' mean epoch sums
                 if vote is not None and vote.last():
                     self._stop()
-                dist.sync_buffers(self.model)
+                dist.broadcast_state(self.model, buffers_only=True)
                 dist.average_(self.stats)
                 return
             except Exception:  # Ctrl-C also reaches the DataLoader workers, which then exit
@@ -126,18 +111,19 @@ class Stage:
             limit = getattr(self.args, "stop_after_steps", None)
             if limit is not None and self.run["steps"] >= limit:
                 _STOP_SIGNALS.append(signal.SIGTERM)  # the test hook behaves as a real SIGTERM
-            if vote is not None:
-                if vote(bool(_STOP_SIGNALS)):
-                    self._stop()
-            elif _STOP_SIGNALS:
+            if vote(bool(_STOP_SIGNALS)) if vote is not None else _STOP_SIGNALS:
                 self._stop()
 
-    def images_per_s(self) -> float:
+    def images_per_s(self) -> float:  # `seen` and `train_s` count across resumes
         return self.seen / max(self.train_s + time.time() - self._since, 1e-9)
 
     def report(self, epoch: int, text: str):
-        """The progress line after `epoch`: `text` (losses, accuracy) and the training images/s."""
-        self.progress.update(epoch + 1, f"{text} {self.images_per_s():.0f} img/s")
+        """The progress line after `epoch`: `text` (losses, accuracy), the training images/s, time and ETA;
+        rewritten in place on a terminal, one line per epoch otherwise."""
+        done, elapsed = epoch + 1, time.time() - self.started
+        line = (f"  {self.label} epoch {done}/{self.total_epochs} {text} {self.images_per_s():.0f} img/s "
+                f"[{elapsed:.0f}s, eta {elapsed / max(done, 1) * (self.total_epochs - done):.0f}s]")
+        print("\r" + line if self.tty else line, end="" if self.tty and done < self.total_epochs else "\n", flush=True)
 
     def _stop(self):
         self.train_s += time.time() - self._since
@@ -164,16 +150,3 @@ def check_finite(loss: float, where: str, hint: str = "a lower --lr, or --no-amp
         raise UserError(f"loss is {'NaN' if math.isnan(loss) else loss} in {where}; the last checkpoint in the run "
                         f"folder is kept (try {hint})")
 
-
-class Progress:
-    """A rate/ETA line for long loops: rewritten in place on a terminal, one line per update otherwise."""
-
-    def __init__(self, total: int, label: str):
-        self.total, self.label, self.start = total, label, time.time()
-        self.tty = sys.stdout.isatty()
-
-    def update(self, done: int, extra: str = ""):
-        elapsed = time.time() - self.start
-        eta = elapsed / max(done, 1) * (self.total - done)
-        line = f"{self.label} {done}/{self.total} {extra} [{elapsed:.0f}s, eta {eta:.0f}s]"
-        print("\r" + line if self.tty else line, end="" if self.tty and done < self.total else "\n", flush=True)

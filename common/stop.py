@@ -33,9 +33,8 @@ def _request_stop(signum, frame):
 
 
 def run_main(main):
-    """Call `main()`; turn a UserError into one line on stderr and exit code 2. SIGTERM and Ctrl-C finish the
-    current training step, write a checkpoint, print how to resume and exit 143 / 130. Under torchrun the
-    process ends through `dist.exit_now` (no interpreter teardown: see there why)."""
+    """Call `main()` as the module docstring says. Under torchrun the process ends through `dist.exit_now` (no
+    interpreter teardown: see there why)."""
     previous = {s: signal.signal(s, _request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     code = 0
     try:

@@ -3,16 +3,9 @@
     python -m common.summary results                       # writes results/SUMMARY.md (+ results/plots/*.png)
     python -m common.summary results --readme README.md    # also rewrites README's results block
 
-A setting is a run folder's path with its `seed<N>` part removed, so run_all.sh's folders
-results/<method>__<dataset>_B<base>_Inc<inc>[__<variant>]__seed<N>[/<arm>] group across seeds. Per setting: the
-paper's average incremental accuracy (each script's PAPER_RESULTS; only LUCIR has published numbers), ours as
-mean ± sample std over seeds (average incremental, last accuracy, forgetting; CNN and NME), wall time, device,
-date and command. Paired claims (paired.json): each arm, and the difference arm - baseline with its mean, the 95%
-confidence interval over seeds (Student t) and the number of seeds; "yes" in the sign column only when the
-interval of the average-incremental-accuracy difference lies above 0 (the papers claim a gain). One
-accuracy-vs-classes plot per setting (every arm and seed) when matplotlib is installed (requirements-plots.txt).
-The README block between `<!-- results:begin -->` and `<!-- results:end -->` gets the same tables for runs on
-real data (generated-data runs are left out), each row linking its results.json files.
+A setting is a run folder's path without its `seed<N>` part, so seeds pool (the columns: README, after
+`bash run_all.sh`). Plots need matplotlib (requirements-plots.txt). The README block between the markers gets the
+tables of the runs on real data.
 """
 import argparse
 import glob
@@ -31,35 +24,30 @@ README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 
 def mean_std(values):
     values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+    return "-" if not values else f"{statistics.mean(values):.2f}" + (
+        f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
 
 def mean_ci(values):
     """(mean, low, high) with the 95% Student-t interval over seeds; low = high = None for fewer than 2 values."""
     values = [v for v in values if v is not None]
-    if not values:
-        return None, None, None
-    mean = statistics.mean(values)
     if len(values) < 2:
-        return mean, None, None
+        return (statistics.mean(values) if values else None), None, None
+    mean = statistics.mean(values)
     half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
     return mean, mean - half, mean + half
 
 
 def fmt_ci(values):
     mean, low, high = mean_ci(values)
-    if mean is None:
-        return "-"
-    return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]" if low is not None else f"{mean:+.2f} (1 seed, no CI)"
+    return "-" if mean is None else f"{mean:+.2f} (1 seed, no CI)" if low is None else \
+        f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
 def sign_verdict(values):
     mean, low, high = mean_ci(values)
-    if low is None:
-        return "n/a (needs 2+ seeds)" if mean is not None else "-"
-    return "yes" if low > 0 else "no: opposite sign" if high < 0 else "no: CI includes 0"
+    return ("-" if mean is None else "n/a (needs 2+ seeds)") if low is None else \
+        "yes" if low > 0 else "no: opposite sign" if high < 0 else "no: CI includes 0"
 
 
 def paper_row(method, args):
@@ -80,14 +68,12 @@ def setting_of(folder, root):
 def collect(root):
     """Finished runs grouped by setting, and paired.json files grouped by setting; each run keeps its path."""
     runs, paired = {}, {}
-    for path in sorted(glob.glob(os.path.join(root, "**", "results.json"), recursive=True)):
-        with open(path) as f:
-            r = json.load(f)
-        if r.get("finished"):
-            runs.setdefault(setting_of(os.path.dirname(path), root), []).append({**r, "_path": path})
-    for path in sorted(glob.glob(os.path.join(root, "**", "paired.json"), recursive=True)):
-        with open(path) as f:
-            paired.setdefault(setting_of(os.path.dirname(path), root), []).append({**json.load(f), "_path": path})
+    for name, groups in (("results.json", runs), ("paired.json", paired)):
+        for path in sorted(glob.glob(os.path.join(root, "**", name), recursive=True)):
+            with open(path) as f:
+                r = json.load(f)
+            if name == "paired.json" or r.get("finished"):
+                groups.setdefault(setting_of(os.path.dirname(path), root), []).append({**r, "_path": path})
     return runs, paired
 
 

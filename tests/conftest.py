@@ -9,6 +9,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# One thread a test process (set before torch is imported; subprocesses inherit it): the tests' models and batches
+# are tiny, so threads cost more than they give, and the suite runs as two processes (`pytest -n 2`, README).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def run_script(*args, timeout=300):

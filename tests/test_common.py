@@ -19,7 +19,7 @@ from conftest import ROOT, colour_of
 CPU = torch.device("cpu")
 SHARED_TINY = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tiny-imagenet-200")
 
-CORE = ("data", "batches", "memory", "models", "evaluation")  # the method-facing core a reader can copy (common/__init__.py)
+CORE = ("data", "batches", "memory", "models", "evaluation")  # the method-facing core a reader can copy (README "Layout")
 
 
 @pytest.mark.parametrize("module", CORE)
