@@ -5,6 +5,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -25,27 +26,38 @@ RESULT_KEYS = {"method", "finished", "args", "class_order", "normalization", "ba
 
 
 # ----------------------------------------------------------------------------------------------- compression
-def test_compression_keeps_the_box_and_is_nearest_down_up_outside():
+def test_compression_keeps_the_box_and_is_the_official_bbx_blur_outside():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 8, 8, generator=g)
     boxes = torch.tensor([[1, 2, 5, 7], [0, 0, 0, 0]])  # (y0, x0, y1, x1); the second: no box at all
     out = cim.compress_images(x, boxes, eta=4)
-    coarse = x[:, :, ::2, ::2].repeat_interleave(2, 2).repeat_interleave(2, 3)  # by hand: keep every 2nd pixel
+    coarse = x[:, :, 1::2, 1::2].repeat_interleave(2, 2).repeat_interleave(2, 3)  # by hand: PIL NEAREST's centres
     inside = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
     inside[0, :, 1:5, 2:7] = True
     assert torch.equal(out, torch.where(inside, x, coarse))
-    assert torch.equal(out[0, :, 1:5, 2:7], x[0, :, 1:5, 2:7])
-    assert not torch.equal(out[1], x[1])
     assert torch.equal(cim.compress_images(x, torch.tensor([[0, 0, 8, 8]] * 2), 4), x)  # full box: identity
     u8 = (x * 255).to(torch.uint8)  # the small-image path compresses uint8 exactly
     assert torch.equal(cim.compress_images(u8, boxes, 4), (torch.where(inside, x, coarse) * 255).to(torch.uint8))
+    # the official utils/transform.py BbxBlur (PIL NEAREST down to int(side / 2) and up, the box pasted back) on
+    # an odd-sized image; the meta step's torch "nearest" differs
+    from PIL import Image
+    im = Image.fromarray(torch.randint(0, 256, (13, 21, 3), generator=g, dtype=torch.uint8).numpy())
+    box = (3, 5, 10, 9)  # y0, x0, y1, x1
+    ref = im.resize((10, 6), Image.NEAREST).resize((21, 13), Image.NEAREST)
+    ref.paste(im.crop((box[1], box[0], box[3], box[2])), (box[1], box[0], box[3], box[2]))
+    t = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None]
+    assert torch.equal(cim.compress_images(t, torch.tensor([box]), 4)[0].permute(1, 2, 0), torch.from_numpy(
+        np.array(ref)))
+    assert not torch.equal(cim.compress_images(t, torch.tensor([box]), 4, "nearest"),
+                           cim.compress_images(t, torch.tensor([box]), 4))
 
 
 def test_cost_formula_on_hand_made_boxes():
-    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 0, 0], [0, 0, 5, 10], [2, 2, 4, 7]])
-    cost = cim.compression_cost(boxes, 10, 10, eta=4)
-    # box fraction + (1 - fraction) / eta: 1, 1/4, 0.5 + 0.5/4, 0.1 + 0.9/4
-    assert cost.tolist() == pytest.approx([1.0, 0.25, 0.625, 0.325])
+    boxes = torch.tensor([[0, 0, 10, 10, 10, 10], [0, 0, 0, 0, 10, 10], [0, 0, 5, 10, 10, 10], [2, 2, 4, 7, 10, 10],
+                          [0, 0, 5, 10, 10, 20], list(cim.FULL)])  # (box, H, W); FULL: no box
+    cost = cim.compression_cost(boxes, eta=4)
+    # box fraction of H x W + (1 - fraction) / eta: 1, 1/4, 0.5 + 0.5/4, 0.1 + 0.9/4, 0.25 + 0.75/4, 1
+    assert cost.tolist() == pytest.approx([1.0, 0.25, 0.625, 0.325, 0.4375, 1.0])
 
 
 def test_cam_boxes_are_the_tight_box_of_the_thresholded_map():
@@ -69,8 +81,8 @@ class FlatFeatures(nn.Module):
 def small_box_data():
     data = load_dataset("synthetic", "", torch.device("cpu"), image_size=16)
     apply_class_order(data, class_order(20, 1993))
-    boxes = torch.tensor([[4, 4, 8, 8]]).repeat(len(data.train_y), 1)  # 1/16 of the image: cost 0.296875
-    boxes[::3] = torch.tensor([0, 0, 16, 16])                            # every third image: full (cost 1)
+    boxes = torch.tensor([[4, 4, 8, 8, 16, 16]]).repeat(len(data.train_y), 1)  # 1/16 of the image: cost 0.296875
+    boxes[::3] = torch.tensor(cim.FULL)                                         # every third image: none (cost 1)
     return data, boxes
 
 
@@ -82,7 +94,7 @@ def test_herding_under_a_fractional_budget():
         rows = memory[c]
         idx = rows[:, 0]
         assert (data.train_y[idx] == c).all() and torch.equal(rows[:, 1:], boxes[idx])
-        cost = cim.compression_cost(rows[:, 1:], 16, 16, 4.0)
+        cost = cim.compression_cost(rows[:, 1:], 4.0)
         assert cost.sum() <= budget and len(rows) > budget  # more exemplars than the uncompressed budget
         # the herding order on the compressed images, and the next exemplar would not have fitted
         all_idx = torch.nonzero(data.train_y == c).flatten()
@@ -92,16 +104,84 @@ def test_herding_under_a_fractional_budget():
         order = all_idx[herding(feats, len(all_idx))]
         assert torch.equal(idx, order[:len(idx)])
         if len(idx) < len(order):
-            assert cost.sum() + cim.compression_cost(boxes[order[len(idx)]][None], 16, 16, 4.0)[0] > budget
+            assert cost.sum() + cim.compression_cost(boxes[order[len(idx)]][None], 4.0)[0] > budget
 
 
 def test_reduction_keeps_a_fitting_prefix():
-    rows = torch.tensor([[7, 0, 0, 0, 0], [3, 0, 0, 16, 16], [9, 0, 0, 0, 0], [4, 0, 0, 0, 0]])  # cost .25,1,.25,.25
-    reduced = cim.reduce_compressed({0: rows}, 1.4, 16, 4.0)[0]
+    rows = torch.tensor([[7, 0, 0, 0, 0, 16, 16], [3, 0, 0, 16, 16, 16, 16], [9, 0, 0, 0, 0, 16, 16],
+                         [4, 0, 0, 0, 0, 16, 16]])  # cost .25, 1, .25, .25
+    reduced = cim.reduce_compressed({0: rows}, 1.4, 4.0)[0]
     assert torch.equal(reduced, rows[:2])  # 1.25 fits, 1.5 does not
-    assert torch.equal(cim.reduce_compressed({0: rows}, 1.75, 16, 4.0)[0], rows)
-    assert len(cim.reduce_compressed({0: rows}, 0.2, 16, 4.0)[0]) == 0
+    assert torch.equal(cim.reduce_compressed({0: rows}, 1.75, 4.0)[0], rows)
+    assert len(cim.reduce_compressed({0: rows}, 0.2, 4.0)[0]) == 0
     assert cim.budget_prefix(torch.tensor([0.5, 0.5, 0.5]), 1) == 2
+
+
+class RedCam(nn.Module):
+    """A stand-in model whose CAM of every class is the red channel of its input (feature map = red channel, fc 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(1, 2, bias=False)
+        nn.init.ones_(self.fc.weight)
+
+    def outputs(self, x):
+        maps = x[:, :1].float()
+        return self.fc(maps.mean((2, 3))), maps.mean((2, 3)), maps
+
+    def forward(self, x):
+        return self.outputs(x)[:2]
+
+
+def test_large_images_compressed_in_original_coordinates_before_the_crop(tmp_path, monkeypatch):
+    """Official order (models/base.py _gen_bbx, utils/data_manager.py DummyDataset) on a tiny Food-101 layout of
+    48 x 24 images whose red channel marks rows 6-17, columns 24-41: the CAM of the whole image's Resize((16, 16))
+    view gives that box in original coordinates (not in the 16-px eval crop's); the training transform receives
+    the original image compressed with it (BbxBlur), before its crop; the stored cost is BbxBlur's compress_rate
+    on the original's 48 x 24 pixels."""
+    from PIL import Image
+    import torchvision.transforms as T
+    root = tmp_path / "food-101"
+    (root / "meta").mkdir(parents=True)
+    (root / "meta" / "classes.txt").write_text("a\nb\n")
+    g = torch.Generator().manual_seed(0)
+    for c in "ab":
+        (root / "images" / c).mkdir(parents=True)
+        for i in range(2):
+            im = torch.randint(0, 256, (24, 48, 3), generator=g, dtype=torch.uint8)
+            im[:, :, 0] = 0
+            im[6:18, 24:42, 0] = 255
+            Image.fromarray(im.numpy()).save(root / "images" / c / f"{i}.jpg", format="PNG")  # lossless
+    (root / "meta" / "train.txt").write_text("a/0\na/1\nb/0\nb/1\n")
+    (root / "meta" / "test.txt").write_text("a/0\nb/0\n")
+    data = load_dataset("food101", str(tmp_path), torch.device("cpu"), image_size=16)
+    assert not data.on_device
+    table = torch.tensor([cim.FULL] * 4)
+    cim.set_boxes(RedCam(), data, torch.arange(4), table, 0.6, torch.device("cpu"))
+    assert table.tolist() == [[6, 24, 18, 42, 24, 48]] * 4  # y0, x0, y1, x1, H, W of the original
+    seen = []  # what the training transform receives
+
+    def record(im):
+        seen.append(torch.from_numpy(np.array(im)))
+        return im
+    monkeypatch.setattr(cim, "autoaugment", lambda size: [T.Lambda(record), T.RandomResizedCrop(size)])
+    ctx = {"box_table": table, "new_mask": torch.zeros(4, dtype=torch.bool)}  # exemplars: always compressed
+    args = cim.parse_args(["--device", "cpu", "--workers", "0", "--eta", "4"])
+    batches = list(cim.epoch_batches(data, torch.arange(4), 2, torch.device("cpu"), ctx, 0.0, args))
+    assert len(batches) == 2 and batches[0][0].shape == (2, 3, 16, 16) and len(seen) == 4
+    refs = []  # the training images by hand: the original, nearest down to 24 x 12 and up, the box kept
+    for path in data.train_files:
+        orig = Image.open(path).convert("RGB")
+        ref = orig.resize((24, 12), Image.NEAREST).resize((48, 24), Image.NEAREST)
+        ref.paste(orig.crop((24, 6, 42, 18)), (24, 6, 42, 18))
+        refs.append(torch.from_numpy(np.array(ref)))
+        assert not torch.equal(refs[-1], torch.from_numpy(np.array(orig)))
+    assert sorted(next(i for i, r in enumerate(refs) if torch.equal(r, got)) for got in seen) == [0, 1, 2, 3]
+    memory = cim.select_compressed(RedCam(), data, [0, 1], table, 2, 4.0, torch.device("cpu"))
+    rate = 12 * 18 / (24 * 48)  # official compress_rate = box fraction + (1 - fraction) / compress_ratio
+    assert [len(r) for r in memory.values()] == [2, 2]
+    assert cim.compression_cost(cim.memory_rows(memory)[:, 1:], 4.0).tolist() == \
+        pytest.approx([rate + (1 - rate) / 4] * 4)
 
 
 # ----------------------------------------------------------------------------------------------- mask model
