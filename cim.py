@@ -95,8 +95,8 @@ DATASET_DEFAULTS = {
     "tinyimagenet": dict(R18, data_dir="data", base_classes=20, increment=20, memory_total=4000, beta1=0.97),
     "synthetic": dict(data_dir="", backbone="resnet32", base_classes=10, increment=5, memory_total=100, beta1=0.95),
 }
-SMOKE = dict(dataset="synthetic", image_size=16, batch_size=8, lr=0.02, epochs=2, boost_epochs=2, compress_epochs=2,
-             cam_interval=1, meta_batch_size=4, meta_iters_per_class=0.2)
+SMOKE = dict(dataset="synthetic", image_size=16, train_per_class=12, batch_size=8, lr=0.02, epochs=2, boost_epochs=2,
+             compress_epochs=2, cam_interval=1, meta_batch_size=4, meta_iters_per_class=0.2)
 RELU_NUMERATOR = (0.02997, 0.61699, 2.37296, 3.05863, 1.51874, 0.25143)  # a_0..a_5 and b_1..b_4 of a ReLU-like
 RELU_DENOMINATOR = (1.19073, 4.39714, 0.9076, 0.34694)  # rational (ours: least squares on [-3, 3], max |error| 0.030)
 
@@ -350,8 +350,8 @@ def meta_step(model, phi_optimizer, batch, next_batch, weights, num_old, inner_l
     cams = (cams / cams.amax((1, 2), keepdim=True).clamp(min=1e-12))[:, None]
     reg_loss = (cams ** 2).mean()
     cams = F.interpolate(cams, size=x.shape[2:], mode="bilinear")
-    hybrid = cams * x + (1 - cams) * compress_images(x, torch.zeros(len(x), 4, dtype=torch.long), args.eta,
-                                                              "nearest")
+    coarse = compress_images(x, torch.zeros(len(x), 4, dtype=torch.long), args.eta, "nearest")  # official: torch's
+    hybrid = cams * x + (1 - cams) * coarse
     inner_loss, _ = host_loss(model, hybrid, y, weights, num_old, args.kd_temperature)
     fast = {n: p for n, p in model.named_parameters() if p.requires_grad and "ratl" not in n and "fc" not in n}
     grads = torch.autograd.grad(inner_loss, list(fast.values()), create_graph=True)

@@ -10,13 +10,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import run_script
-
 import cim  # noqa: E402
 from common.data import apply_class_order, class_order, load_dataset  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
 from common.memory import herding  # noqa: E402
 from common.errors import UserError  # noqa: E402
+from common.stop import run_main  # noqa: E402
 
 RESULT_KEYS = {"method", "finished", "args", "class_order", "normalization", "backbone", "memory_policy",
                "acc_per_phase", "nme_acc_per_phase", "avg_inc_acc", "last_acc", "forgetting", "nme_avg_inc_acc",
@@ -266,7 +265,7 @@ def test_bad_input_is_one_line_error():
         cim.main(["--smoke", "--device", "cpu", "--eta", "0.5"])
 
 
-def test_milestones_are_checked_against_every_stage():
+def test_milestones_are_checked_against_every_stage(capsys):
     """--milestones decays the base, boosting and compression stages: each must be long enough (one line, exit 2)."""
     base = ["--dataset", "synthetic", "--device", "cpu", "--epochs", "6", "--milestones", "3", "5"]
     with pytest.raises(UserError, match=r"too short: --boost-epochs 4, --compress-epochs 2$"):
@@ -274,17 +273,28 @@ def test_milestones_are_checked_against_every_stage():
     with pytest.raises(UserError, match=r"too short: --compress-epochs 4$"):
         cim.parse_args(base + ["--boost-epochs", "6", "--compress-epochs", "4"])
     assert cim.parse_args(base + ["--boost-epochs", "5", "--compress-epochs", "5"]).milestones == [3, 5]
-    proc = run_script("cim.py", *base, "--boost-epochs", "4", "--compress-epochs", "6")
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "--boost-epochs 4" in proc.stderr
+    with pytest.raises(SystemExit) as exit_:
+        run_main(lambda: cim.main(base + ["--boost-epochs", "4", "--compress-epochs", "6"]))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and "--boost-epochs 4" in err
 
 
 # ----------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def paired_run(tmp_path_factory):
+    """`--smoke --paired` in this process (3 phases an arm), every evaluation recorded in order: (phase, number
+    of backbones, cnn_acc, cnn_acc_per_task); each arm evaluates phase 0's model, then teacher and student."""
     out = tmp_path_factory.mktemp("cim") / "paired"
-    proc = run_script("cim.py", "--smoke", "--paired", "--out-dir", str(out), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
+    seen = []
+
+    def spy(model, data, splits, phase, *a, **k):
+        result = evaluate(model, data, splits, phase, *a, **k)
+        seen.append((phase, len(model.backbones), result["cnn_acc"], result["cnn_acc_per_task"]))
+        return result
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cim, "evaluate", spy)
+        cim.main(["--smoke", "--paired", "--device", "cpu", "--out-dir", str(out)])
+    return out, {"foster": seen[:5], "foster_cim": seen[5:]}
 
 
 def read(path):
@@ -292,7 +302,7 @@ def read(path):
 
 
 def test_paired_smoke_schema_and_memory(paired_run):
-    out, proc = paired_run
+    out, _ = paired_run
     paired = read(str(out / "paired.json"))
     assert paired["baseline"] == "foster" and set(paired["arms"]) == {"foster", "foster_cim"}
     for arm, cim_on in (("foster", False), ("foster_cim", True)):
@@ -315,84 +325,64 @@ def test_paired_smoke_schema_and_memory(paired_run):
                                              paired["arms"]["foster"]["avg_inc_acc"])
 
 
-def test_the_teacher_is_scored_and_the_student_logged(paired_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("arm", ["foster", "foster_cim"])
+def test_the_teacher_is_scored_and_the_student_logged(paired_run, arm):
     """The headline curve is the teacher's (official trainer.py scores self._network), the student's is logged
-    as student_*: the checkpointed single-backbone model gives student_last_acc; the two-backbone teacher's
-    accuracies (recorded as evaluated, in process) are acc_per_phase; the two curves differ."""
-    out, _ = paired_run
-    res = read(str(out / "foster_cim" / "results.json"))
-    ckpt = torch.load(out / "foster_cim" / "checkpoint.pt", map_location="cpu", weights_only=False)
-    args = cim.parse_args(["--smoke", "--device", "cpu"])
-    model = cim.build_model(args, 20)
+    as student_*: the two-backbone teacher's accuracies (as evaluated) are acc_per_phase, the single-backbone
+    student's student_acc_per_phase and student_acc_matrix; the checkpointed model is the student; the curves differ."""
+    out, seen = paired_run
+    res = read(str(out / arm / "results.json"))
+    assert [(p, n) for p, n, _, _ in seen[arm]] == [(0, 1), (1, 2), (1, 1), (2, 2), (2, 1)]
+    teacher, student = [seen[arm][i][2] for i in (0, 1, 3)], [seen[arm][i][2] for i in (0, 2, 4)]
+    assert res["scored_model"] == "teacher" and res["acc_per_phase"] == teacher
+    assert res["student_acc_per_phase"] == student and student[1:] != teacher[1:]
+    assert res["student_acc_matrix"][2] == seen[arm][4][3] and len(res["student_acc_matrix"]) == 3
+    ckpt = torch.load(out / arm / "checkpoint.pt", map_location="cpu", weights_only=False)
+    model = cim.build_model(cim.parse_args(["--smoke", "--device", "cpu"]), 20)
     model.load_state_dict(ckpt["model"])
-    assert len(model.backbones) == 1
     data = load_dataset("synthetic", "", torch.device("cpu"), image_size=16)
     apply_class_order(data, res["class_order"])
-    splits = [(0, 10), (10, 15), (15, 20)]
-    acc = evaluate(model.eval(), data, splits, 2, torch.device("cpu"))["cnn_acc"]
+    acc = evaluate(model.eval(), data, [(0, 10), (10, 15), (15, 20)], 2, torch.device("cpu"))["cnn_acc"]
     assert acc == pytest.approx(res["student_last_acc"], abs=1e-4)
-    assert res["scored_model"] == "teacher" and len(res["student_acc_matrix"]) == 3
-    seen, seen_tasks = {}, {}  # phase -> {number of backbones: cnn_acc}; the student's per-task accuracies
-
-    def spy(model, data, splits, phase, *a, **k):
-        out = evaluate(model, data, splits, phase, *a, **k)
-        seen.setdefault(phase, {})[len(model.backbones)] = out["cnn_acc"]
-        if len(model.backbones) == 1:
-            seen_tasks[phase] = out["cnn_acc_per_task"]
-        return out
-    monkeypatch.setattr(cim, "evaluate", spy)
-    mine = cim.main(["--smoke", "--no-cim", "--device", "cpu", "--out-dir", str(tmp_path / "f")])
-    assert mine["acc_per_phase"] == [seen[0][1], seen[1][2], seen[2][2]]  # the teacher (two backbones)
-    assert mine["student_acc_per_phase"] == [seen[0][1], seen[1][1], seen[2][1]]
-    assert mine["student_acc_per_phase"][1:] != mine["acc_per_phase"][1:]
-    assert mine["student_acc_matrix"][2] == seen_tasks[2] and len(mine["student_acc_matrix"]) == 3
 
 
-def test_stop_mid_phase_and_resume_gives_the_same_numbers(paired_run, tmp_path):
+def test_stop_mid_phase_and_resume_gives_the_same_numbers(paired_run, tmp_path, capsys):
     """Stopped (as by SIGTERM) in phase 1's second boosting epoch, after its CAM refresh: --resume restores the
     boxes and compression probability of the checkpoint (no refresh from a half-trained model) and ends with the
-    numbers of the uninterrupted run. Smoke steps: phase 0 2 x 30 (240 images, batch 8); phase 1 epochs of
-    ceil((120 + compressed exemplars) / 8) steps: 33 or 36 in our runs (how many exemplars the compression keeps
-    depends on float rounding, e.g. on the thread count), so step 105 lies in its second epoch (any length 23-44)."""
+    numbers of the uninterrupted run. Smoke steps: phase 0 2 x 15 (120 images, batch 8); phase 1 epochs of
+    ceil((60 + compressed exemplars) / 8) steps: 21 to 23 in our runs (how many exemplars the compression keeps
+    depends on float rounding, e.g. on the thread count), so step 56 lies in its second epoch (any length 14-25)."""
     out, _ = paired_run
-    flags = ["cim.py", "--smoke", "--out-dir", str(tmp_path / "r")]
-    first = run_script(*flags, "--checkpoint-minutes", "0", "--stop-after-steps", "105")
-    assert first.returncode == 143 and re.search(r"in phase 1, epoch 2 after step \d+;", first.stderr), \
-        first.stderr[-3000:]
+    flags = ["--smoke", "--device", "cpu", "--out-dir", str(tmp_path / "r")]
+    with pytest.raises(SystemExit) as exit_:
+        run_main(lambda: cim.main(flags + ["--checkpoint-minutes", "0", "--stop-after-steps", "56"]))
+    assert exit_.value.code == 143 and re.search(r"in phase 1, epoch 2 after step \d+;", capsys.readouterr().err)
     assert not (tmp_path / "r" / "results.json").exists()
-    second = run_script(*flags, "--resume")
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "phase 1: resumed at epoch 2 step" in second.stdout
-    resumed = read(str(tmp_path / "r" / "results.json"))
+    resumed = cim.main(flags + ["--resume"])
+    assert "phase 1: resumed at epoch 2 step" in capsys.readouterr().out
     straight = read(str(out / "foster_cim" / "results.json"))  # the same settings, uninterrupted
-    assert resumed["acc_per_phase"] == straight["acc_per_phase"]
-    assert resumed["nme_acc_per_phase"] == straight["nme_acc_per_phase"]
-    assert resumed["exemplars_mean_per_phase"] == straight["exemplars_mean_per_phase"]
-    assert resumed["student_acc_per_phase"] == straight["student_acc_per_phase"]
+    for key in ("acc_per_phase", "nme_acc_per_phase", "exemplars_mean_per_phase", "student_acc_per_phase"):
+        assert resumed[key] == straight[key], key
 
 
 def test_bench_step_runs():
     from common.bench import main as bench
-    rows = bench(["--scripts", "cim", "--steps", "1", "--warmup", "1", "--batch-size", "2", "--device", "cpu"])
+    rows = bench(["--scripts", "cim", "--steps", "1", "--warmup", "1", "--batch-size", "2", "--device", "cpu",
+                  "--script-flags=--smoke"])
     assert rows[0][0] == "cim" and rows[0][2] > 0
 
 
-@pytest.mark.parametrize("path", ["small", "file"])
-def test_batch_fn_sees_each_batch_with_its_indices(path, food_dir):
-    """common.batches.train_batches(batch_fn=...): the hook CIM compresses with gets every batch's dataset indices,
-    on the device path (before augmentation) and on the file path (after the transform)."""
+def test_batch_fn_sees_each_batch_with_its_indices():
+    """common.batches.train_batches(batch_fn=...): the hook CIM compresses small images with (before their
+    augmentation) gets every batch's dataset indices."""
     from common.batches import train_batches
-    data = load_dataset("synthetic", "", torch.device("cpu"), image_size=8) if path == "small" else \
-        load_dataset("food101", str(food_dir), torch.device("cpu"), image_size=8)
+    data = load_dataset("synthetic", "", torch.device("cpu"), image_size=8)
     seen = []
 
     def batch_fn(x, idx):
         seen.append(idx.clone())
-        return torch.zeros_like(x)
+        return x
     indices = torch.arange(0, len(data.train_y), 2)
-    for x, y in train_batches(data, indices, 2, torch.device("cpu"), 0, batch_fn=batch_fn,
-                              train_transform=cim.autoaugment):
+    for x, y in train_batches(data, indices, 2, torch.device("cpu"), 0, batch_fn=batch_fn):
         assert torch.equal(y, data.train_y[seen[-1]])
-        if path == "file":  # after the transform: the batch itself is what batch_fn returned
-            assert (x == 0).all()
     assert set(torch.cat(seen).tolist()) == set(indices.tolist())
