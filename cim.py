@@ -483,11 +483,13 @@ def epoch_batches(data, train_idx, batch_size, device, ctx, prob, args):
     then augmented. Small images: train_batches (padded crop + flip after the compression). Large images: a
     shuffled order of whole batches as train_batches makes it (the last wraps around; torchrun: this rank's
     slice of each), then view_batches."""
-    pick = ~ctx["new_mask"] | (torch.rand(len(ctx["new_mask"]), device=ctx["new_mask"].device) < prob)
+    pick = ~ctx["new_mask"]  # prob 0 draws nothing: the base phase's batches are then train_batches' own
+    pick = pick | (torch.rand(len(pick), device=pick.device) < prob) if prob > 0 else pick
     boxes = torch.where(pick[:, None], ctx["box_table"], torch.tensor(FULL, device=pick.device))
-    if data.on_device:
-        return train_batches(data, train_idx, batch_size, device, args.workers, batch_fn=lambda x, i: compress_images(
-            x.permute(0, 3, 1, 2), boxes[i], args.eta).permute(0, 2, 3, 1).contiguous())
+    if data.on_device:  # without a box to apply (base phase, FOSTER arm): train_batches as it is
+        fn = lambda x, i: compress_images(x.permute(0, 3, 1, 2), boxes[i], args.eta).permute(0, 2, 3, 1).contiguous()
+        return train_batches(data, train_idx, batch_size, device, args.workers,
+                             batch_fn=fn if (boxes[:, 2] < FULL[2]).any() else None)
     import torchvision.transforms as T
     n, world, steps = len(train_idx), dist.world_size(), -(-len(train_idx) // batch_size)
     perm = dist.broadcast_(torch.randperm(n))

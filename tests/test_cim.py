@@ -260,6 +260,61 @@ def test_grow_and_compress_keep_the_old_model():
     assert torch.allclose(student(x)[0][:, :3], old(x)[0], atol=1e-5)
 
 
+def test_base_phase_trains_as_bsce_ce_phase(tmp_path, capsys):
+    """Issue 20: cim.py's base phase learned at half the speed of bsce.py --loss ce. Given the same weights and RNG
+    state on a tiny Tiny-ImageNet layout, cim.py's base phase (run_stage: its batches, SGD, cosine or step lr, the
+    captured step) and bsce.py's CE phase (train_phase) print the same loss and accuracy every epoch, and the loss
+    falls. A scaled logit, a parameter left out, another weight decay, BN or the rationals in the wrong mode would
+    fail it. What differs is only the classifier's initialisation: the official SimpleLinear's (kaiming uniform,
+    linear gain: bound sqrt(3 / 64)), against nn.Linear's 1 / sqrt(64) in bsce.py."""
+    import bsce
+    from common.models import to_channels_last
+    root = tmp_path / "tiny-imagenet-200"
+    wnids = [f"n{c:02d}" for c in range(4)]
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    g = torch.Generator().manual_seed(0)
+    from PIL import Image
+    for c, w in enumerate(wnids):  # a colour a class, plus noise
+        (root / "train" / w / "images").mkdir(parents=True)
+        for i in range(6):
+            im = torch.tensor([80 * c, 240 - 80 * c, 120]) + torch.rand(32, 32, 3, generator=g) * 15
+            Image.fromarray(im.to(torch.uint8).numpy()).save(root / "train" / w / "images" / f"{w}_{i}.JPEG")
+    (root / "val" / "val_annotations.txt").write_text("")
+    flags = ["--dataset", "tinyimagenet", "--data-dir", str(tmp_path), "--image-size", "16", "--device", "cpu",
+             "--backbone", "resnet32", "--epochs", "5", "--milestones", "4", "--batch-size", "8", "--lr", "0.02"]
+    cargs = cim.parse_args(flags + ["--boost-epochs", "5", "--compress-epochs", "5", "--no-cim"])
+    bargs = bsce.parse_args(flags + ["--loss", "ce", "--weight-decay", "5e-4"])
+    data, device, idx = load_dataset("tinyimagenet", str(tmp_path), torch.device("cpu"), image_size=16), \
+        torch.device("cpu"), torch.arange(24)
+    torch.manual_seed(0)
+    foster = to_channels_last(cim.build_model(cargs, 4), device)
+    bound = math.sqrt(3 / 64)  # official SimpleLinear: kaiming_uniform_(nonlinearity="linear")
+    assert foster.fc.bias is None and foster.fc.weight.abs().max() <= bound and foster.fc.weight.std() > 0.8 / 8
+    net = bsce.build_model(bargs, device)
+    net.classifier.add_classes(4)
+    net.backbone.load_state_dict(foster.backbones[0].state_dict(), strict=False)  # all but the rationals' phi
+    with torch.no_grad():
+        net.classifier.heads[0].copy_(foster.fc.weight)
+        net.classifier.biases[0].zero_().requires_grad_(False)  # CIM's classifier has no bias
+    torch.manual_seed(1)
+    ctx = {"prob": 0.0, "new_idx": idx, "new_mask": torch.ones(24, dtype=torch.bool),
+           "box_table": torch.tensor(cim.FULL).repeat(24, 1)}
+    cim.run_stage(foster, foster, data, idx, ctx, cargs, device, epochs=5, label="phase 0",  # as run() calls it
+                  weight_decay=cargs.weight_decay,
+                  params=[p for n, p in foster.named_parameters() if p.requires_grad and "ratl" not in n])
+    ours = re.findall(r"loss (\S+) train-acc (\S+)", capsys.readouterr().out)
+    torch.manual_seed(1)
+    bsce.train_phase(net, None, data, idx, torch.full((4,), 6), 0, 0.0, bargs, device, epochs=5, lr=0.02,
+                     milestones=[4], params=[p for p in net.parameters() if p.requires_grad], label="phase 0",
+                     loss_name="ce")
+    theirs = re.findall(r"loss (\S+) train-acc (\S+)", capsys.readouterr().out)
+    assert len(ours) == len(theirs) == 5
+    for (loss, acc), (loss_b, acc_b) in zip(ours, theirs):
+        assert float(loss) == pytest.approx(float(loss_b), abs=2e-3) and acc == acc_b
+    assert float(ours[-1][0]) < 0.8 * float(ours[0][0])
+
+
 def test_bad_input_is_one_line_error():
     with pytest.raises(UserError, match="--eta"):
         cim.main(["--smoke", "--device", "cpu", "--eta", "0.5"])
