@@ -72,11 +72,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.batches import eval_batches, train_batches
+from common import dist
 from common.data import SHAPES, SMALL_IMAGE_DATASETS, add_data_flags, indices_of, load_protocol, phase_splits
-from common.dist import average_gradients, per_rank, shard
 from common.evaluation import evaluate, results_from_rows
 from common.graph import CapturedStep
-from common.memory import check_budget, exemplars_per_class, extract_features, herding
+from common.memory import check_budget, exemplars_per_class, herding
 from common.models import count_parameters, create_backbone, to_channels_last
 from common.checkpoints import default_out_dir, end_phase, open_run, resume_point
 from common.device import autocast, seed_everything, setup_device
@@ -95,8 +95,8 @@ DATASET_DEFAULTS = {
     "tinyimagenet": dict(R18, data_dir="data", base_classes=20, increment=20, memory_total=4000, beta1=0.97),
     "synthetic": dict(data_dir="", backbone="resnet32", base_classes=10, increment=5, memory_total=100, beta1=0.95),
 }
-SMOKE = dict(dataset="synthetic", image_size=16, batch_size=8, lr=0.02, epochs=2, boost_epochs=2, compress_epochs=2,
-             cam_interval=1, meta_batch_size=4, meta_iters_per_class=0.2)
+SMOKE = dict(dataset="synthetic", image_size=16, train_per_class=12, batch_size=8, lr=0.02, epochs=2, boost_epochs=2,
+             compress_epochs=2, cam_interval=1, meta_batch_size=4, meta_iters_per_class=0.2)
 RELU_NUMERATOR = (0.02997, 0.61699, 2.37296, 3.05863, 1.51874, 0.25143)  # a_0..a_5 and b_1..b_4 of a ReLU-like
 RELU_DENOMINATOR = (1.19073, 4.39714, 0.9076, 0.34694)  # rational (ours: least squares on [-3, 3], max |error| 0.030)
 
@@ -154,27 +154,33 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------- compression
-def compress_images(x: torch.Tensor, boxes: torch.Tensor, eta: float) -> torch.Tensor:
-    """Poster Fig. 2 / official utils/transform.py: nearest down by sqrt(eta) a side and back up, with the box
-    (y0, x0, y1, x1; rows y0..y1-1) kept at full resolution. x: (N, C, H, W), any dtype; a full box = identity."""
+FULL = (0, 0, 1 << 30, 1 << 30, 1 << 30, 1 << 30)  # box table row (y0, x0, y1, x1, H, W): no box, cost 1
+
+
+def compress_images(x: torch.Tensor, boxes: torch.Tensor, eta: float, mode="nearest-exact") -> torch.Tensor:
+    """Poster Fig. 2 / official utils/transform.py BbxBlur: nearest down to int(side / sqrt(eta)) and back up (PIL's
+    NEAREST = "nearest-exact"; the meta step's torch code uses "nearest"), the box (y0, x0, y1, x1; rows y0..y1-1)
+    kept at full resolution. x: (N, C, H, W), any dtype; boxes: (N, 4+); a full box = identity."""
     h, w = x.shape[2:]
     small = (int(h / math.sqrt(eta)), int(w / math.sqrt(eta)))
-    coarse = F.interpolate(F.interpolate(x.float(), size=small, mode="nearest"), size=(h, w), mode="nearest")
+    coarse = F.interpolate(F.interpolate(x.float(), size=small, mode=mode), size=(h, w), mode=mode)
     rows, cols = torch.arange(h, device=x.device)[None, :, None], torch.arange(w, device=x.device)[None, None, :]
-    b = boxes.to(x.device)[:, :, None, None]
+    b = boxes.to(x.device)[:, :4, None, None]
     inside = (rows >= b[:, 0]) & (rows < b[:, 2]) & (cols >= b[:, 1]) & (cols < b[:, 3])
     return torch.where(inside[:, None], x, coarse.to(x.dtype))
 
 
-def compression_cost(boxes: torch.Tensor, h: int, w: int, eta: float) -> torch.Tensor:
-    """Memory cost in full images (poster): box fraction + (1/eta) * the rest."""
-    frac = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).float() / (h * w)
-    return frac + (1 - frac) / eta
+def compression_cost(boxes: torch.Tensor, eta: float) -> torch.Tensor:
+    """Memory cost in full images (official BbxBlur compress_rate): box fraction of the original image (H x W) +
+    (1/eta) x the rest. boxes: (N, 6) rows (y0, x0, y1, x1, H, W)."""
+    b = boxes.double()
+    frac = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) / (b[:, 4] * b[:, 5])
+    return (frac + (1 - frac) / eta).float()
 
 
 def cam_boxes(cams: torch.Tensor, size: tuple, tau: float) -> torch.Tensor:
-    """Official _gen_bbx: min-max normalise each CAM (N, h, w), bilinear up to `size`, threshold (> tau), tight
-    box (y0, x0, y1, x1). An empty mask gives the full image (no compression)."""
+    """Official _gen_bbx: min-max normalise each CAM (N, h, w), bilinear up to `size` (the original image's), threshold
+    (> tau), tight box (y0, x0, y1, x1). An empty mask gives the full image (no compression)."""
     cams = cams - cams.amin((1, 2), keepdim=True)
     cams = cams / cams.amax((1, 2), keepdim=True).clamp(min=1e-12)
     mask = F.interpolate(cams[:, None].float(), size=size, mode="bilinear")[:, 0] > tau
@@ -344,7 +350,8 @@ def meta_step(model, phi_optimizer, batch, next_batch, weights, num_old, inner_l
     cams = (cams / cams.amax((1, 2), keepdim=True).clamp(min=1e-12))[:, None]
     reg_loss = (cams ** 2).mean()
     cams = F.interpolate(cams, size=x.shape[2:], mode="bilinear")
-    hybrid = cams * x + (1 - cams) * compress_images(x, torch.zeros(len(x), 4, dtype=torch.long), args.eta)
+    coarse = compress_images(x, torch.zeros(len(x), 4, dtype=torch.long), args.eta, "nearest")  # official: torch's
+    hybrid = cams * x + (1 - cams) * coarse
     inner_loss, _ = host_loss(model, hybrid, y, weights, num_old, args.kd_temperature)
     fast = {n: p for n, p in model.named_parameters() if p.requires_grad and "ratl" not in n and "fc" not in n}
     grads = torch.autograd.grad(inner_loss, list(fast.values()), create_graph=True)
@@ -352,7 +359,7 @@ def meta_step(model, phi_optimizer, batch, next_batch, weights, num_old, inner_l
     outer_loss = F.cross_entropy(torch.func.functional_call(model, fast, (x2,))[0], y2) + \
         args.div_coef * div_loss + args.reg_coef * reg_loss
     outer_loss.backward(inputs=phi)
-    average_gradients(phi)  # torchrun: the ranks' mean, before clipping (a step that is not a CapturedStep)
+    dist.average_gradients(phi)  # torchrun: the ranks' mean, before clipping (a step that is not a CapturedStep)
     nn.utils.clip_grad_norm_(phi, max_norm)
     phi_optimizer.step()
     phi_optimizer.zero_grad(set_to_none=True)
@@ -360,47 +367,99 @@ def meta_step(model, phi_optimizer, batch, next_batch, weights, num_old, inner_l
 
 
 # ----------------------------------------------------------------------------------------------- memory
+class FileViews(torch.utils.data.Dataset):
+    """Large images as the official DataManager serves them (utils/data_manager.py DummyDataset): the original image,
+    compressed first where its box (y0, x0, y1, x1, original coordinates) leaves part out (BbxBlur), then the
+    transform. Items: (image, original (H, W))."""
+
+    def __init__(self, files, tf, boxes, eta):
+        self.files, self.tf, self.boxes, self.eta = files, tf, boxes, eta
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        import torchvision.transforms.functional as TF
+        from PIL import Image
+        with Image.open(self.files[i]) as im:
+            im = im.convert("RGB")
+        y0, x0, y1, x1 = self.boxes[i, :4].tolist()
+        if y0 > 0 or x0 > 0 or y1 < im.height or x1 < im.width:
+            im = TF.to_pil_image(compress_images(TF.pil_to_tensor(im)[None], self.boxes[i:i + 1], self.eta)[0])
+        return self.tf(im), torch.tensor([im.height, im.width])
+
+
+def view_batches(data, idx, device, workers=0, boxes=None, eta=1.0, batch_size=1000, view="test"):
+    """(x, y, original (H, W)) batches of training images `idx` in order, each compressed with its box (`boxes`,
+    aligned with idx; None: none), then the `view`: "test" (eval view; official _construct_exemplar), "cam"
+    (official cam_trsf: Resize((S, S)) of the whole image) or a list of PIL transforms (training). Small images:
+    the image itself, on the device. Large images: a DataLoader whose workers start anew each call (as the
+    official loaders each epoch), so they see the boxes of the moment."""
+    boxes = torch.tensor([FULL]).expand(len(idx), 6) if boxes is None else boxes.cpu()
+    if data.on_device:
+        for s, (x, y) in enumerate(eval_batches(data, idx, device, "train", batch_size, workers)):
+            yield compress_images(x, boxes[s * batch_size:(s + 1) * batch_size], eta), y, \
+                torch.tensor([[data.image_size] * 2]).expand(len(y), 2)
+        return
+    import torchvision.transforms as T
+    s = data.image_size
+    tf = view if isinstance(view, list) else {"test": [T.Resize(int(s * 256 / 224)), T.CenterCrop(s)],
+                                              "cam": [T.Resize((s, s))]}[view]
+    loader = torch.utils.data.DataLoader(
+        FileViews([data.train_files[i] for i in idx.tolist()], T.Compose(tf + [T.ToTensor(), T.Normalize(
+            data.mean, data.std)]), boxes, eta), batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+        worker_init_fn=dist.seed_worker if dist.active() else None)
+    for (x, hw), sl in zip(loader, idx.split(batch_size)):
+        yield x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last), \
+            data.train_y[sl].to(device), hw
+
+
 @torch.no_grad()
 def set_boxes(model, data, idx, box_table, tau, device, workers=0):
-    """box_table[idx] = the CIM boxes of training images `idx`: the rational branch's CAM of the true class."""
+    """box_table[idx] = (box, original size) of training images `idx` (official _gen_bbx): the rational branch's CAM
+    of the true class on the CAM view of the whole image, its box in the original image's coordinates."""
     model.eval()
     set_rational(model, True)
-    boxes = [cam_boxes(torch.einsum("nc,nchw->nhw", model.fc.weight[y], model.outputs(x)[2]), x.shape[2:], tau)
-             for x, y in eval_batches(data, idx, device, "train", workers=workers)]
+    rows = []
+    for x, y, hw in view_batches(data, idx, device, workers, view="cam"):
+        cams = torch.einsum("nc,nchw->nhw", model.fc.weight[y], model.outputs(x)[2])
+        boxes = cam_boxes(cams, tuple(hw[0].tolist()), tau) if (hw == hw[0]).all() else \
+            torch.cat([cam_boxes(c[None], tuple(size), tau) for c, size in zip(cams, hw.tolist())])
+        rows.append(torch.cat([boxes.cpu(), hw], 1))
     set_rational(model, False)
-    if boxes:
-        box_table[idx.to(box_table.device)] = torch.cat(boxes).to(box_table.device)
+    if rows:
+        box_table[idx.to(box_table.device)] = torch.cat(rows).to(box_table.device)
 
 
+@torch.no_grad()
 def compressed_features(model, data, idx, boxes, eta, device, workers=0) -> torch.Tensor:
-    """Features of training images `idx` (eval mode), each compressed with its box (`boxes`: (len(idx), 4))."""
+    """Features (eval mode) of training images `idx`, each compressed with its box (`boxes`: (len(idx), 6)) and
+    seen in the eval view. torchrun: each rank every N-th batch, gathered (common.dist.shard / gather)."""
     model.eval()
-    chunks = iter(shard(boxes, 1000).split(1000))  # the boxes of each batch of extract_features (batch 1000) on
-    # this rank (torchrun: every N-th batch), in order
-    return extract_features(lambda x: model(compress_images(x, next(chunks), eta))[1], data, idx, device,
-                            batch_size=1000, workers=workers)
+    mine = dist.shard(torch.arange(len(idx)), 1000)
+    out = [model(x)[1].float() for x, _, _ in view_batches(data, idx[mine], device, workers, boxes[mine], eta)]
+    return dist.gather(out, len(idx), 1000) if len(idx) else torch.empty(0, device=device)
 
 
 def select_compressed(model, data, classes, boxes, budget, eta, device, workers=0) -> dict:
     """Herding on the compressed images (official _construct_exemplar) while the cumulative cost fits the class
-    budget. Returns {class: (n, 5) rows (training index, y0, x0, y1, x1)}, herding order. `boxes`: (N_train, 4)."""
+    budget. Returns {class: (n, 7) rows (training index, y0, x0, y1, x1, H, W)}, herding order. boxes: (N_train, 6)."""
     memory = {}
     for c in classes:
         idx = indices_of(data.train_y, c, c + 1)
         feats = compressed_features(model, data, idx, boxes[idx], eta, device, workers)
         order = idx[herding(feats, min(len(idx), int(budget * eta) + 1)).cpu()]  # at most eta * budget fit
         memory[c] = torch.cat([order[:, None], boxes[order]], 1)
-    return reduce_compressed(memory, budget, data.image_size, eta)
+    return reduce_compressed(memory, budget, eta)
 
 
-def reduce_compressed(memory: dict, budget: float, size: int, eta: float) -> dict:
+def reduce_compressed(memory: dict, budget: float, eta: float) -> dict:
     """Official _reduce_exemplar: keep the herding-order prefix whose cumulative cost fits the new budget."""
-    return {c: rows[:budget_prefix(compression_cost(rows[:, 1:], size, size, eta), budget)]
-            for c, rows in memory.items()}
+    return {c: rows[:budget_prefix(compression_cost(rows[:, 1:], eta), budget)] for c, rows in memory.items()}
 
 
 def memory_rows(memory: dict) -> torch.Tensor:
-    return torch.cat([memory[c] for c in sorted(memory)]) if memory else torch.empty(0, 5, dtype=torch.long)
+    return torch.cat([memory[c] for c in sorted(memory)]) if memory else torch.empty(0, 7, dtype=torch.long)
 
 
 def nme_means(model, data, memory, total, eta, device, workers=0):
@@ -418,16 +477,28 @@ def autoaugment(size):
             T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)]
 
 
-def make_batch_fn(box_table, new_mask, prob, eta):
-    """Compress the memory exemplars always (FOSTER arm: full boxes, no change) and new-class images with
-    probability `prob` (official randombbxblur), before augmentation (uint8 NHWC) or after it (float NCHW)."""
-    def fn(x, idx):
-        pick = ~new_mask[idx] | (torch.rand(len(idx), device=x.device) < prob)
-        boxes = torch.where(pick[:, None], box_table[idx], torch.tensor([0, 0, 1 << 30, 1 << 30], device=x.device))
-        if x.dtype == torch.uint8:
-            return compress_images(x.permute(0, 3, 1, 2), boxes, eta).permute(0, 2, 3, 1).contiguous()
-        return compress_images(x, boxes, eta)
-    return fn
+def epoch_batches(data, train_idx, batch_size, device, ctx, prob, args):
+    """An epoch's training batches in the official order: the memory exemplars compressed with their boxes (FOSTER
+    arm: full boxes), each new-class image with probability `prob` (official randombbxblur; drawn once an epoch),
+    then augmented. Small images: train_batches (padded crop + flip after the compression). Large images: a
+    shuffled order of whole batches as train_batches makes it (the last wraps around; torchrun: this rank's
+    slice of each), then view_batches."""
+    pick = ~ctx["new_mask"]  # prob 0 draws nothing: the base phase's batches are then train_batches' own
+    pick = pick | (torch.rand(len(pick), device=pick.device) < prob) if prob > 0 else pick
+    boxes = torch.where(pick[:, None], ctx["box_table"], torch.tensor(FULL, device=pick.device))
+    if data.on_device:  # without a box to apply (base phase, FOSTER arm): train_batches as it is
+        fn = lambda x, i: compress_images(x.permute(0, 3, 1, 2), boxes[i], args.eta).permute(0, 2, 3, 1).contiguous()
+        return train_batches(data, train_idx, batch_size, device, args.workers,
+                             batch_fn=fn if (boxes[:, 2] < FULL[2]).any() else None)
+    import torchvision.transforms as T
+    n, world, steps = len(train_idx), dist.world_size(), -(-len(train_idx) // batch_size)
+    perm = dist.broadcast_(torch.randperm(n))
+    order = train_idx[perm.repeat(-(-steps * batch_size // n))[:steps * batch_size]]
+    order = order.view(steps, world, -1)[:, dist.rank()].reshape(-1)
+    augment = [T.RandomResizedCrop(data.image_size), T.RandomHorizontalFlip()] if args.no_autoaugment else \
+        autoaugment(data.image_size)
+    return ((x, y) for x, y, _ in view_batches(data, order, device, args.workers, boxes[order.to(boxes.device)],
+                                              args.eta, batch_size // world, augment))
 
 
 def run_stage(model, step_model, data, train_idx, ctx, args, device, *, epochs, params, weight_decay, label,
@@ -453,17 +524,14 @@ def run_stage(model, step_model, data, train_idx, ctx, args, device, *, epochs, 
         if teacher is None and model.fe_fc is not None:
             model.backbones[0].eval()  # official FOSTER.train(): the old backbone's BN stays fixed
         stats = stage.running(torch.zeros(2, device=device))
-        for x, y in stage.batches(train_batches(
-                data, train_idx, args.batch_size, device, args.workers, train_transform=ctx["tf"],
-                batch_fn=make_batch_fn(ctx["box_table"], ctx["new_mask"], ctx["prob"], args.eta))):
+        for x, y in stage.batches(epoch_batches(data, train_idx, args.batch_size, device, ctx, ctx["prob"], args)):
             stats += captured(x, y)
         if meta is not None:
             model.eval()
             inner_lr = optimizer.param_groups[0]["lr"] * args.lr_ratio
-            plain = make_batch_fn(ctx["box_table"], ctx["new_mask"], 0.0, args.eta)
-            batches = itertools.chain.from_iterable(  # cycles through the phase data (official: would stop)
-                train_batches(data, train_idx, args.meta_batch_size, device, args.workers, stream="meta",
-                              batch_fn=plain, train_transform=ctx["tf"]) for _ in itertools.count())
+            batches = itertools.chain.from_iterable(  # cycles through the phase data (official: would stop); new
+                epoch_batches(data, train_idx, args.meta_batch_size, device, ctx, 0.0, args)  # images uncompressed
+                for _ in itertools.count())
             losses = [meta_step(model, meta["optimizer"], next(batches), next(batches), weights, num_old, inner_lr,
                                 args, meta["max_norm"]) for _ in range(meta["iters"])]
             meta["scheduler"].step()
@@ -473,7 +541,7 @@ def run_stage(model, step_model, data, train_idx, ctx, args, device, *, epochs, 
         steps = -(-len(train_idx) // args.batch_size)
         check_finite(loss_sum + (meta_loss if meta is not None and meta["iters"] else 0.0),
                      f"{label} epoch {epoch + 1}", "a lower --lr or --meta-lr, or --no-amp")
-        acc = 100 * correct / (steps * per_rank(args.batch_size))  # torchrun: counts of one rank's share
+        acc = 100 * correct / (steps * dist.per_rank(args.batch_size))  # torchrun: counts of one rank's share
         stage.report(epoch, f"loss {loss_sum / steps:.3f} train-acc {acc:.1f}"
                      f"{f' meta {meta_loss:.3f}' if meta else ''}")
     return stage.images_per_s()
@@ -535,7 +603,6 @@ def run(args):
     rows, start_phase = resume_point(ckpt)  # after the model's layers: restores the RNG state
     print(f"backbone {args.backbone}: {count_parameters(model.backbones[0]):,} parameters")
     print(f"{'phase':>5} {'classes':>7} {'CNN':>6} {'NME':>6} {'student':>7} {'ex/cls':>6} {'time':>7}")
-    size = data.image_size
 
     for phase in range(start_phase, len(splits)):
         phase_start = time.time()
@@ -544,8 +611,7 @@ def run(args):
         rows_mem = memory_rows(memory)
         train_idx = torch.cat([new_idx, rows_mem[:, 0]])
         ctx = {"prob": 0.0, "new_idx": new_idx, "new_mask": data.train_y.to(device) >= first,  # later: never drawn
-               "box_table": torch.tensor([0, 0, size, size], device=device).repeat(len(data.train_y), 1),
-               "tf": None if data.on_device or args.no_autoaugment else autoaugment}  # official: large images
+               "box_table": torch.tensor(FULL, device=device).repeat(len(data.train_y), 1)}
         ctx["box_table"][rows_mem[:, 0].to(device)] = rows_mem[:, 1:].to(device)  # the exemplars' boxes
         if phase == 0:
             teacher, weights = model, None
@@ -573,7 +639,7 @@ def run(args):
         budget = exemplars_per_class(total, None, args.memory_total, rounding="floor")  # PyCIL: floor(M / seen)
         if not args.no_cim:  # boxes of the new classes from the teacher's rational branch
             set_boxes(teacher, data, new_idx, ctx["box_table"], args.tau, device, args.workers)
-        memory = reduce_compressed(memory, budget, size, args.eta)  # then herding under the class budget
+        memory = reduce_compressed(memory, budget, args.eta)  # then herding under the class budget
         memory.update(select_compressed(teacher, data, range(first, total), ctx["box_table"].cpu(), budget,
                                         args.eta, device, args.workers))
         # official trainer.py: eval_task scores self._network, the teacher (the student only from the next task,
@@ -584,7 +650,7 @@ def run(args):
             model.eval(), data, splits, phase, device, nme_means(model, data, memory, total, args.eta, device,
                                                                  args.workers), args.workers)
         per_class = [len(memory[c]) for c in range(total)]
-        cost = compression_cost(memory_rows(memory)[:, 1:], size, size, args.eta)
+        cost = compression_cost(memory_rows(memory)[:, 1:], args.eta)
         row = {"phase": phase, "known_classes": first, "total_classes": total, **result,
                **{f"student_{k}": v for k, v in student.items()},
                "class_budget": budget, "memory_size": len(cost), "memory_cost": cost.sum().item(),

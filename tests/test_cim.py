@@ -5,17 +5,17 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
-from conftest import run_script
 
 import cim  # noqa: E402
 from common.data import apply_class_order, class_order, load_dataset  # noqa: E402
 from common.evaluation import evaluate  # noqa: E402
 from common.memory import herding  # noqa: E402
 from common.errors import UserError  # noqa: E402
+from common.stop import run_main  # noqa: E402
 
 RESULT_KEYS = {"method", "finished", "args", "class_order", "normalization", "backbone", "memory_policy",
                "acc_per_phase", "nme_acc_per_phase", "avg_inc_acc", "last_acc", "forgetting", "nme_avg_inc_acc",
@@ -25,27 +25,38 @@ RESULT_KEYS = {"method", "finished", "args", "class_order", "normalization", "ba
 
 
 # ----------------------------------------------------------------------------------------------- compression
-def test_compression_keeps_the_box_and_is_nearest_down_up_outside():
+def test_compression_keeps_the_box_and_is_the_official_bbx_blur_outside():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 8, 8, generator=g)
     boxes = torch.tensor([[1, 2, 5, 7], [0, 0, 0, 0]])  # (y0, x0, y1, x1); the second: no box at all
     out = cim.compress_images(x, boxes, eta=4)
-    coarse = x[:, :, ::2, ::2].repeat_interleave(2, 2).repeat_interleave(2, 3)  # by hand: keep every 2nd pixel
+    coarse = x[:, :, 1::2, 1::2].repeat_interleave(2, 2).repeat_interleave(2, 3)  # by hand: PIL NEAREST's centres
     inside = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
     inside[0, :, 1:5, 2:7] = True
     assert torch.equal(out, torch.where(inside, x, coarse))
-    assert torch.equal(out[0, :, 1:5, 2:7], x[0, :, 1:5, 2:7])
-    assert not torch.equal(out[1], x[1])
     assert torch.equal(cim.compress_images(x, torch.tensor([[0, 0, 8, 8]] * 2), 4), x)  # full box: identity
     u8 = (x * 255).to(torch.uint8)  # the small-image path compresses uint8 exactly
     assert torch.equal(cim.compress_images(u8, boxes, 4), (torch.where(inside, x, coarse) * 255).to(torch.uint8))
+    # the official utils/transform.py BbxBlur (PIL NEAREST down to int(side / 2) and up, the box pasted back) on
+    # an odd-sized image; the meta step's torch "nearest" differs
+    from PIL import Image
+    im = Image.fromarray(torch.randint(0, 256, (13, 21, 3), generator=g, dtype=torch.uint8).numpy())
+    box = (3, 5, 10, 9)  # y0, x0, y1, x1
+    ref = im.resize((10, 6), Image.NEAREST).resize((21, 13), Image.NEAREST)
+    ref.paste(im.crop((box[1], box[0], box[3], box[2])), (box[1], box[0], box[3], box[2]))
+    t = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None]
+    assert torch.equal(cim.compress_images(t, torch.tensor([box]), 4)[0].permute(1, 2, 0), torch.from_numpy(
+        np.array(ref)))
+    assert not torch.equal(cim.compress_images(t, torch.tensor([box]), 4, "nearest"),
+                           cim.compress_images(t, torch.tensor([box]), 4))
 
 
 def test_cost_formula_on_hand_made_boxes():
-    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 0, 0], [0, 0, 5, 10], [2, 2, 4, 7]])
-    cost = cim.compression_cost(boxes, 10, 10, eta=4)
-    # box fraction + (1 - fraction) / eta: 1, 1/4, 0.5 + 0.5/4, 0.1 + 0.9/4
-    assert cost.tolist() == pytest.approx([1.0, 0.25, 0.625, 0.325])
+    boxes = torch.tensor([[0, 0, 10, 10, 10, 10], [0, 0, 0, 0, 10, 10], [0, 0, 5, 10, 10, 10], [2, 2, 4, 7, 10, 10],
+                          [0, 0, 5, 10, 10, 20], list(cim.FULL)])  # (box, H, W); FULL: no box
+    cost = cim.compression_cost(boxes, eta=4)
+    # box fraction of H x W + (1 - fraction) / eta: 1, 1/4, 0.5 + 0.5/4, 0.1 + 0.9/4, 0.25 + 0.75/4, 1
+    assert cost.tolist() == pytest.approx([1.0, 0.25, 0.625, 0.325, 0.4375, 1.0])
 
 
 def test_cam_boxes_are_the_tight_box_of_the_thresholded_map():
@@ -69,8 +80,8 @@ class FlatFeatures(nn.Module):
 def small_box_data():
     data = load_dataset("synthetic", "", torch.device("cpu"), image_size=16)
     apply_class_order(data, class_order(20, 1993))
-    boxes = torch.tensor([[4, 4, 8, 8]]).repeat(len(data.train_y), 1)  # 1/16 of the image: cost 0.296875
-    boxes[::3] = torch.tensor([0, 0, 16, 16])                            # every third image: full (cost 1)
+    boxes = torch.tensor([[4, 4, 8, 8, 16, 16]]).repeat(len(data.train_y), 1)  # 1/16 of the image: cost 0.296875
+    boxes[::3] = torch.tensor(cim.FULL)                                         # every third image: none (cost 1)
     return data, boxes
 
 
@@ -82,7 +93,7 @@ def test_herding_under_a_fractional_budget():
         rows = memory[c]
         idx = rows[:, 0]
         assert (data.train_y[idx] == c).all() and torch.equal(rows[:, 1:], boxes[idx])
-        cost = cim.compression_cost(rows[:, 1:], 16, 16, 4.0)
+        cost = cim.compression_cost(rows[:, 1:], 4.0)
         assert cost.sum() <= budget and len(rows) > budget  # more exemplars than the uncompressed budget
         # the herding order on the compressed images, and the next exemplar would not have fitted
         all_idx = torch.nonzero(data.train_y == c).flatten()
@@ -92,16 +103,84 @@ def test_herding_under_a_fractional_budget():
         order = all_idx[herding(feats, len(all_idx))]
         assert torch.equal(idx, order[:len(idx)])
         if len(idx) < len(order):
-            assert cost.sum() + cim.compression_cost(boxes[order[len(idx)]][None], 16, 16, 4.0)[0] > budget
+            assert cost.sum() + cim.compression_cost(boxes[order[len(idx)]][None], 4.0)[0] > budget
 
 
 def test_reduction_keeps_a_fitting_prefix():
-    rows = torch.tensor([[7, 0, 0, 0, 0], [3, 0, 0, 16, 16], [9, 0, 0, 0, 0], [4, 0, 0, 0, 0]])  # cost .25,1,.25,.25
-    reduced = cim.reduce_compressed({0: rows}, 1.4, 16, 4.0)[0]
+    rows = torch.tensor([[7, 0, 0, 0, 0, 16, 16], [3, 0, 0, 16, 16, 16, 16], [9, 0, 0, 0, 0, 16, 16],
+                         [4, 0, 0, 0, 0, 16, 16]])  # cost .25, 1, .25, .25
+    reduced = cim.reduce_compressed({0: rows}, 1.4, 4.0)[0]
     assert torch.equal(reduced, rows[:2])  # 1.25 fits, 1.5 does not
-    assert torch.equal(cim.reduce_compressed({0: rows}, 1.75, 16, 4.0)[0], rows)
-    assert len(cim.reduce_compressed({0: rows}, 0.2, 16, 4.0)[0]) == 0
+    assert torch.equal(cim.reduce_compressed({0: rows}, 1.75, 4.0)[0], rows)
+    assert len(cim.reduce_compressed({0: rows}, 0.2, 4.0)[0]) == 0
     assert cim.budget_prefix(torch.tensor([0.5, 0.5, 0.5]), 1) == 2
+
+
+class RedCam(nn.Module):
+    """A stand-in model whose CAM of every class is the red channel of its input (feature map = red channel, fc 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(1, 2, bias=False)
+        nn.init.ones_(self.fc.weight)
+
+    def outputs(self, x):
+        maps = x[:, :1].float()
+        return self.fc(maps.mean((2, 3))), maps.mean((2, 3)), maps
+
+    def forward(self, x):
+        return self.outputs(x)[:2]
+
+
+def test_large_images_compressed_in_original_coordinates_before_the_crop(tmp_path, monkeypatch):
+    """Official order (models/base.py _gen_bbx, utils/data_manager.py DummyDataset) on a tiny Food-101 layout of
+    48 x 24 images whose red channel marks rows 6-17, columns 24-41: the CAM of the whole image's Resize((16, 16))
+    view gives that box in original coordinates (not in the 16-px eval crop's); the training transform receives
+    the original image compressed with it (BbxBlur), before its crop; the stored cost is BbxBlur's compress_rate
+    on the original's 48 x 24 pixels."""
+    from PIL import Image
+    import torchvision.transforms as T
+    root = tmp_path / "food-101"
+    (root / "meta").mkdir(parents=True)
+    (root / "meta" / "classes.txt").write_text("a\nb\n")
+    g = torch.Generator().manual_seed(0)
+    for c in "ab":
+        (root / "images" / c).mkdir(parents=True)
+        for i in range(2):
+            im = torch.randint(0, 256, (24, 48, 3), generator=g, dtype=torch.uint8)
+            im[:, :, 0] = 0
+            im[6:18, 24:42, 0] = 255
+            Image.fromarray(im.numpy()).save(root / "images" / c / f"{i}.jpg", format="PNG")  # lossless
+    (root / "meta" / "train.txt").write_text("a/0\na/1\nb/0\nb/1\n")
+    (root / "meta" / "test.txt").write_text("a/0\nb/0\n")
+    data = load_dataset("food101", str(tmp_path), torch.device("cpu"), image_size=16)
+    assert not data.on_device
+    table = torch.tensor([cim.FULL] * 4)
+    cim.set_boxes(RedCam(), data, torch.arange(4), table, 0.6, torch.device("cpu"))
+    assert table.tolist() == [[6, 24, 18, 42, 24, 48]] * 4  # y0, x0, y1, x1, H, W of the original
+    seen = []  # what the training transform receives
+
+    def record(im):
+        seen.append(torch.from_numpy(np.array(im)))
+        return im
+    monkeypatch.setattr(cim, "autoaugment", lambda size: [T.Lambda(record), T.RandomResizedCrop(size)])
+    ctx = {"box_table": table, "new_mask": torch.zeros(4, dtype=torch.bool)}  # exemplars: always compressed
+    args = cim.parse_args(["--device", "cpu", "--workers", "0", "--eta", "4"])
+    batches = list(cim.epoch_batches(data, torch.arange(4), 2, torch.device("cpu"), ctx, 0.0, args))
+    assert len(batches) == 2 and batches[0][0].shape == (2, 3, 16, 16) and len(seen) == 4
+    refs = []  # the training images by hand: the original, nearest down to 24 x 12 and up, the box kept
+    for path in data.train_files:
+        orig = Image.open(path).convert("RGB")
+        ref = orig.resize((24, 12), Image.NEAREST).resize((48, 24), Image.NEAREST)
+        ref.paste(orig.crop((24, 6, 42, 18)), (24, 6, 42, 18))
+        refs.append(torch.from_numpy(np.array(ref)))
+        assert not torch.equal(refs[-1], torch.from_numpy(np.array(orig)))
+    assert sorted(next(i for i, r in enumerate(refs) if torch.equal(r, got)) for got in seen) == [0, 1, 2, 3]
+    memory = cim.select_compressed(RedCam(), data, [0, 1], table, 2, 4.0, torch.device("cpu"))
+    rate = 12 * 18 / (24 * 48)  # official compress_rate = box fraction + (1 - fraction) / compress_ratio
+    assert [len(r) for r in memory.values()] == [2, 2]
+    assert cim.compression_cost(cim.memory_rows(memory)[:, 1:], 4.0).tolist() == \
+        pytest.approx([rate + (1 - rate) / 4] * 4)
 
 
 # ----------------------------------------------------------------------------------------------- mask model
@@ -181,12 +260,67 @@ def test_grow_and_compress_keep_the_old_model():
     assert torch.allclose(student(x)[0][:, :3], old(x)[0], atol=1e-5)
 
 
+def test_base_phase_trains_as_bsce_ce_phase(tmp_path, capsys):
+    """Issue 20: cim.py's base phase learned at half the speed of bsce.py --loss ce. Given the same weights and RNG
+    state on a tiny Tiny-ImageNet layout, cim.py's base phase (run_stage: its batches, SGD, cosine or step lr, the
+    captured step) and bsce.py's CE phase (train_phase) print the same loss and accuracy every epoch, and the loss
+    falls. A scaled logit, a parameter left out, another weight decay, BN or the rationals in the wrong mode would
+    fail it. What differs is only the classifier's initialisation: the official SimpleLinear's (kaiming uniform,
+    linear gain: bound sqrt(3 / 64)), against nn.Linear's 1 / sqrt(64) in bsce.py."""
+    import bsce
+    from common.models import to_channels_last
+    root = tmp_path / "tiny-imagenet-200"
+    wnids = [f"n{c:02d}" for c in range(4)]
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    g = torch.Generator().manual_seed(0)
+    from PIL import Image
+    for c, w in enumerate(wnids):  # a colour a class, plus noise
+        (root / "train" / w / "images").mkdir(parents=True)
+        for i in range(6):
+            im = torch.tensor([80 * c, 240 - 80 * c, 120]) + torch.rand(32, 32, 3, generator=g) * 15
+            Image.fromarray(im.to(torch.uint8).numpy()).save(root / "train" / w / "images" / f"{w}_{i}.JPEG")
+    (root / "val" / "val_annotations.txt").write_text("")
+    flags = ["--dataset", "tinyimagenet", "--data-dir", str(tmp_path), "--image-size", "16", "--device", "cpu",
+             "--backbone", "resnet32", "--epochs", "5", "--milestones", "4", "--batch-size", "8", "--lr", "0.02"]
+    cargs = cim.parse_args(flags + ["--boost-epochs", "5", "--compress-epochs", "5", "--no-cim"])
+    bargs = bsce.parse_args(flags + ["--loss", "ce", "--weight-decay", "5e-4"])
+    data, device, idx = load_dataset("tinyimagenet", str(tmp_path), torch.device("cpu"), image_size=16), \
+        torch.device("cpu"), torch.arange(24)
+    torch.manual_seed(0)
+    foster = to_channels_last(cim.build_model(cargs, 4), device)
+    bound = math.sqrt(3 / 64)  # official SimpleLinear: kaiming_uniform_(nonlinearity="linear")
+    assert foster.fc.bias is None and foster.fc.weight.abs().max() <= bound and foster.fc.weight.std() > 0.8 / 8
+    net = bsce.build_model(bargs, device)
+    net.classifier.add_classes(4)
+    net.backbone.load_state_dict(foster.backbones[0].state_dict(), strict=False)  # all but the rationals' phi
+    with torch.no_grad():
+        net.classifier.heads[0].copy_(foster.fc.weight)
+        net.classifier.biases[0].zero_().requires_grad_(False)  # CIM's classifier has no bias
+    torch.manual_seed(1)
+    ctx = {"prob": 0.0, "new_idx": idx, "new_mask": torch.ones(24, dtype=torch.bool),
+           "box_table": torch.tensor(cim.FULL).repeat(24, 1)}
+    cim.run_stage(foster, foster, data, idx, ctx, cargs, device, epochs=5, label="phase 0",  # as run() calls it
+                  weight_decay=cargs.weight_decay,
+                  params=[p for n, p in foster.named_parameters() if p.requires_grad and "ratl" not in n])
+    ours = re.findall(r"loss (\S+) train-acc (\S+)", capsys.readouterr().out)
+    torch.manual_seed(1)
+    bsce.train_phase(net, None, data, idx, torch.full((4,), 6), 0, 0.0, bargs, device, epochs=5, lr=0.02,
+                     milestones=[4], params=[p for p in net.parameters() if p.requires_grad], label="phase 0",
+                     loss_name="ce")
+    theirs = re.findall(r"loss (\S+) train-acc (\S+)", capsys.readouterr().out)
+    assert len(ours) == len(theirs) == 5
+    for (loss, acc), (loss_b, acc_b) in zip(ours, theirs):
+        assert float(loss) == pytest.approx(float(loss_b), abs=2e-3) and acc == acc_b
+    assert float(ours[-1][0]) < 0.8 * float(ours[0][0])
+
+
 def test_bad_input_is_one_line_error():
     with pytest.raises(UserError, match="--eta"):
         cim.main(["--smoke", "--device", "cpu", "--eta", "0.5"])
 
 
-def test_milestones_are_checked_against_every_stage():
+def test_milestones_are_checked_against_every_stage(capsys):
     """--milestones decays the base, boosting and compression stages: each must be long enough (one line, exit 2)."""
     base = ["--dataset", "synthetic", "--device", "cpu", "--epochs", "6", "--milestones", "3", "5"]
     with pytest.raises(UserError, match=r"too short: --boost-epochs 4, --compress-epochs 2$"):
@@ -194,17 +328,28 @@ def test_milestones_are_checked_against_every_stage():
     with pytest.raises(UserError, match=r"too short: --compress-epochs 4$"):
         cim.parse_args(base + ["--boost-epochs", "6", "--compress-epochs", "4"])
     assert cim.parse_args(base + ["--boost-epochs", "5", "--compress-epochs", "5"]).milestones == [3, 5]
-    proc = run_script("cim.py", *base, "--boost-epochs", "4", "--compress-epochs", "6")
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "--boost-epochs 4" in proc.stderr
+    with pytest.raises(SystemExit) as exit_:
+        run_main(lambda: cim.main(base + ["--boost-epochs", "4", "--compress-epochs", "6"]))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and "--boost-epochs 4" in err
 
 
 # ----------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def paired_run(tmp_path_factory):
+    """`--smoke --paired` in this process (3 phases an arm), every evaluation recorded in order: (phase, number
+    of backbones, cnn_acc, cnn_acc_per_task); each arm evaluates phase 0's model, then teacher and student."""
     out = tmp_path_factory.mktemp("cim") / "paired"
-    proc = run_script("cim.py", "--smoke", "--paired", "--out-dir", str(out), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
+    seen = []
+
+    def spy(model, data, splits, phase, *a, **k):
+        result = evaluate(model, data, splits, phase, *a, **k)
+        seen.append((phase, len(model.backbones), result["cnn_acc"], result["cnn_acc_per_task"]))
+        return result
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cim, "evaluate", spy)
+        cim.main(["--smoke", "--paired", "--device", "cpu", "--out-dir", str(out)])
+    return out, {"foster": seen[:5], "foster_cim": seen[5:]}
 
 
 def read(path):
@@ -212,7 +357,7 @@ def read(path):
 
 
 def test_paired_smoke_schema_and_memory(paired_run):
-    out, proc = paired_run
+    out, _ = paired_run
     paired = read(str(out / "paired.json"))
     assert paired["baseline"] == "foster" and set(paired["arms"]) == {"foster", "foster_cim"}
     for arm, cim_on in (("foster", False), ("foster_cim", True)):
@@ -235,84 +380,64 @@ def test_paired_smoke_schema_and_memory(paired_run):
                                              paired["arms"]["foster"]["avg_inc_acc"])
 
 
-def test_the_teacher_is_scored_and_the_student_logged(paired_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("arm", ["foster", "foster_cim"])
+def test_the_teacher_is_scored_and_the_student_logged(paired_run, arm):
     """The headline curve is the teacher's (official trainer.py scores self._network), the student's is logged
-    as student_*: the checkpointed single-backbone model gives student_last_acc; the two-backbone teacher's
-    accuracies (recorded as evaluated, in process) are acc_per_phase; the two curves differ."""
-    out, _ = paired_run
-    res = read(str(out / "foster_cim" / "results.json"))
-    ckpt = torch.load(out / "foster_cim" / "checkpoint.pt", map_location="cpu", weights_only=False)
-    args = cim.parse_args(["--smoke", "--device", "cpu"])
-    model = cim.build_model(args, 20)
+    as student_*: the two-backbone teacher's accuracies (as evaluated) are acc_per_phase, the single-backbone
+    student's student_acc_per_phase and student_acc_matrix; the checkpointed model is the student; the curves differ."""
+    out, seen = paired_run
+    res = read(str(out / arm / "results.json"))
+    assert [(p, n) for p, n, _, _ in seen[arm]] == [(0, 1), (1, 2), (1, 1), (2, 2), (2, 1)]
+    teacher, student = [seen[arm][i][2] for i in (0, 1, 3)], [seen[arm][i][2] for i in (0, 2, 4)]
+    assert res["scored_model"] == "teacher" and res["acc_per_phase"] == teacher
+    assert res["student_acc_per_phase"] == student and student[1:] != teacher[1:]
+    assert res["student_acc_matrix"][2] == seen[arm][4][3] and len(res["student_acc_matrix"]) == 3
+    ckpt = torch.load(out / arm / "checkpoint.pt", map_location="cpu", weights_only=False)
+    model = cim.build_model(cim.parse_args(["--smoke", "--device", "cpu"]), 20)
     model.load_state_dict(ckpt["model"])
-    assert len(model.backbones) == 1
     data = load_dataset("synthetic", "", torch.device("cpu"), image_size=16)
     apply_class_order(data, res["class_order"])
-    splits = [(0, 10), (10, 15), (15, 20)]
-    acc = evaluate(model.eval(), data, splits, 2, torch.device("cpu"))["cnn_acc"]
+    acc = evaluate(model.eval(), data, [(0, 10), (10, 15), (15, 20)], 2, torch.device("cpu"))["cnn_acc"]
     assert acc == pytest.approx(res["student_last_acc"], abs=1e-4)
-    assert res["scored_model"] == "teacher" and len(res["student_acc_matrix"]) == 3
-    seen, seen_tasks = {}, {}  # phase -> {number of backbones: cnn_acc}; the student's per-task accuracies
-
-    def spy(model, data, splits, phase, *a, **k):
-        out = evaluate(model, data, splits, phase, *a, **k)
-        seen.setdefault(phase, {})[len(model.backbones)] = out["cnn_acc"]
-        if len(model.backbones) == 1:
-            seen_tasks[phase] = out["cnn_acc_per_task"]
-        return out
-    monkeypatch.setattr(cim, "evaluate", spy)
-    mine = cim.main(["--smoke", "--no-cim", "--device", "cpu", "--out-dir", str(tmp_path / "f")])
-    assert mine["acc_per_phase"] == [seen[0][1], seen[1][2], seen[2][2]]  # the teacher (two backbones)
-    assert mine["student_acc_per_phase"] == [seen[0][1], seen[1][1], seen[2][1]]
-    assert mine["student_acc_per_phase"][1:] != mine["acc_per_phase"][1:]
-    assert mine["student_acc_matrix"][2] == seen_tasks[2] and len(mine["student_acc_matrix"]) == 3
 
 
-def test_stop_mid_phase_and_resume_gives_the_same_numbers(paired_run, tmp_path):
+def test_stop_mid_phase_and_resume_gives_the_same_numbers(paired_run, tmp_path, capsys):
     """Stopped (as by SIGTERM) in phase 1's second boosting epoch, after its CAM refresh: --resume restores the
     boxes and compression probability of the checkpoint (no refresh from a half-trained model) and ends with the
-    numbers of the uninterrupted run. Smoke steps: phase 0 2 x 30 (240 images, batch 8); phase 1 epochs of
-    ceil((120 + compressed exemplars) / 8) steps: 33 or 36 in our runs (how many exemplars the compression keeps
-    depends on float rounding, e.g. on the thread count), so step 105 lies in its second epoch (any length 23-44)."""
+    numbers of the uninterrupted run. Smoke steps: phase 0 2 x 15 (120 images, batch 8); phase 1 epochs of
+    ceil((60 + compressed exemplars) / 8) steps: 21 to 23 in our runs (how many exemplars the compression keeps
+    depends on float rounding, e.g. on the thread count), so step 56 lies in its second epoch (any length 14-25)."""
     out, _ = paired_run
-    flags = ["cim.py", "--smoke", "--out-dir", str(tmp_path / "r")]
-    first = run_script(*flags, "--checkpoint-minutes", "0", "--stop-after-steps", "105")
-    assert first.returncode == 143 and re.search(r"in phase 1, epoch 2 after step \d+;", first.stderr), \
-        first.stderr[-3000:]
+    flags = ["--smoke", "--device", "cpu", "--out-dir", str(tmp_path / "r")]
+    with pytest.raises(SystemExit) as exit_:
+        run_main(lambda: cim.main(flags + ["--checkpoint-minutes", "0", "--stop-after-steps", "56"]))
+    assert exit_.value.code == 143 and re.search(r"in phase 1, epoch 2 after step \d+;", capsys.readouterr().err)
     assert not (tmp_path / "r" / "results.json").exists()
-    second = run_script(*flags, "--resume")
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "phase 1: resumed at epoch 2 step" in second.stdout
-    resumed = read(str(tmp_path / "r" / "results.json"))
+    resumed = cim.main(flags + ["--resume"])
+    assert "phase 1: resumed at epoch 2 step" in capsys.readouterr().out
     straight = read(str(out / "foster_cim" / "results.json"))  # the same settings, uninterrupted
-    assert resumed["acc_per_phase"] == straight["acc_per_phase"]
-    assert resumed["nme_acc_per_phase"] == straight["nme_acc_per_phase"]
-    assert resumed["exemplars_mean_per_phase"] == straight["exemplars_mean_per_phase"]
-    assert resumed["student_acc_per_phase"] == straight["student_acc_per_phase"]
+    for key in ("acc_per_phase", "nme_acc_per_phase", "exemplars_mean_per_phase", "student_acc_per_phase"):
+        assert resumed[key] == straight[key], key
 
 
 def test_bench_step_runs():
     from common.bench import main as bench
-    rows = bench(["--scripts", "cim", "--steps", "1", "--warmup", "1", "--batch-size", "2", "--device", "cpu"])
+    rows = bench(["--scripts", "cim", "--steps", "1", "--warmup", "1", "--batch-size", "2", "--device", "cpu",
+                  "--script-flags=--smoke"])
     assert rows[0][0] == "cim" and rows[0][2] > 0
 
 
-@pytest.mark.parametrize("path", ["small", "file"])
-def test_batch_fn_sees_each_batch_with_its_indices(path, food_dir):
-    """common.batches.train_batches(batch_fn=...): the hook CIM compresses with gets every batch's dataset indices,
-    on the device path (before augmentation) and on the file path (after the transform)."""
+def test_batch_fn_sees_each_batch_with_its_indices():
+    """common.batches.train_batches(batch_fn=...): the hook CIM compresses small images with (before their
+    augmentation) gets every batch's dataset indices."""
     from common.batches import train_batches
-    data = load_dataset("synthetic", "", torch.device("cpu"), image_size=8) if path == "small" else \
-        load_dataset("food101", str(food_dir), torch.device("cpu"), image_size=8)
+    data = load_dataset("synthetic", "", torch.device("cpu"), image_size=8)
     seen = []
 
     def batch_fn(x, idx):
         seen.append(idx.clone())
-        return torch.zeros_like(x)
+        return x
     indices = torch.arange(0, len(data.train_y), 2)
-    for x, y in train_batches(data, indices, 2, torch.device("cpu"), 0, batch_fn=batch_fn,
-                              train_transform=cim.autoaugment):
+    for x, y in train_batches(data, indices, 2, torch.device("cpu"), 0, batch_fn=batch_fn):
         assert torch.equal(y, data.train_y[seen[-1]])
-        if path == "file":  # after the transform: the batch itself is what batch_fn returned
-            assert (x == 0).all()
     assert set(torch.cat(seen).tolist()) == set(indices.tolist())
