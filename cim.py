@@ -52,9 +52,12 @@ Deviations:
 - AutoAugment is torchvision's ImageNet policy (the official repo has its own utils/autoaugment.py ImageNetPolicy).
 - Effective-number class weights count a new class's true images (PyCIL `getlen` sums their positions, papers.md
   4.5; negligible for beta >= 0.95); old classes count floor(M / known) as in the code.
-- Large images: CAMs and boxes are found on the evaluation view (resize 256, centre crop 224) and applied to the
-  augmented crop at the same position; the code compresses before augmenting. Small images: exact, but padded
-  crop + flip only (ColorJitter + AutoAugment, official, only on the large-image path).
+- Large images as officially (utils/data_manager.py, models/base.py _gen_bbx): the box is the CAM's of the whole
+  image's Resize((S, S)) view, upsampled to the original, in original coordinates; the stored original is
+  compressed (BbxBlur: PIL nearest = "nearest-exact") before the training crop and the eval view of herding and
+  NME; the cost is BbxBlur's on the original's pixels. A new-class image is drawn for compression once an epoch
+  (the code: at each load). Small images (no official path): the same on the stored 32 / 64 px image; padded
+  crop + flip (ColorJitter + AutoAugment, official, only on the large-image path).
 - The rational activation (P degree 5, safe Q = 1 + sum_j |b_j| |x|^j of degree 4, `rational-activations`
   version A) is written here; its ReLU-initial coefficients are our least-squares fit on [-3, 3] (error <= 0.03).
 - Meta batches cycle through the phase data (the code's iterator would stop); an epoch's last partial batch wraps

@@ -150,7 +150,12 @@ if [ -n "$LAPTOP" ]; then
     # BSCE: CE vs BSCE (iCaRL host), and the memory-free pair (CE + KD vs BSCE + KD, no exemplars)
     row bsce tinyimagenet "laptop/bsce_loss/seed$s" $L $B50 --paired loss --seed "$s"
     row bsce tinyimagenet "laptop/bsce_memfree/seed$s" $L $B50 --memory-per-class 0 --paired memory-free --seed "$s"
-    # CIM and Genifer: their laptop pairs join here once they test what the papers claim (issues 17 and 20)
+    # CIM: FOSTER vs FOSTER w/ CIM on the official host's ResNet-32 (option-A shortcuts), fixed memory 2000, cosine
+    # lr (official); base 12 epochs, boosting 6, compression 4, CAMs every 3 epochs (officially 40 of 200 / 170)
+    row cim tinyimagenet "laptop/cim/seed$s" --dataset tinyimagenet --data-dir "$TINYIMAGENET_DIR" --classes 100 \
+      --train-per-class 100 --image-size 32 --backbone resnet32a --class-order-seed 1993 --base-classes 50 \
+      --increment 10 --memory-total 2000 --batch-size 128 --epochs 12 --boost-epochs 6 --compress-epochs 4 \
+      --cam-interval 3 --paired --seed "$s"
     # Genifer's reduced protocol (README "Genifer on the laptop"): 50 classes, B25 then 5 tasks of 5, 12 epochs (x0.2
     # at 4 7 10), RAdam lr 1e-3 after task 0, G at half the official widths, D <= 64 channels, 8 GAN epochs after
     # task 0 and 14 after the others; Genifer vs fine-tuning, LwF and image replay (pair_<pair>/paired.json)
