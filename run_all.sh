@@ -86,7 +86,8 @@ row() {
     echo "skip $folder: $why"; skipped=$((skipped + 1)); return
   fi
   local out="$RESULTS/$folder"
-  if [ -f "$out/paired.json" ] || { [ -f "$out/results.json" ] && [[ " $* " != *" --paired"* ]]; }; then
+  if [ -f "$out/paired.json" ] || all_pairs_written "$out" "$@" ||
+     { [ -f "$out/results.json" ] && [[ " $* " != *" --paired"* ]]; }; then
     echo "done $folder (finished earlier; only re-summarised)"; ran=$((ran + 1)); return
   fi
   local extra=$EXTRA_FLAGS
@@ -99,6 +100,19 @@ row() {
     exit $rc
   fi
   if [ $rc -eq 0 ]; then ran=$((ran + 1)); else echo "FAILED $folder (exit $rc)" >&2; failed=$((failed + 1)); fi
+}
+
+# all_pairs_written OUT FLAGS...: genifer.py writes one OUT/pair_<name>/paired.json per name after --paired, all at
+# the end of the run (bare --paired: every pair), so the row is finished when each named one (or any, if bare) exists.
+all_pairs_written() {
+  local out=$1 after=0 names=() name; shift
+  for a in "$@"; do
+    if [ $after = 1 ]; then [[ $a == -* ]] && after=2 || names+=("$a"); fi
+    [ "$a" = --paired ] && after=1
+  done
+  [ $after = 0 ] && return 1
+  [ ${#names[@]} -eq 0 ] && { compgen -G "$out/pair_*/paired.json" >/dev/null; return; }
+  for name in "${names[@]}"; do [ -f "$out/pair_$name/paired.json" ] || return 1; done
 }
 
 # missing DATASET: prints what to download and where (and returns 1) when the dataset is not there.

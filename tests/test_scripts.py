@@ -121,3 +121,16 @@ def test_run_all_laptop_rows_resume_and_summary(tmp_path, tiny_imagenet_dir):
     assert "| bsce_loss | bsce - ce | 2 |" in table and "| bsce_memfree | bsce_nomem - ce_nomem | 2 |" in table
     again = run_all(*common, "--seeds", "0 1", RESULTS=str(tmp_path), EXTRA_FLAGS=tiny)
     assert again.stdout.count("finished earlier; only re-summarised") == 4
+
+
+def test_run_all_counts_a_genifer_row_finished_when_each_of_its_pairs_is_written(tmp_path, tiny_imagenet_dir):
+    """Genifer writes <row>/pair_<pair>/paired.json (no <row>/paired.json): with all three laptop pairs there, the
+    row is not run again."""
+    row = tmp_path / "laptop" / "genifer" / "seed0"
+    for pair in ("finetune", "lwf", "image-replay"):
+        (row / f"pair_{pair}").mkdir(parents=True)
+        (row / f"pair_{pair}" / "paired.json").write_text("{}")
+    out = run_all("--laptop", "--only", "genifer", "--seeds", "0", "--tiny", str(tiny_imagenet_dir),
+                  RESULTS=str(tmp_path))
+    assert "done laptop/genifer/seed0 (finished earlier" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "+ python" not in out.stdout
