@@ -123,14 +123,28 @@ def test_run_all_laptop_rows_resume_and_summary(tmp_path, tiny_imagenet_dir):
     assert again.stdout.count("finished earlier; only re-summarised") == 4
 
 
-def test_run_all_counts_a_genifer_row_finished_when_each_of_its_pairs_is_written(tmp_path, tiny_imagenet_dir):
-    """Genifer writes <row>/pair_<pair>/paired.json (no <row>/paired.json): with all three laptop pairs there, the
-    row is not run again."""
-    row = tmp_path / "laptop" / "genifer" / "seed0"
+
+def test_run_all_laptop_has_the_cim_and_genifer_rows(tmp_path, tiny_imagenet_dir):
+    """The CIM pair and Genifer's three pairs run from `run_all.sh --laptop` (shrunk by EXTRA_FLAGS) into the
+    summary; a Genifer row counts as finished once each of its pair_<pair>/paired.json is written (no re-run)."""
+    tiny = ("--device cpu --classes 3 --train-per-class 2 --image-size 8 --base-classes 2 --increment 1 "
+            "--epochs 1 --milestones 1 --batch-size 4 --workers 0")
+    common = ("--laptop", "--seeds", "0", "--tiny", str(tiny_imagenet_dir))
+    cim = run_all(*common, "--only", "cim", RESULTS=str(tmp_path),
+                  EXTRA_FLAGS=tiny + " --boost-epochs 1 --compress-epochs 1 --cam-interval 1")
+    gan = " --g-channels 16 8 --d-width 8 --gan-epochs-first 1 --gan-epochs 1 --gan-batch-size 2 --latent-dim 8"
+    genifer = run_all(*common, "--only", "genifer", RESULTS=str(tmp_path), EXTRA_FLAGS=tiny + gan)
+    for out in (cim, genifer):
+        assert out.returncode == 0 and "rows: 1 ran" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    laptop = tmp_path / "laptop"
+    assert set(json.loads((laptop / "cim" / "seed0" / "paired.json").read_text())["arms"]) == {"foster", "foster_cim"}
     for pair in ("finetune", "lwf", "image-replay"):
-        (row / f"pair_{pair}").mkdir(parents=True)
-        (row / f"pair_{pair}" / "paired.json").write_text("{}")
-    out = run_all("--laptop", "--only", "genifer", "--seeds", "0", "--tiny", str(tiny_imagenet_dir),
-                  RESULTS=str(tmp_path))
-    assert "done laptop/genifer/seed0 (finished earlier" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "+ python" not in out.stdout
+        arms = json.loads((laptop / "genifer" / "seed0" / f"pair_{pair}" / "paired.json").read_text())["arms"]
+        assert set(arms) == {"genifer", pair.replace("-", "_")}
+    assert (laptop / "genifer" / "seed0" / "genifer" / "samples_task0.png").exists()  # the GAN after task 0
+    table = (laptop / "SUMMARY.md").read_text()
+    for row in ("| cim | foster_cim - foster | 1 |", "| genifer/pair_lwf | genifer - lwf | 1 |",
+                "| genifer/pair_image-replay | genifer - image_replay | 1 |"):
+        assert row in table
+    again = run_all(*common, "--only", "genifer", RESULTS=str(tmp_path), EXTRA_FLAGS=tiny + gan)
+    assert "done laptop/genifer/seed0 (finished earlier" in again.stdout and "+ python" not in again.stdout
