@@ -4,17 +4,14 @@ Paper: Zilin Luo, Yaoyao Liu, Bernt Schiele, Qianru Sun, CVPR 2023 (equations an
   materials/poster.pdf in the official repository; papers.md 4).
 Official code: xfflzl/CIM-CIL @ ae113e9 (models/foster.py, models/base.py::_gen_bbx / _construct_exemplar /
   _reduce_exemplar, convs/resnet.py, utils/transform.py, cim-*.json); built on FOSTER (Wang et al., ECCV 2022), PyCIL.
+Protocol (defaults, cim-food101.json): Food-101 from scratch, 11 classes then 9 phases of 10, seed-1993 order, fixed
+memory 2020 (floor(2020 / seen) full images a class), ResNet-18 at 224 px, RandomResizedCrop + flip + ColorJitter +
+AutoAugment; epochs: base 200, FOSTER boosting 170, compression 130; SGD lr 0.1 cosine, momentum 0.9, weight decay
+5e-4, batch 256; beta1 0.95, beta2 0.97, T = 2; CIM: eta 4, tau 0.6, CAMs every 40 epochs, bilevel mask model.
 
-Protocol of the defaults (cim-food101.json): Food-101 learned from scratch, 11 classes then 9 phases of 10 (10
-tasks), seed-1993 class order, fixed memory 2020 (per-class budget floor(2020 / seen) full images), ResNet-18 at
-224 px, RandomResizedCrop + flip + ColorJitter + AutoAugment (ImageNet policy); base 200 epochs, FOSTER boosting
-170 and compression 130 epochs, SGD lr 0.1 cosine, momentum 0.9, weight decay 5e-4, batch 256; beta1 0.95,
-beta2 0.97, T = 2; CIM: eta 4, tau 0.6, CAMs every 40 epochs, mask model trained by bilevel optimisation.
-N: learning from scratch (LFS) = N equal tasks; learning from half (LFH) = B50 then N phases (papers.md 4.2).
-
-Average incremental accuracy (top-1 %, CNN, base phase included). Paper: poster tables, FOSTER / FOSTER w/ CIM.
-Ours: `python cim.py --paired <flags>`, both arms in one command (same seed, data, class order), the kept model.
-C1a, learning from scratch:
+Average incremental accuracy (top-1 %, CNN, base phase included); paper: poster tables, FOSTER / FOSTER w/ CIM; ours:
+`python cim.py --paired <flags>` (both arms: same seed, data, class order; the kept model; one arm: [--no-cim];
+`--smoke`: generated data, CPU). C1a, learning from scratch (LFS: N equal tasks, papers.md 4.2):
 | setting            | paper FOSTER / CIM | ours FOSTER / CIM | wall | GPU | date | flags (after --paired) |
 |--------------------|--------------------|-------------------|------|-----|------|------------------------|
 | Food-101 N=5       | 75.03 / 76.44      | not run yet | | | | --base-classes 21 --increment 20 |
@@ -24,7 +21,7 @@ C1a, learning from scratch:
 | ImageNet-100 N=10  | 76.55 / 77.94      | not run yet | | | | --dataset imagenet100          |
 | ImageNet-100 N=20  | 74.49 / 75.23      | not run yet | | | | --dataset imagenet100 --base-classes 5 --increment 5 |
 | Tiny-ImageNet N=10 | (not in paper)     | not run yet | | | | --dataset tinyimagenet         |
-C1b, learning from half (B50; the exact Food-101 base split is unverified, papers.md 4.2):
+C1b, learning from half (LFH: B50 then N phases; the exact Food-101 base split is unverified, papers.md 4.2):
 | Food-101 N=5       | 79.08 / 79.76      | not run yet | | | | --base-classes 51 --increment 10 |
 | Food-101 N=10      | 75.07 / 76.86      | not run yet | | | | --base-classes 51 --increment 5 |
 | Food-101 N=25      | 68.08 / 70.50      | not run yet | | | | --base-classes 51 --increment 2 |
@@ -38,31 +35,22 @@ C2, ImageNet-1000 from scratch, average / last (flags after --paired --dataset i
 | M=5k N=10  | 54.72/44.96 / 59.48/50.83 | not run yet | | | | --memory-total 5000            |
 Exemplars per class (poster, object-size table): 34.8 to 39.4 with CIM against 20; ours: metrics.jsonl `exemplars_*`.
 
-Usage:
-    python cim.py --data-dir data [--no-cim]          # Food-101, FOSTER w/ CIM (official config) [FOSTER alone]
-    python cim.py --paired --dataset imagenet100 --data-dir /path/to/imagenet   # FOSTER vs FOSTER w/ CIM
-    python cim.py --smoke [--paired]                  # tiny end-to-end run on generated data, CPU
-
 Deviations:
-- Scored model (verified): the headline curve is the teacher's, as the official code's: trainer.py scores
-  model.eval_task() on self._network (models/base.py), which models/foster.py incremental_train replaces by the
-  student (_snet) only at the next task; the student is only logged ("darknet eval", _feature_compression). We
-  log the student beside it (`student_*`: per-phase accuracies, accuracy matrices, CNN and NME).
-- Classifier: CIM-CIL convs/linears.py SimpleLinear, no bias; update_fc / copy_fc copy weights only (as here).
+- Scored model (verified): the teacher, as officially (trainer.py scores model.eval_task() on self._network,
+  models/base.py, which models/foster.py incremental_train replaces by the student _snet only at the next task; the
+  student is only logged: "darknet eval", _feature_compression). We log it too (`student_*`: accuracies, CNN, NME).
+- Classifier: CIM-CIL convs/linears.py SimpleLinear, no bias (PyCIL's: zero-init); update_fc / copy_fc copy weights.
 - AutoAugment is torchvision's ImageNet policy (the official repo has its own utils/autoaugment.py ImageNetPolicy).
 - Effective-number class weights count a new class's true images (PyCIL `getlen` sums their positions, papers.md
   4.5; negligible for beta >= 0.95); old classes count floor(M / known) as in the code.
-- Large images as officially (utils/data_manager.py, models/base.py _gen_bbx): the box is the CAM's of the whole
-  image's Resize((S, S)) view, upsampled to the original, in original coordinates; the stored original is
-  compressed (BbxBlur: PIL nearest = "nearest-exact") before the training crop and the eval view of herding and
-  NME; the cost is BbxBlur's on the original's pixels. A new-class image is drawn for compression once an epoch
-  (the code: at each load). Small images (no official path): the same on the stored 32 / 64 px image; padded
-  crop + flip (ColorJitter + AutoAugment, official, only on the large-image path).
+- Large images as officially (utils/data_manager.py, models/base.py _gen_bbx): box from the CAM of the whole image's
+  Resize((S, S)) view, upsampled to the stored original, which is compressed (BbxBlur; PIL nearest = "nearest-exact";
+  cost on its pixels) before the training crop and herding's / NME's eval view; new-class images drawn once an epoch
+  (official: each load). Small images (no official path): the same at 32 / 64 px, then only padded crop + flip.
 - The rational activation (P degree 5, safe Q = 1 + sum_j |b_j| |x|^j of degree 4, `rational-activations`
   version A) is written here; its ReLU-initial coefficients are our least-squares fit on [-3, 3] (error <= 0.03).
-- Meta batches cycle through the phase data (the code's iterator would stop); an epoch's last partial batch wraps
-  around (static shapes for CUDA graphs). `--paired` runs both arms in full: CIM already differs in the base
-  phase (rationals train; new images are compressed at random from epoch 40), so no base phase is shared.
+- Meta batches cycle through the phase data (the official iterator stops); an epoch's last partial batch wraps
+  (static shapes). `--paired` shares no base phase: CIM differs (rationals train, random compression from epoch 40).
 """
 import copy
 import itertools
@@ -73,6 +61,9 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image
 
 from common.batches import eval_batches, train_batches
 from common import dist
@@ -89,9 +80,8 @@ from common.results import finish_run, run_arms, write_paired
 from common.stage import Stage, check_finite
 from common.stop import run_main
 
-# Per-dataset defaults (cim-*.json); a flag given on the command line wins. tinyimagenet and synthetic are ours.
 R18 = dict(backbone="resnet18")  # official convnet_type
-DATASET_DEFAULTS = {
+DATASET_DEFAULTS = {  # cim-*.json (tinyimagenet, synthetic: ours); a flag given on the command line wins
     "food101": dict(R18, data_dir="data", base_classes=11, increment=10, memory_total=2020, beta1=0.95),
     "imagenet100": dict(R18, data_dir="data/imagenet", base_classes=10, increment=10, memory_total=2000, beta1=0.97),
     "imagenet": dict(R18, data_dir="data/imagenet", base_classes=100, increment=100, memory_total=20000, beta1=0.97),
@@ -174,8 +164,7 @@ def compress_images(x: torch.Tensor, boxes: torch.Tensor, eta: float, mode="near
 
 
 def compression_cost(boxes: torch.Tensor, eta: float) -> torch.Tensor:
-    """Memory cost in full images (official BbxBlur compress_rate): box fraction of the original image (H x W) +
-    (1/eta) x the rest. boxes: (N, 6) rows (y0, x0, y1, x1, H, W)."""
+    """Cost in full images (official BbxBlur compress_rate): box area / (H x W) + the rest / eta; boxes: (N, 6)."""
     b = boxes.double()
     frac = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) / (b[:, 4] * b[:, 5])
     return (frac + (1 - frac) / eta).float()
@@ -201,23 +190,9 @@ def budget_prefix(costs: torch.Tensor, budget: float) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- mask model
-def rational(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """Pade activation P(x) / Q(x), P of degree 5, safe Q(x) = 1 + sum_j |b_j| |x|^j >= 1 (version A)."""
-    xf = x.float().clamp(-1e4, 1e4)  # so x^5 stays finite in float32 (else inf / inf = NaN)
-    p = numerator[-1].expand_as(xf)
-    for a in numerator.flip(0)[1:]:
-        p = p * xf + a
-    ax, power, q = xf.abs(), 1.0, 1.0
-    for b in denominator:  # products, not pow: pow's second derivative is NaN at 0 (0 * 0^-1)
-        power = power * ax
-        q = q + b.abs() * power
-    return (p / q).to(x.dtype)
-
-
 class RationalReLU(nn.Module):
-    """A ReLU of the backbone; in rational mode (the mask model, official convs/resnet.py) a learnable rational
-    activation initialised to approximate ReLU. Its parameters (names contain `ratl`) are the mask model's phi."""
-
+    """A ReLU of the backbone; in rational mode (the mask model, official convs/resnet.py) the learnable P(x) / Q(x)
+    of the header, initialised near ReLU. Its parameters (names contain `ratl`) are the mask model's phi."""
     def __init__(self):
         super().__init__()
         self.ratl_numerator = nn.Parameter(torch.tensor(RELU_NUMERATOR))
@@ -225,13 +200,17 @@ class RationalReLU(nn.Module):
         self.rational = False
 
     def forward(self, x):
-        return rational(x, self.ratl_numerator, self.ratl_denominator) if self.rational else F.relu(x)
-
-
-def add_rationals(module: nn.Module) -> nn.Module:
-    for name, child in module.named_children():  # every nn.ReLU, at any depth, becomes a RationalReLU
-        setattr(module, name, RationalReLU() if isinstance(child, nn.ReLU) else add_rationals(child))
-    return module
+        if not self.rational:
+            return F.relu(x)
+        xf = x.float().clamp(-1e4, 1e4)  # so x^5 stays finite in float32 (else inf / inf = NaN)
+        p = self.ratl_numerator[-1].expand_as(xf)
+        for a in self.ratl_numerator.flip(0)[1:]:
+            p = p * xf + a
+        ax, power, q = xf.abs(), 1.0, 1.0
+        for b in self.ratl_denominator:  # products, not pow: pow's second derivative is NaN at 0 (0 * 0^-1)
+            power = power * ax
+            q = q + b.abs() * power
+        return (p / q).to(x.dtype)
 
 
 def set_rational(model: nn.Module, on: bool):
@@ -240,8 +219,7 @@ def set_rational(model: nn.Module, on: bool):
 
 
 def linear(in_features: int, out_features: int) -> nn.Linear:
-    """official code: CIM-CIL convs/linears.py SimpleLinear: no bias (PyCIL's has a zero-initialised one),
-    kaiming uniform with linear gain."""
+    """official code: CIM-CIL convs/linears.py SimpleLinear: no bias, kaiming uniform with linear gain."""
     fc = nn.Linear(in_features, out_features, bias=False)
     nn.init.kaiming_uniform_(fc.weight, nonlinearity="linear")
     return fc
@@ -251,11 +229,9 @@ def linear(in_features: int, out_features: int) -> nn.Linear:
 class FosterNet(nn.Module):
     """One backbone (base model, student) or two (boosting teacher: frozen old + new, FOSTER). `fc` reads the
     concatenated features; the teacher also has `fe_fc` (new backbone's own head) and the frozen `old_fc`."""
-
     def __init__(self, backbones, num_classes, old_fc=None):
         super().__init__()
-        self.backbones = nn.ModuleList(backbones)
-        dim = backbones[0].num_features
+        self.backbones, dim = nn.ModuleList(backbones), backbones[0].num_features
         self.fc = linear(dim * len(backbones), num_classes)
         self.fe_fc = linear(dim, num_classes) if len(backbones) > 1 else None
         self.old_fc = old_fc
@@ -319,8 +295,7 @@ def host_loss(model, x, y, weights, num_old, T):
 
 
 def make_step(model, optimizer, weights, num_old, args, device, teacher=None):
-    """Boosting / base step (host loss) or, with `teacher`, the compression step (balanced KD), in plain PyTorch:
-    no host syncs, so CapturedStep can capture it. Returns (loss, correct) as one device tensor."""
+    """Host-loss step (base, boosting) or, with `teacher`, compression (balanced KD); no sync -> [loss, correct]."""
     def step(x, y):
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, not args.no_amp):
@@ -338,10 +313,9 @@ def make_step(model, optimizer, weights, num_old, args, device, teacher=None):
 
 
 def meta_step(model, phi_optimizer, batch, next_batch, weights, num_old, inner_lr, args, max_norm):
-    """Mask level of the bilevel optimisation (papers.md 4.1; official foster.py): the rational branch gives CAMs
-    of the true class; a virtual SGD step of the backbone (fc and phi excluded) on the soft hybrid input
-    CAM * x + (1 - CAM) * downup(x); then Adam on phi for CE(fresh batch; theta+) + reg * mean CAM^2 + div * CE of
-    the rational branch. Only the rational parameters change (the model is in eval mode: BN stays)."""
+    """Mask level of the bilevel optimisation (papers.md 4.1; official foster.py): the rational branch's CAMs of the
+    true class; a virtual SGD step of the backbone (not fc, phi) on CAM * x + (1 - CAM) * downup(x); Adam on phi for
+    CE(fresh batch; theta+) + reg * mean CAM^2 + div * CE of the rational branch. Only phi changes (eval mode: BN)."""
     (x, y), (x2, y2) = batch, next_batch
     phi = [p for n, p in model.named_parameters() if "ratl" in n and p.requires_grad]
     set_rational(model, True)
@@ -354,8 +328,7 @@ def meta_step(model, phi_optimizer, batch, next_batch, weights, num_old, inner_l
     reg_loss = (cams ** 2).mean()
     cams = F.interpolate(cams, size=x.shape[2:], mode="bilinear")
     coarse = compress_images(x, torch.zeros(len(x), 4, dtype=torch.long), args.eta, "nearest")  # official: torch's
-    hybrid = cams * x + (1 - cams) * coarse
-    inner_loss, _ = host_loss(model, hybrid, y, weights, num_old, args.kd_temperature)
+    inner_loss, _ = host_loss(model, cams * x + (1 - cams) * coarse, y, weights, num_old, args.kd_temperature)
     fast = {n: p for n, p in model.named_parameters() if p.requires_grad and "ratl" not in n and "fc" not in n}
     grads = torch.autograd.grad(inner_loss, list(fast.values()), create_graph=True)
     fast = {n: p - inner_lr * g for (n, p), g in zip(fast.items(), grads)}
@@ -371,10 +344,8 @@ def meta_step(model, phi_optimizer, batch, next_batch, weights, num_old, inner_l
 
 # ----------------------------------------------------------------------------------------------- memory
 class FileViews(torch.utils.data.Dataset):
-    """Large images as the official DataManager serves them (utils/data_manager.py DummyDataset): the original image,
-    compressed first where its box (y0, x0, y1, x1, original coordinates) leaves part out (BbxBlur), then the
-    transform. Items: (image, original (H, W))."""
-
+    """Large images as official utils/data_manager.py DummyDataset serves them: the original, compressed where its
+    box (y0, x0, y1, x1, original coordinates) leaves part out (BbxBlur), then `tf`. Items: (image, original (H, W))."""
     def __init__(self, files, tf, boxes, eta):
         self.files, self.tf, self.boxes, self.eta = files, tf, boxes, eta
 
@@ -382,8 +353,6 @@ class FileViews(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        import torchvision.transforms.functional as TF
-        from PIL import Image
         with Image.open(self.files[i]) as im:
             im = im.convert("RGB")
         y0, x0, y1, x1 = self.boxes[i, :4].tolist()
@@ -393,18 +362,15 @@ class FileViews(torch.utils.data.Dataset):
 
 
 def view_batches(data, idx, device, workers=0, boxes=None, eta=1.0, batch_size=1000, view="test"):
-    """(x, y, original (H, W)) batches of training images `idx` in order, each compressed with its box (`boxes`,
-    aligned with idx; None: none), then the `view`: "test" (eval view; official _construct_exemplar), "cam"
-    (official cam_trsf: Resize((S, S)) of the whole image) or a list of PIL transforms (training). Small images:
-    the image itself, on the device. Large images: a DataLoader whose workers start anew each call (as the
-    official loaders each epoch), so they see the boxes of the moment."""
+    """(x, y, original (H, W)) batches of training images `idx` in order, each compressed with its box (`boxes`
+    aligned with idx; None: none), in the `view`: "test" (official _construct_exemplar), "cam" (official cam_trsf:
+    Resize((S, S))) or PIL transforms. Large images: a DataLoader per call (official: per epoch) sees today's boxes."""
     boxes = torch.tensor([FULL]).expand(len(idx), 6) if boxes is None else boxes.cpu()
     if data.on_device:
         for s, (x, y) in enumerate(eval_batches(data, idx, device, "train", batch_size, workers)):
             yield compress_images(x, boxes[s * batch_size:(s + 1) * batch_size], eta), y, \
                 torch.tensor([[data.image_size] * 2]).expand(len(y), 2)
         return
-    import torchvision.transforms as T
     s = data.image_size
     tf = view if isinstance(view, list) else {"test": [T.Resize(int(s * 256 / 224)), T.CenterCrop(s)],
                                               "cam": [T.Resize((s, s))]}[view]
@@ -419,8 +385,8 @@ def view_batches(data, idx, device, workers=0, boxes=None, eta=1.0, batch_size=1
 
 @torch.no_grad()
 def set_boxes(model, data, idx, box_table, tau, device, workers=0):
-    """box_table[idx] = (box, original size) of training images `idx` (official _gen_bbx): the rational branch's CAM
-    of the true class on the CAM view of the whole image, its box in the original image's coordinates."""
+    """box_table[idx] = (box, original size) of images `idx`, from the rational branch's true-class CAM (official
+    _gen_bbx; header: the CAM view of the whole image, the box in the original's coordinates)."""
     model.eval()
     set_rational(model, True)
     rows = []
@@ -436,8 +402,7 @@ def set_boxes(model, data, idx, box_table, tau, device, workers=0):
 
 @torch.no_grad()
 def compressed_features(model, data, idx, boxes, eta, device, workers=0) -> torch.Tensor:
-    """Features (eval mode) of training images `idx`, each compressed with its box (`boxes`: (len(idx), 6)) and
-    seen in the eval view. torchrun: each rank every N-th batch, gathered (common.dist.shard / gather)."""
+    """Eval-view features of images `idx` compressed with `boxes` ((len(idx), 6)); torchrun: dist.shard / gather."""
     model.eval()
     mine = dist.shard(torch.arange(len(idx)), 1000)
     out = [model(x)[1].float() for x, _, _ in view_batches(data, idx[mine], device, workers, boxes[mine], eta)]
@@ -474,18 +439,15 @@ def nme_means(model, data, memory, total, eta, device, workers=0):
 
 
 # ----------------------------------------------------------------------------------------------- training
-def autoaugment(size):
-    import torchvision.transforms as T  # official utils/data.py: train transform of Food-101 and ImageNet
+def autoaugment(size):  # official utils/data.py: train transform of Food-101 and ImageNet
     return [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ColorJitter(brightness=63 / 255),
             T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)]
 
 
 def epoch_batches(data, train_idx, batch_size, device, ctx, prob, args):
-    """An epoch's training batches in the official order: the memory exemplars compressed with their boxes (FOSTER
-    arm: full boxes), each new-class image with probability `prob` (official randombbxblur; drawn once an epoch),
-    then augmented. Small images: train_batches (padded crop + flip after the compression). Large images: a
-    shuffled order of whole batches as train_batches makes it (the last wraps around; torchrun: this rank's
-    slice of each), then view_batches."""
+    """An epoch's batches in the official order: exemplars compressed with their boxes (FOSTER: full), new-class
+    images with probability `prob` (official randombbxblur; drawn once an epoch), augmented: train_batches (crop +
+    flip after compression), or large images in its order (last wraps; torchrun: a rank's slice) via view_batches."""
     pick = ~ctx["new_mask"]  # prob 0 draws nothing: the base phase's batches are then train_batches' own
     pick = pick | (torch.rand(len(pick), device=pick.device) < prob) if prob > 0 else pick
     boxes = torch.where(pick[:, None], ctx["box_table"], torch.tensor(FULL, device=pick.device))
@@ -493,7 +455,6 @@ def epoch_batches(data, train_idx, batch_size, device, ctx, prob, args):
         fn = lambda x, i: compress_images(x.permute(0, 3, 1, 2), boxes[i], args.eta).permute(0, 2, 3, 1).contiguous()
         return train_batches(data, train_idx, batch_size, device, args.workers,
                              batch_fn=fn if (boxes[:, 2] < FULL[2]).any() else None)
-    import torchvision.transforms as T
     n, world, steps = len(train_idx), dist.world_size(), -(-len(train_idx) // batch_size)
     perm = dist.broadcast_(torch.randperm(n))
     order = train_idx[perm.repeat(-(-steps * batch_size // n))[:steps * batch_size]]
@@ -565,9 +526,7 @@ def bench_step(args, device):
 
 
 class DownsampleA(nn.Module):
-    """Option-A shortcut (He et al. 2016, Sec. 4.2): stride-2 subsampling, the new channels zero; no parameters.
-    official code: PyCIL / CIM-CIL convs/cifar_resnet.py DownsampleA (AvgPool2d(kernel_size=1, stride=2), cat x*0)"""
-
+    """Option-A shortcut (He et al. 2016, Sec. 4.2). official code: PyCIL / CIM-CIL convs/cifar_resnet.py DownsampleA"""
     def forward(self, x):
         x = x[:, :, ::2, ::2]
         return torch.cat([x, torch.zeros_like(x)], 1)
@@ -579,7 +538,10 @@ def build_model(args, num_classes) -> FosterNet:
     if args.backbone == "resnet32a":  # the official host's ResNet-32 (convs/cifar_resnet.py): option-A shortcuts
         for block in (m for m in backbone.modules() if getattr(m, "downsample", None) is not None):
             block.downsample = DownsampleA()
-    backbone = add_rationals(backbone)  # official convs/resnet.py
+    for parent in list(backbone.modules()):  # every nn.ReLU, at any depth, becomes a RationalReLU (convs/resnet.py)
+        for name, child in parent.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(parent, name, RationalReLU())
     if not hasattr(backbone, "forward_features"):
         raise UserError(f"--backbone {args.backbone}: no forward_features (CIM needs the final feature maps)")
     return FosterNet([backbone], num_classes)
@@ -588,16 +550,14 @@ def build_model(args, num_classes) -> FosterNet:
 # ----------------------------------------------------------------------------------------------- main
 def run(args):
     """One arm: all phases; returns the results dict (also in results.json), or None after --stop-after."""
-    t0, device = time.time(), setup_device(args)
-    arm = "foster" if args.no_cim else "foster_cim"
+    t0, device, arm = time.time(), setup_device(args), "foster" if args.no_cim else "foster_cim"
     if args.eta < 1 or not 0 <= args.tau < 1:
         raise UserError("--eta must be >= 1 and --tau in [0, 1)")
     args.out_dir = args.out_dir or default_out_dir(f"cim-{arm}", args)
     data, splits, order = load_protocol(args, device)
     check_budget(data.num_classes, 0, args.memory_total)  # fixed total memory: >= 1 image a class at the end
     seed_everything(args.seed)
-    model = to_channels_last(build_model(args, splits[0][1]), device)
-    # only now, the run folder: bad input has had its one-line error
+    model = to_channels_last(build_model(args, splits[0][1]), device)  # run folder only after bad input had its error
     ckpt = open_run(args, f"CIM ({arm}): {args.dataset}, {len(splits) - 1} phases after B{args.base_classes}")
     if ckpt is not None:
         model = to_channels_last(build_model(args, splits[ckpt["phase"]][1]), device)
@@ -608,8 +568,7 @@ def run(args):
     print(f"{'phase':>5} {'classes':>7} {'CNN':>6} {'NME':>6} {'student':>7} {'ex/cls':>6} {'time':>7}")
 
     for phase in range(start_phase, len(splits)):
-        phase_start = time.time()
-        first, total = splits[phase]
+        phase_start, (first, total) = time.time(), splits[phase]
         new_idx = indices_of(data.train_y, first, total)
         rows_mem = memory_rows(memory)
         train_idx = torch.cat([new_idx, rows_mem[:, 0]])
@@ -645,15 +604,13 @@ def run(args):
         memory = reduce_compressed(memory, budget, args.eta)  # then herding under the class budget
         memory.update(select_compressed(teacher, data, range(first, total), ctx["box_table"].cpu(), budget,
                                         args.eta, device, args.workers))
-        # official trainer.py: eval_task scores self._network, the teacher (the student only from the next task,
-        # models/foster.py incremental_train), NME on its class means; the student: "darknet eval", logged only
+        # scored: the teacher, NME on its class means (official trainer.py; header); the student is logged only
         result = evaluate(teacher.eval(), data, splits, phase, device,
                           nme_means(teacher, data, memory, total, args.eta, device, args.workers), args.workers)
         student = result if phase == 0 else evaluate(
             model.eval(), data, splits, phase, device, nme_means(model, data, memory, total, args.eta, device,
                                                                  args.workers), args.workers)
-        per_class = [len(memory[c]) for c in range(total)]
-        cost = compression_cost(memory_rows(memory)[:, 1:], args.eta)
+        per_class, cost = [len(memory[c]) for c in range(total)], compression_cost(memory_rows(memory)[:, 1:], args.eta)
         row = {"phase": phase, "known_classes": first, "total_classes": total, **result,
                **{f"student_{k}": v for k, v in student.items()},
                "class_budget": budget, "memory_size": len(cost), "memory_cost": cost.sum().item(),
@@ -677,10 +634,8 @@ def run_paired(args):
     out = args.out_dir or default_out_dir("cim-paired", args)
     os.makedirs(out, exist_ok=True)
     arms = run_arms(args, run, [("foster", {"no_cim": True}), ("foster_cim", {"no_cim": False})], out)
-    if arms is None:  # --stop-after: continue later with --resume
-        return None
-    for res in arms.values():
-        res["exemplars_mean_last"] = res["exemplars_mean_per_phase"][-1]
+    if arms is not None:  # None after --stop-after (continue later with --resume): nothing is written
+        arms = {n: {**r, "exemplars_mean_last": r["exemplars_mean_per_phase"][-1]} for n, r in arms.items()}
     return write_paired(out, arms, "foster", extra_metrics=("exemplars_mean_last",), dataset=args.dataset,
                         seed=args.seed)
 

@@ -13,53 +13,47 @@ against a D on the frozen classifier's stage-4 (layer3) features (642 GAN epochs
 64, ADA, lazy R1); its EMA copy replays the old classes: 0.02 CE (real new) + 0.98 KD + 1.0 feature L2 (replayed).
 
 Claims (abstract): feature-driven generative replay beats exemplar-free baselines and image replay, helped by
-image-space augmentation. Runs are paired (papers.md 5.4): arm A vs Genifer on the same classifier, optimiser,
-schedule, seed, data and order; Genifer - A in <out>/pair_<pair>/paired.json. `--paired [PAIR ...]` (bare: all):
+image-space augmentation. `--paired [PAIR ...]` (bare: all) pairs arm A with Genifer (papers.md 5.4: same
+classifier, optimiser, schedule, seed, data and order); Genifer - A in <out>/pair_<pair>/paired.json:
 - finetune: CE over all seen classes on the new data (FACIL finetuning.py, --all-outputs). The lower bound.
 - lwf: FACIL lwf.py without exemplars: CE on the new classes' logits + 1 x KD at T = 2 on the old ones (old model in
   eval mode, eps 1e-5); the old head rows get no gradient (FACIL's optimiser leaves them out; their decay remains).
 - image-replay (feature-driven vs image replay): D on pixels (official feat_matching_layer "stage0").
-- ada (--no-ada): the discriminator half of the augmentation claim (official dis_augmentation_p 0).
-- gan-aug (--no-gan-aug): the classifier half (official gan_augmentation false: replays not crop/flipped).
+- ada (--no-ada) / gan-aug (--no-gan-aug): the discriminator / classifier half of the augmentation claim (official
+  dis_augmentation_p 0 / gan_augmentation false: replays not crop/flipped).
 finetune, lwf and gan-aug load Genifer's task 0 (classifier and GAN); image-replay and ada train their own GAN.
-After each GAN, samples_task{t}.png beside results.json: 8 EMA-generator images a replayed class, one row a class;
-`replay_acc` in metrics.jsonl: the classifier's top-1 on them. Shortened GAN runs: EMA half-life (500 kimg), its
-ramp and ADA's speed x s = min(1, D steps / the official run's 250,380 after task 0, 80,028 later): the EMA's
-weight centre stays at 0.955 of the run (unscaled, at 2k steps 80 % of it lay on the first tenth). Below s = 0.002
-one ADA adjustment (4 / (4000 s)) exceeds p's range: p toggles between 0 and --ada-max by the sign of D(real).
+After each GAN: samples_task{t}.png and `replay_acc` in metrics.jsonl (save_samples). Shortened GAN runs: EMA
+half-life (500 kimg), its ramp and ADA's speed x s = min(1, D steps / the official run's 250,380 after task 0, 80,028
+later): the EMA's weight centre stays at 0.955 of the run (unscaled, at 2k steps 80 % of it lay on the first tenth).
+Below s = 0.002 one ADA adjustment (4 / (4000 s)) exceeds p's range: p toggles between 0 and --ada-max by sign D(real).
 
 Results (CNN top-1 %, average incremental accuracy with task 0, official avg_inc_accuracy_0): none yet. Laptop
-protocol (README "Genifer on the laptop", run_all.sh --laptop): Tiny-ImageNet's first 50 classes x 100 images at 32
-px, B25 then 5 tasks of 5, ResNet-32, 12 epochs (x0.2 at 4 7 10), RAdam 1e-3 (at 1e-4 a 12-epoch task learned no new
-class), G at half the official widths (256 128 64 32), D at most 64 channels, 8 GAN epochs after task 0 and 14 later
-(312 and 98 steps, s = 0.0012): about an hour a GAN arm on one idle core. Measured there (one AVX2 core, fp32, CPU
-seconds a GAN step): official G 6.9 after task 0 / 8.4 later (155 / 180 GFLOP), so the official length (111,636
-steps on that data) is ~240 CPU hours an arm; laptop G 2.7-3.3 / 3.3-4.0, image replay 3.8 / 4.2.
+protocol (run_all.sh --laptop; README "Genifer on the laptop": flags, reasons, CPU timings): Tiny-ImageNet, 50
+classes x 100 images at 32 px, B25 + 5 x 5, ResNet-32, half-width G, 312 / 98 GAN steps (8 / 14 epochs, s = 0.0012):
+about an hour a GAN arm on one idle core (the official length: ~240 CPU hours).
 Usage: `python genifer.py --data-dir data --paired [PAIR ...]`; `--smoke [--paired]`: seconds on a CPU.
 
 Deviations:
 - ADA in torch (no stylegan2-ada code): ADA's ops, strengths, order and rule, but one bilinear grid_sample with
   reflection instead of the wavelet-filtered 2x upsampled warp; p adapts from the mean sign of D(real) over the last
   --ada-interval D steps (official: a sliding window).
-- RAdam: torch.optim.RAdam(decoupled_weight_decay=True) vs the radam.py the official README links (LiyuanLucasLiu/
-  RAdam master @ d9fd30a, degenerated_to_sgd=False), new each task (learner.py): from a task's 6th step (rho_t > 5)
-  both take the same rectified step (same eps placement) and decay p -= lr x wd x p; in steps 1-5 radam.py changes
-  nothing (moments accumulate) where torch takes SGD-momentum steps lr x m_hat and decays. radam.py @ 688cb1e
-  (degenerated_to_sgd=True) behaves as torch.
+- RAdam: torch's (decoupled_weight_decay=True; as radam.py @ 688cb1e, degenerated_to_sgd=True), new each task
+  (learner.py), vs the official README's radam.py (LiyuanLucasLiu/RAdam master @ d9fd30a, degenerated_to_sgd=False):
+  from a task's 6th step (rho_t > 5) the same rectified step (same eps placement) and decay p -= lr x wd x p; in
+  steps 1-5 radam.py changes nothing (moments accumulate), torch takes SGD-momentum steps lr x m_hat and decays.
 - Classifier epochs: the last partial batch wraps around the shuffled order (static shapes for CUDA graphs); as
   officially, a replay step uses the first 16 real images of a 32 batch, real images are crop-padded with the edge
   pixel (torchvision_loader.py), replays' crop and flip are drawn once a batch (torchvision on a 4-D tensor), GAN
   epochs drop the last partial batch. cub200: the loader's crops for GAN and classifier, replays the same 4 px
   crop/flip (official: Resize + crop).
 - tinyimagenet (64 px: layer3 256x16x16) and cub200 (224 px: 256x14x14) are ours: one more G stage and D block at
-  64 px; at 224 px a 7x7 constant and five 2x stages (512 512 256 128 64 32), as the official large G and D are not
+  64 px; at 224 px a 7x7 constant and five 2x stages (512 512 256 128 64 32): the official large G and D are not
   released. G and D stay fp32 (R1 needs second derivatives); the classifier runs in bf16 autocast where it is on.
   CIFAR normalisation: the official (0.507, 0.487, 0.441) / (0.267, 0.256, 0.276). ResNet-18: timm's.
 - An arm sharing task 0 loads Genifer's (classifier, GAN and RNG state), so alone it differs from its paired twin;
   fine-tuning and LwF use Genifer's optimiser and schedule (FACIL's own: SGD lr 0.05, patience). No GAN after the
   last task (nothing replays it). R1 and ADA step counters restart each task (official: one global counter).
-Generic pieces kept here because only Genifer uses them (common/ stays method-free): ADA, R1, minibatch std, the
-equalised layers, the EMA rule, crop_flip_batch (torchvision's batch-wide RandomCrop on a 4-D tensor).
+Kept here as only Genifer uses them (common/ stays method-free): ADA, R1, minibatch std, equalised layers, EMA rule.
 """
 import argparse
 import copy
@@ -87,7 +81,6 @@ from common.stage import Stage, check_finite
 from common.stop import run_main
 
 # Per-dataset defaults (a flag given wins): CIFAR-100 official config/examples (papers.md 5.3); the rest ours.
-# --g-channels unset: the official 32 px widths 512 256 128 64, one more halving a doubling of --image-size.
 _CIFAR = dict(data_dir="data", backbone="resnet18", base_classes=50, increment=10, epochs=100,
               milestones=[30, 60, 80], gan_epochs_first=642, gan_epochs=1026)
 DATASET_DEFAULTS = {
@@ -137,8 +130,7 @@ def parse_args(argv=None):
                    help="image-replay: D on pixels (official stage0); finetune, lwf: the baselines (header)")
     g.add_argument("--lwf-temperature", type=float, default=2.0, help="LwF's T (FACIL lwf.py: 2)")
     g.add_argument("--lwf-weight", type=float, default=1.0, help="LwF's lambda (FACIL lwf.py: 1)")
-    g.add_argument("--no-gan-aug", action="store_true", help="replays not crop/flipped (official gan_augmentation "
-                   "false): the classifier half of the augmentation claim")
+    g.add_argument("--no-gan-aug", action="store_true", help="no replay crop/flip (official gan_augmentation false)")
     g.add_argument("--paired", nargs="*", choices=list(PAIRS), default=None, help="pairs with Genifer (header), "
                    "each in <out>/pair_<pair>/paired.json, one Genifer arm for all; bare --paired: all five")
     g = p.add_argument_group("GAN (generator, feature discriminator, ADA)")
@@ -148,8 +140,7 @@ def parse_args(argv=None):
     g.add_argument("--gan-batch-size", type=int, default=64, help="(official: batch_size 64)")
     g.add_argument("--r1-gamma", type=float, default=0.5, help="(official: r1_gamma 0.5)")
     g.add_argument("--r1-interval", type=int, default=16, help="lazy R1 every N D steps (official: 16)")
-    g.add_argument("--no-ada", action="store_true", help="D's inputs not augmented (official dis_augmentation_p "
-                   "0): the discriminator half of the augmentation claim")
+    g.add_argument("--no-ada", action="store_true", help="D's inputs not augmented (official dis_augmentation_p 0)")
     g.add_argument("--ada-target", type=float, default=0.5, help="E[sign D(real)] (official: dis_augmentation_p)")
     g.add_argument("--ada-max", type=float, default=0.5, help="(official: max_dis_augmentation_p 0.5)")
     g.add_argument("--ada-interval", type=int, default=4, help="adjust p every N steps (official: 4)")
@@ -165,15 +156,14 @@ def parse_args(argv=None):
     add_system_flags(p)
     p.set_defaults(seed=1212)  # official config: seed 1212
     args = resolve_defaults(p.parse_args(argv), DATASET_DEFAULTS, SMOKE)
-    size = args.image_size or SHAPES[args.dataset][1]  # 32 px: the official widths; 64 px: 512 ... 32 (ours)
+    size = args.image_size or SHAPES[args.dataset][1]  # official 32 px: 512 256 128 64; 2x size: a halving more (ours)
     args.g_channels = args.g_channels or [512 >> i for i in range(max(size // 4, 1).bit_length())]
     return args
 
 
 # ----------------------------------------------------------------------------------------------- classifier
 class GeniferNet(nn.Module):
-    """Backbone + one linear head over all seen classes (official: prev and curr readouts, concatenated; the
-    previous readout is initialised from the old model's concatenated readouts, i.e. the rows are copied)."""
+    """Backbone + one linear head over all seen classes (official: prev + curr readouts; the old rows copied)."""
     def __init__(self, backbone: nn.Module, layer: str):
         super().__init__()
         self.backbone, self.layer, self.head = backbone, layer, None
@@ -267,8 +257,7 @@ class Generator(nn.Module):
 
 
 def minibatch_std(x, group_size=32):
-    """One extra channel: the std over groups of min(group_size, N) samples, averaged over channels and pixels
-    (official MinibatchStdLayer, groups strided over the batch)."""
+    """Appends the std over strided groups of min(group_size, N) samples, mean over C, H, W (official MinibatchStd)."""
     n, c, h, w = x.shape
     g = min(group_size, n)
     y = x.reshape(g, -1, 1, c, h, w)
@@ -278,10 +267,9 @@ def minibatch_std(x, group_size=32):
 
 class FeatureDiscriminator(nn.Module):
     """D on the classifier's stage features (official conditional_eql_discriminator.py, stage 4): blocks of two
-    equalised convs and a 2x average pool down to 2x2 (256 -> 256 -> pool -> 512 -> 512 -> pool for 256x8x8),
-    minibatch std, a conv, a dense layer to `width`, a 128-d output projected on the embedded label / sqrt(128).
-    `pixels`: D on the images (official stage 0 at 32 px: 128, 128 | 256, 256 | 512, 512 | 512, the last block one
-    conv; at 64 px one more block, ours)."""
+    equalised convs + 2x average pool down to 2x2 (256x8x8: 256, 256, pool, 512, 512, pool), minibatch std, a conv,
+    a dense layer to `width`, a 128-d output projected on the embedded label / sqrt(128). `pixels`: D on the images
+    (official stage 0, 32 px: 128 128 | 256 256 | 512 512 | 512, the last block one conv; 64 px: one more, ours)."""
     def __init__(self, num_classes, in_channels, in_size, width=512, cmap_dim=128, pixels=False):
         super().__init__()
         layers, c, res, b = [], in_channels, in_size, 0
@@ -437,10 +425,9 @@ def crop_flip_batch(x, padding=4):
 
 # ----------------------------------------------------------------------------------------------- training
 def make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, args, device):
-    """One classifier step -> [loss, ce, kd, feat, correct] (no sync). Task 0: CE. Later, finetune / lwf: their
-    losses on the real batch (lwf: no gradient to the old rows of the head). Genifer (official learner.py): batch
-    [replayed | real new] (prev_curr_ratio), loss ce_coefficient CE + coefficient KD + feat_coefficient L2; replays:
-    the previous EMA G's clamped images of uniform old labels, crop+flipped unless --no-gan-aug."""
+    """One classifier step -> [loss, ce, kd, feat, correct] (no sync). Task 0: CE; later, finetune / lwf: their
+    losses on the real batch; Genifer (official learner.py): [replayed | real new] (prev_curr_ratio), weighted CE + KD
+    + L2; replays: the previous EMA G's clamped images of uniform old labels, crop+flipped unless --no-gan-aug."""
     def step(x, y):
         optimizer.zero_grad(set_to_none=True)
         zero = torch.zeros((), device=device)
@@ -485,8 +472,7 @@ def train_classifier(model, old_model, prev_g, data, train_idx, num_old, bounds,
         optimizer = torch.optim.RAdam(model.parameters(), lr=args.inc_lr, weight_decay=args.weight_decay,
                                       decoupled_weight_decay=True, capturable=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=args.lr_gamma)
-    # the old model's BN statistics move too (train mode): the in-task checkpoint keeps both
-    both = nn.ModuleDict({"model": model, "old": nn.Identity() if old_model is None else old_model})
+    both = nn.ModuleDict({"model": model, "old": nn.Identity() if old_model is None else old_model})  # old BN moves too
     stage = Stage(args, label, both, optimizer, scheduler, args.epochs)  # in-task checkpoints, SIGTERM
     step = CapturedStep(make_classifier_step(model, old_model, prev_g, optimizer, num_old, bounds, args, device),
                         device, enabled=not args.no_graph, optimizer=optimizer)
@@ -506,10 +492,9 @@ def train_classifier(model, old_model, prev_g, data, train_idx, num_old, bounds,
 
 
 def make_gan_steps(gan, model, prev_g, num_old, total, args, device):
-    """Official genifer_trainer.prepare_next_training: D and G steps (non-saturating losses; D with or without lazy
-    R1, G with generator distillation) on a frozen eval copy's stage features (image-replay: on the images); new
-    Adam optimisers in `gan` (official: each task). After task 0 D's 'real' batch starts with the old EMA G's images
-    of the old-class z (sample_d_inputs). -> (d_step, d_r1_step, g_step)"""
+    """Official genifer_trainer.prepare_next_training -> (d_step, d_r1_step, g_step): non-saturating D (lazy R1 or
+    not) and G (generator distillation) steps on a frozen eval copy's stage features; new Adam optimisers in `gan`
+    (official: per task). After task 0 D's real batch opens with old-class images of the old EMA G (sample_d_inputs)."""
     g, d, ada = gan["g"], gan["d"], gan["ada"]
     n_prev = args.gan_batch_size // 2 if prev_g is not None else 0
     lazy = args.r1_interval / (args.r1_interval + 1)  # official lazy_c: also scales D's lr and betas
@@ -561,9 +546,8 @@ def make_gan_steps(gan, model, prev_g, num_old, total, args, device):
 
 
 def gan_schedule(args, epochs, n, later):
-    """(EMA half-life in images, its ramp rate, ADA's k steps, s) of `epochs` over n images: official x s = min(1, D
-    steps / the official run's). The ramp (official ema_rampup: epochs / 4 x the classifier loader's batches of 32,
-    i.e. half the GAN steps at 64) reaches the half-life halfway."""
+    """(EMA half-life in images, its ramp rate, ADA's k steps, s) of `epochs` over n images (header). The ramp (official
+    ema_rampup: epochs / 4 x the classifier's batches of 32, half the GAN steps at 64) reaches the half-life halfway."""
     s = min(1.0, epochs * (n // args.gan_batch_size) / OFFICIAL_GAN_STEPS[later])
     horizon = args.ema_half_life_kimg * 1000 * s
     ramp = horizon / max(args.gan_batch_size * epochs / 4 * -(-n // args.batch_size), 1)
@@ -576,8 +560,8 @@ def ema_beta(done, batch, horizon, ramp):
 
 
 def train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, device, label):
-    """GAN training after a task against the frozen classifier (eval mode, as official); G restarts from the EMA
-    generator, ADA's p from 0. Returns images/s (real images a step)."""
+    """GAN training after a task against the frozen eval-mode classifier (official); G restarts from the EMA G, ADA's
+    p from 0. Returns images/s (real images a step)."""
     g, g_ema, ada = gan["g"], gan["g_ema"], gan["ada"]
     g.load_state_dict(g_ema.state_dict())
     ada.p.zero_()
@@ -640,8 +624,7 @@ def build_model(args, data, device):
 
 
 def bench_steps(args, device):
-    """Task 1's steps (classifier with replay, D, D + lazy R1, G) on generated inputs of the real shapes, for
-    `python -m common.bench`: [(name, step, optimizer, inputs)]."""
+    """common.bench: task 1's steps (classifier with replay, D, D+R1, G) on generated inputs of the real shapes."""
     data = argparse.Namespace(num_classes=args.classes or SHAPES[args.dataset][0],
                               image_size=args.image_size or SHAPES[args.dataset][1])
     first, total = phase_splits(data.num_classes, args.base_classes, args.increment)[1]
@@ -663,14 +646,13 @@ def bench_steps(args, device):
 
 # ----------------------------------------------------------------------------------------------- main
 def run(args, shared_base=None):
-    """One arm over all tasks; returns the results dict (also in results.json), or None after --stop-after.
-    `shared_base`: file with task 0 (classifier, G, EMA G, D) of a pair: loaded when its settings match."""
-    t0, device = time.time(), setup_device(args)
+    """One arm: all tasks -> the results dict (also in results.json), or None after --stop-after. `shared_base`:
+    a pair's task 0 file (classifier, G, EMA G, D), loaded when its settings match."""
+    t0, device, arm = time.time(), setup_device(args), arm_name(args)
     if args.memory_per_class != 0 or args.memory_total is not None:
         raise UserError("Genifer is exemplar-free: --memory-per-class must be 0 and --memory-total unset")
     if args.gan_batch_size % 2 or args.gan_batch_size < 2 or not 0 < args.replay_fraction < 1:
         raise UserError("--gan-batch-size must be even and --replay-fraction in (0, 1)")
-    arm = arm_name(args)
     args.out_dir = args.out_dir or default_out_dir(f"genifer-{arm}", args)
     data, splits, order = load_protocol(args, device)
     if args.dataset == "cifar100":  # official constants.py
@@ -735,9 +717,8 @@ def arm_name(args):
 
 
 def save_samples(g, model, num_classes, bounds, mean, std, path, per_class=8):
-    """`path` (PNG): a row of `per_class` images of the EMA generator for each class it replays, 1 px apart (fixed
-    z and noise from their own random generator: the run's random stream is untouched). Returns the classifier's
-    top-1 % on them (did G learn the classes as the classifier sees them? chance: 100 / num_classes)."""
+    """`path` (PNG): a row of `per_class` EMA-G images a replayed class, 1 px apart (z and noise from their own
+    generator: the run's RNG is untouched). Returns the classifier's top-1 % on them (chance 100 / classes)."""
     rng, device = torch.Generator(mean.device).manual_seed(0), mean.device
     y = torch.arange(num_classes, device=device).repeat_interleave(per_class)
     with torch.no_grad():
@@ -751,8 +732,7 @@ def save_samples(g, model, num_classes, bounds, mean, std, path, per_class=8):
     return 100 * (pred == y).float().mean().item()
 
 
-# (the pair's name: arm A's overrides); arm B is Genifer; B - A in <out>/pair_<pair>/paired.json. Genifer runs
-# first and writes task 0 for the arms that keep it; image-replay and ada change the GAN trained after task 0.
+# the pair's name: arm A's overrides; arm B is Genifer, which runs first and writes task 0 (header)
 PAIRS = {"finetune": dict(arm="finetune"), "lwf": dict(arm="lwf"), "image-replay": dict(arm="image-replay"),
          "ada": dict(no_ada=True), "gan-aug": dict(no_gan_aug=True)}
 GENIFER = dict(arm="genifer", no_ada=False, no_gan_aug=False)
