@@ -41,6 +41,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--script-flags", default="", help="extra flags for each script, e.g. '--smoke' (tiny sizes)")
     args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -61,7 +63,8 @@ def main(argv=None):
                 [(None, *module.bench_step(script_args, device))]
             for step_name, step, optimizer, inputs in steps:
                 runner = CapturedStep(step, device, enabled=graph, optimizer=optimizer)
-                time_steps(runner, inputs, args.warmup, device)
+                if args.warmup:
+                    time_steps(runner, inputs, args.warmup, device)
                 batch = inputs[0].shape[0]
                 label = name if step_name is None else f"{name} {step_name}"
                 rates.setdefault(label, [batch]).append(batch / time_steps(runner, inputs, args.steps, device))

@@ -61,6 +61,11 @@ def test_bench_runs_on_cpu_and_prints_its_table(capsys):
     out = capsys.readouterr().out
     assert "eager img/s" in out and "lucir" in out
     assert rows[0][0] == "lucir" and rows[0][1] == 8 and rows[0][2] > 0 and rows[0][3] > 0
+    assert bench_main(["--scripts", "lucir", "--steps", "1", "--warmup", "0", "--batch-size", "8", "--device",
+                       "cpu"])[0][2] > 0  # no warm-up step: timed all the same
+    with pytest.raises(SystemExit) as stop:  # argparse's one-line error, exit 2
+        bench_main(["--steps", "0", "--device", "cpu"])
+    assert stop.value.code == 2 and "--steps must be >= 1" in capsys.readouterr().err
 
 
 def test_failed_capture_falls_back_to_eager_once(monkeypatch, capsys):
