@@ -550,7 +550,8 @@ def build_model(args, num_classes) -> FosterNet:
 # ----------------------------------------------------------------------------------------------- main
 def run(args):
     """One arm: all phases; returns the results dict (also in results.json), or None after --stop-after."""
-    t0, device, arm = time.time(), setup_device(args), "foster" if args.no_cim else "foster_cim"
+    t0, device = time.time(), setup_device(args)
+    arm = "foster" if args.no_cim else "foster_cim"
     if args.eta < 1 or not 0 <= args.tau < 1:
         raise UserError("--eta must be >= 1 and --tau in [0, 1)")
     args.out_dir = args.out_dir or default_out_dir(f"cim-{arm}", args)
@@ -610,7 +611,8 @@ def run(args):
         student = result if phase == 0 else evaluate(
             model.eval(), data, splits, phase, device, nme_means(model, data, memory, total, args.eta, device,
                                                                  args.workers), args.workers)
-        per_class, cost = [len(memory[c]) for c in range(total)], compression_cost(memory_rows(memory)[:, 1:], args.eta)
+        per_class = [len(memory[c]) for c in range(total)]
+        cost = compression_cost(memory_rows(memory)[:, 1:], args.eta)
         row = {"phase": phase, "known_classes": first, "total_classes": total, **result,
                **{f"student_{k}": v for k, v in student.items()},
                "class_budget": budget, "memory_size": len(cost), "memory_cost": cost.sum().item(),

@@ -130,7 +130,8 @@ def parse_args(argv=None):
                    help="image-replay: D on pixels (official stage0); finetune, lwf: the baselines (header)")
     g.add_argument("--lwf-temperature", type=float, default=2.0, help="LwF's T (FACIL lwf.py: 2)")
     g.add_argument("--lwf-weight", type=float, default=1.0, help="LwF's lambda (FACIL lwf.py: 1)")
-    g.add_argument("--no-gan-aug", action="store_true", help="no replay crop/flip (official gan_augmentation false)")
+    g.add_argument("--no-gan-aug", action="store_true", help="replays not crop/flipped (official gan_augmentation "
+                   "false): the classifier half of the augmentation claim")
     g.add_argument("--paired", nargs="*", choices=list(PAIRS), default=None, help="pairs with Genifer (header), "
                    "each in <out>/pair_<pair>/paired.json, one Genifer arm for all; bare --paired: all five")
     g = p.add_argument_group("GAN (generator, feature discriminator, ADA)")
@@ -140,7 +141,8 @@ def parse_args(argv=None):
     g.add_argument("--gan-batch-size", type=int, default=64, help="(official: batch_size 64)")
     g.add_argument("--r1-gamma", type=float, default=0.5, help="(official: r1_gamma 0.5)")
     g.add_argument("--r1-interval", type=int, default=16, help="lazy R1 every N D steps (official: 16)")
-    g.add_argument("--no-ada", action="store_true", help="D's inputs not augmented (official dis_augmentation_p 0)")
+    g.add_argument("--no-ada", action="store_true", help="D's inputs not augmented (official dis_augmentation_p "
+                   "0): the discriminator half of the augmentation claim")
     g.add_argument("--ada-target", type=float, default=0.5, help="E[sign D(real)] (official: dis_augmentation_p)")
     g.add_argument("--ada-max", type=float, default=0.5, help="(official: max_dis_augmentation_p 0.5)")
     g.add_argument("--ada-interval", type=int, default=4, help="adjust p every N steps (official: 4)")
@@ -570,8 +572,8 @@ def train_gan(gan, model, prev_g, data, train_idx, first, total, epochs, args, d
                   None, epochs)
     steps = [CapturedStep(s, device, enabled=not args.no_graph, optimizer=gan[o]) for s, o in
              zip(step_fns, ("opt_d", "opt_d", "opt_g"))]
-    batch, per_epoch, n_prev = args.gan_batch_size, len(train_idx) // args.gan_batch_size, args.gan_batch_size // 2
-    n_prev = n_prev if prev_g is not None else 0
+    batch, per_epoch = args.gan_batch_size, len(train_idx) // args.gan_batch_size
+    n_prev = batch // 2 if prev_g is not None else 0
     horizon, ramp, ksteps, scale = gan_schedule(args, epochs, len(train_idx), prev_g is not None)
     print(f"{label} GAN: {epochs * per_epoch} steps, s {scale:.4g}: EMA half-life {horizon / batch:.0f} steps, ADA p "
           f"0 -> 1 in {ksteps * 1000:.0f}")

@@ -49,8 +49,8 @@ def prepare_out_dir(out_dir: str, resume: bool):
     if error is not None:
         raise UserError(error)
     ckpt = load_state(os.path.join(out_dir, CHECKPOINT)) if resume else None
-    _RUNS[out_dir] = {"in_phase": load_state(os.path.join(out_dir, IN_PHASE)) if resume else None, "finished": {},
-                      "last_save": time.time(), "steps": 0}
+    _RUNS.pop(out_dir, None)  # a run opened again in this process (an in-process test) starts a new record
+    run_record(out_dir)["in_phase"] = load_state(os.path.join(out_dir, IN_PHASE)) if resume else None
     return ckpt
 
 

@@ -196,9 +196,12 @@ class StopVote:
 
     @staticmethod
     def _read(vote) -> bool:
-        if vote is not None and vote[1] is not None:
-            vote[1].synchronize()
-        return vote is not None and vote[0].item() > 0
+        if vote is None:
+            return False
+        host, event = vote
+        if event is not None:
+            event.synchronize()
+        return host.item() > 0
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

@@ -35,7 +35,8 @@ def finish_run(args, method: str, data, order: list, device, script_path: str, s
                "memory_policy": memory_policy(args), **metrics, "wall_s_this_process": time.time() - start_time,
                "bf16_autocast": amp_used(device, not args.no_amp), **environment(device, script_path)}
     _atomic(os.path.join(args.out_dir, "results.json"), lambda p: open(p, "w").write(json.dumps(results, indent=1)))
-    fmt = {k: "n/a" if metrics[k] is None else f"{metrics[k]:.2f}" for k in PAIRED_METRICS[:5]}
+    fmt = {k: "n/a" if metrics[k] is None else f"{metrics[k]:.2f}"
+           for k in ("avg_inc_acc", "nme_avg_inc_acc", "last_acc", "nme_last_acc", "forgetting")}
     print(f"average incremental accuracy: CNN {fmt['avg_inc_acc']}  NME {fmt['nme_avg_inc_acc']}   last: CNN "
           f"{fmt['last_acc']}  NME {fmt['nme_last_acc']}   forgetting (CNN): {fmt['forgetting']}")
     print(f"results: {os.path.join(args.out_dir, 'results.json')}")

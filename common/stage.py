@@ -111,7 +111,8 @@ class Stage:
             limit = getattr(self.args, "stop_after_steps", None)
             if limit is not None and self.run["steps"] >= limit:
                 _STOP_SIGNALS.append(signal.SIGTERM)  # the test hook behaves as a real SIGTERM
-            if vote(bool(_STOP_SIGNALS)) if vote is not None else _STOP_SIGNALS:
+            stop = vote(bool(_STOP_SIGNALS)) if vote is not None else bool(_STOP_SIGNALS)  # torchrun: all ranks
+            if stop:
                 self._stop()
 
     def images_per_s(self) -> float:  # `seen` and `train_s` count across resumes

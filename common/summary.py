@@ -24,30 +24,35 @@ README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 
 def mean_std(values):
     values = [v for v in values if v is not None]
-    return "-" if not values else f"{statistics.mean(values):.2f}" + (
-        f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+    if not values:
+        return "-"
+    return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
 
 def mean_ci(values):
     """(mean, low, high) with the 95% Student-t interval over seeds; low = high = None for fewer than 2 values."""
     values = [v for v in values if v is not None]
-    if len(values) < 2:
-        return (statistics.mean(values) if values else None), None, None
+    if not values:
+        return None, None, None
     mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, None, None
     half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
     return mean, mean - half, mean + half
 
 
 def fmt_ci(values):
     mean, low, high = mean_ci(values)
-    return "-" if mean is None else f"{mean:+.2f} (1 seed, no CI)" if low is None else \
-        f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+    if mean is None:
+        return "-"
+    return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]" if low is not None else f"{mean:+.2f} (1 seed, no CI)"
 
 
 def sign_verdict(values):
     mean, low, high = mean_ci(values)
-    return ("-" if mean is None else "n/a (needs 2+ seeds)") if low is None else \
-        "yes" if low > 0 else "no: opposite sign" if high < 0 else "no: CI includes 0"
+    if low is None:
+        return "n/a (needs 2+ seeds)" if mean is not None else "-"
+    return "yes" if low > 0 else "no: opposite sign" if high < 0 else "no: CI includes 0"
 
 
 def paper_row(method, args):

@@ -123,7 +123,6 @@ def test_run_all_laptop_rows_resume_and_summary(tmp_path, tiny_imagenet_dir):
     assert again.stdout.count("finished earlier; only re-summarised") == 4
 
 
-
 def test_run_all_laptop_has_the_cim_and_genifer_rows(tmp_path, tiny_imagenet_dir):
     """The CIM pair and Genifer's three pairs run from `run_all.sh --laptop` (shrunk by EXTRA_FLAGS) into the
     summary; a Genifer row counts as finished once each of its pair_<pair>/paired.json is written (no re-run)."""
