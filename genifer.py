@@ -21,7 +21,8 @@ classifier, optimiser, schedule, seed, data and order); Genifer - A in <out>/pai
 - image-replay (feature-driven vs image replay): D on pixels (official feat_matching_layer "stage0").
 - ada (--no-ada) / gan-aug (--no-gan-aug): the discriminator / classifier half of the augmentation claim (official
   dis_augmentation_p 0 / gan_augmentation false: replays not crop/flipped).
-finetune, lwf and gan-aug load Genifer's task 0 (classifier and GAN); image-replay and ada train their own GAN.
+finetune, lwf and gan-aug load Genifer's task 0 (classifier and GAN); image-replay and ada load its task-0
+classifier and train their own GAN on it, so that every pair starts from the same classifier.
 After each GAN: samples_task{t}.png and `replay_acc` in metrics.jsonl (save_samples). Shortened GAN runs: EMA
 half-life (500 kimg), its ramp and ADA's speed x s = min(1, D steps / the official run's 250,380 after task 0, 80,028
 later): the EMA's weight centre stays at 0.955 of the run (unscaled, at 2k steps 80 % of it lay on the first tenth).
@@ -67,7 +68,7 @@ import torch.nn.functional as F
 import torchvision
 
 from common.batches import augment, train_batches
-from common.checkpoints import default_out_dir, end_phase, open_run, resume_point
+from common.checkpoints import base_key, default_out_dir, end_phase, open_run, resume_point
 from common.data import SHAPES, add_data_flags, indices_of, load_protocol, phase_splits
 from common.device import autocast, seed_everything, setup_device
 from common.dist import is_main, per_rank
@@ -667,8 +668,10 @@ def run(args, shared_base=None):
     if gan is not None and min(len(indices_of(data.train_y, a, b)) for a, b in splits) < args.gan_batch_size:
         raise UserError(f"--gan-batch-size {args.gan_batch_size} exceeds the training images of a task")
     # only now, the run folder: bad input has had its one-line error. An arm of a pair may reuse Genifer's task 0
+    own_gan = args.arm == "image-replay" or args.no_ada  # a GAN of its own after Genifer's task-0 classifier
     ckpt = open_run(args, f"Genifer ({arm}): {args.dataset}, {len(splits) - 1} tasks after B{args.base_classes}",
-                    shared_base, ARM_KEYS)
+                    None if own_gan else shared_base, ARM_KEYS)
+    base_classifier = shared_classifier(args, shared_base) if own_gan and ckpt is None else None
     if ckpt is not None:
         model.add_classes(splits[ckpt["phase"]][1])
         model.load_state_dict(ckpt["model"])
@@ -685,7 +688,11 @@ def run(args, shared_base=None):
         prev_g = copy.deepcopy(gan["g_ema"]).eval() if phase > 0 and gan is not None else None
         model.add_classes(total - first)
         train_idx = indices_of(data.train_y, first, total)  # exemplar-free: only this task's real images
-        ips = train_classifier(model, old_model, prev_g, data, train_idx, first, bounds, args, device, label)
+        if phase == 0 and base_classifier is not None:  # trained as this arm would, on the same images
+            model.load_state_dict(base_classifier)
+            ips = 0.0
+        else:
+            ips = train_classifier(model, old_model, prev_g, data, train_idx, first, bounds, args, device, label)
         train_s, gan_ips, gan_s, replay_acc = time.time() - phase_start, 0.0, 0.0, None
         if gan is not None and phase < len(splits) - 1:  # the last task's GAN would never replay
             epochs = args.gan_epochs_first if phase == 0 else args.gan_epochs
@@ -703,7 +710,7 @@ def run(args, shared_base=None):
         print(f"{phase:>5} {total:>7} {row['cnn_acc']:>6.2f} {row['phase_s']:>6.0f}s {ips:>7.0f} {gan_ips:>9.0f}")
         gan_state = None if gan is None else {k: gan[k].state_dict() for k in GAN_PARTS}
         if end_phase(args, phase, rows, {"model": model.state_dict(), "gan": gan_state}, len(splits),
-                     shared_base if gan else None, ARM_KEYS):  # Genifer writes task 0
+                     shared_base if gan and not own_gan else None, ARM_KEYS):  # Genifer writes task 0
             return None
 
     n = count_parameters(gan["g_ema"]) if gan else 0  # exemplar-free accounting: what the replay memory costs
@@ -711,6 +718,20 @@ def run(args, shared_base=None):
              count_parameters(gan["d"]), "exemplars_in_generator_bytes": 4 * n // (3 * data.image_size ** 2)}
     return finish_run(args, "genifer", data, order, device, __file__, t0, results_from_rows(rows), arm=arm,
                       replay=gan is not None, ada=gan is not None and not args.no_ada, **extra)
+
+
+def shared_classifier(args, shared_base):
+    """The classifier of a pair's task-0 file, for an arm that trains its own GAN after it (image-replay, ada);
+    None without the file (then the arm trains task 0 itself). Task 0's classifier does not depend on the arm."""
+    if shared_base is None or not os.path.exists(shared_base):
+        return None
+    base = torch.load(shared_base, map_location="cpu", weights_only=True)
+    ignored = set(ARM_KEYS) | {"no_ada"}
+    if {k: v for k, v in base["base_key"].items() if k not in ignored} != \
+            {k: v for k, v in base_key(args, ARM_KEYS).items() if k not in ignored}:
+        raise UserError(f"{shared_base} was trained with other settings; delete it or choose another --out-dir")
+    print(f"task 0's classifier shared with the Genifer arm: {shared_base}")
+    return base["model"]
 
 
 def arm_name(args):
@@ -745,7 +766,7 @@ def run_paired(args):
     out = args.out_dir or default_out_dir("genifer-paired" + "-".join([""] + args.paired), args)
     names = {p: arm_name(argparse.Namespace(**{**GENIFER, **PAIRS[p]})) for p in pairs}
     shared = os.path.join(out, "task0.pt")
-    arms = run_arms(args, lambda a: run(a, None if a.no_ada or a.arm == "image-replay" else shared),
+    arms = run_arms(args, lambda a: run(a, shared),
                     [("genifer", GENIFER)] + [(names[p], {**GENIFER, **PAIRS[p]}) for p in pairs], out)
     for p in pairs if arms else ():
         os.makedirs(os.path.join(out, f"pair_{p}"), exist_ok=True)

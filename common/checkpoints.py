@@ -126,7 +126,7 @@ def open_run(args, title: str, shared_base: str = None, arm_keys=()):
     print_args(args)
     if ckpt is None and shared_base is not None and os.path.exists(shared_base):
         ckpt = torch.load(shared_base, map_location="cpu", weights_only=True)
-        if ckpt["base_key"] != _base_key(args, arm_keys):
+        if ckpt["base_key"] != base_key(args, arm_keys):
             raise UserError(f"{shared_base} was trained with other settings; delete it or choose another --out-dir")
         print(f"base phase shared with the other arm: {shared_base}")
     elif ckpt is not None:
@@ -144,7 +144,7 @@ def resume_point(ckpt) -> tuple:
     return ckpt["rows"], ckpt["phase"] + 1
 
 
-def _base_key(args, arm_keys) -> dict:
+def base_key(args, arm_keys) -> dict:
     return {k: v for k, v in vars(args).items() if k not in set(arm_keys) | set(RUN_ONLY_FLAGS) | {"out_dir"}}
 
 
@@ -156,7 +156,7 @@ def end_phase(args, phase: int, rows: list, state: dict, num_phases: int, shared
     _atomic(os.path.join(args.out_dir, "metrics.jsonl"),  # rewritten whole: a resumed run never repeats a line
             lambda p: open(p, "w").write("".join(json.dumps(r) + "\n" for r in rows)))
     if phase == 0 and shared_base is not None and not os.path.exists(shared_base):
-        _atomic(shared_base, lambda p: torch.save({**state, "base_key": _base_key(args, arm_keys)}, p))
+        _atomic(shared_base, lambda p: torch.save({**state, "base_key": base_key(args, arm_keys)}, p))
     save_state(os.path.join(args.out_dir, CHECKPOINT), state)
     for name in (IN_PHASE, _prev(IN_PHASE)):  # the phase's in-phase checkpoints are spent
         if dist.is_main() and os.path.exists(os.path.join(args.out_dir, name)):

@@ -431,9 +431,11 @@ def test_smoke_paired_every_pair_against_genifer(paired_run):
         assert paired["difference"]["genifer"]["avg_inc_acc"] == pytest.approx(
             arms["genifer"]["avg_inc_acc"] - arms[arm]["avg_inc_acc"])
         # task 0 loaded from Genifer's (its row, timings included) where the arm keeps it; the others change the
-        # GAN trained after task 0 and run their own
+        # GAN trained after task 0 and train their own on Genifer's task-0 classifier (loaded, not trained again)
         task0 = [json.loads(next(open(out / a / "metrics.jsonl"))) for a in (arm, "genifer")]
         assert (task0[0] == task0[1]) == (pair in ("finetune", "lwf", "gan-aug"))
+        assert task0[0]["cnn_acc_per_task"] == task0[1]["cnn_acc_per_task"]
+        assert (task0[0]["train_img_per_s"] == 0) == (pair in ("image-replay", "ada"))
     g = arms["genifer"]
     assert g["generator_bytes"] == 4 * g["generator_parameters"] > 0
     assert g["exemplars_in_generator_bytes"] == g["generator_bytes"] // (16 * 16 * 3)

@@ -20,5 +20,5 @@ else:
     overrides = {**genifer.GENIFER, **genifer.PAIRS[pair]}
     name = genifer.arm_name(argparse.Namespace(**overrides))
     arm = argparse.Namespace(**{**vars(args), **overrides, "paired": None, "out_dir": os.path.join(args.out_dir, name)})
-    run_main(lambda: genifer.run(arm, None if arm.no_ada or arm.arm == "image-replay" else
-                                 os.path.join(args.out_dir, "task0.pt")))
+    # as run_paired: finetune and lwf start from Genifer's task 0, image-replay from its task-0 classifier
+    run_main(lambda: genifer.run(arm, os.path.join(args.out_dir, "task0.pt")))
