@@ -23,7 +23,7 @@ def add_system_flags(parser: argparse.ArgumentParser):
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu (default: cuda when available)")
     g.add_argument("--no-amp", action="store_true", help="disable bf16 autocast (on by default on CUDA and on a "
-                   "CPU with native bf16, AVX512-BF16 or AMX; elsewhere a CPU runs fp32: emulated bf16 is slower)")
+                   "CPU where measured faster: AMX, or AVX512-BF16 on AMD; elsewhere a CPU runs fp32; README Speed)")
     g.add_argument("--no-graph", action="store_true", help="run the training step eagerly instead of as a "
                    "captured CUDA graph")
     g.add_argument("--workers", type=int, default=8, help="DataLoader workers (large-image datasets only)")

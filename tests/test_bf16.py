@@ -1,4 +1,4 @@
-"""bf16 autocast on a CPU (issue 18): where it is used (a CPU with native bf16), the training step's loss stays
+"""bf16 autocast on a CPU (issue 18): where it is used (a CPU where bf16 is faster), the training step's loss stays
 within a stated tolerance of fp32 on a fixed batch, and BatchNorm's parameters and running statistics stay fp32.
 The emulation on other CPUs is slow but exact enough to check the numbers, so the test runs on any CPU."""
 
@@ -10,7 +10,7 @@ import common.device
 
 
 def one_step(monkeypatch, native_bf16: bool, amp: bool):
-    monkeypatch.setattr(common.device, "cpu_has_bf16", lambda: native_bf16)
+    monkeypatch.setattr(common.device, "cpu_bf16_is_faster", lambda: native_bf16)
     flags = ["--smoke", "--device", "cpu", "--loss", "ce"] + ([] if amp else ["--no-amp"])
     args = bsce.parse_args(flags)
     torch.manual_seed(0)
@@ -43,3 +43,21 @@ def test_cpu_without_native_bf16_runs_fp32(monkeypatch):
     fp32_loss, _ = one_step(monkeypatch, native_bf16=False, amp=False)
     default_loss, _ = one_step(monkeypatch, native_bf16=False, amp=True)
     assert default_loss == fp32_loss
+
+
+@pytest.mark.parametrize("vendor, avx512_bf16, amx, faster", [
+    ("AuthenticAMD", True, False, True),    # AMD EPYC with AVX512-BF16: 1.63x (issue 18)
+    ("GenuineIntel", True, False, False),   # Intel Xeon with AVX512-BF16, no AMX: 0.7-1.0x (README "Speed")
+    ("GenuineIntel", True, True, True),     # AMX tiles
+    ("AuthenticAMD", False, False, False),  # AVX2 only: emulated, 0.1x
+])
+def test_cpu_default_is_bf16_only_where_measured_faster(monkeypatch, vendor, avx512_bf16, amx, faster):
+    monkeypatch.setattr(common.device, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    common.device.cpu_bf16_is_faster.cache_clear()
+    try:
+        assert common.device.amp_used(torch.device("cpu"), True) == faster
+        assert not common.device.amp_used(torch.device("cpu"), False)  # --no-amp
+    finally:
+        common.device.cpu_bf16_is_faster.cache_clear()
