@@ -57,10 +57,10 @@ def setup_device(args) -> torch.device:
 def cpu_bf16_is_faster() -> bool:
     """Whether bf16 autocast speeds up a ResNet-32 training step on this CPU, as measured (README "Speed"): AMX
     tiles (bf16 matrix units): yes; AVX512-BF16 on an AMD EPYC (issue 18): 1.63x, yes; AVX512-BF16 on an Intel Xeon
-    without AMX (2026-12-04): 0.7-1.0x, no; no native bf16 (AVX2): emulated, 0.1x, no."""
-    if torch.cpu._is_amx_tile_supported():
-        return True
-    return torch.cpu._is_avx512_bf16_supported() and cpu_vendor() == "AuthenticAMD"
+    without AMX (2026-12-04): 0.72-0.88x, no; no native bf16 (AVX2): emulated, 0.1x, no."""
+    # a torch without one of these probes (older releases) counts as a CPU without that feature
+    has = {f: getattr(torch.cpu, f"_is_{f}_supported", lambda: False)() for f in ("amx_tile", "avx512_bf16")}
+    return has["amx_tile"] or (has["avx512_bf16"] and cpu_vendor() == "AuthenticAMD")
 
 
 def cpu_vendor() -> str:
