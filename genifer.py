@@ -31,7 +31,7 @@ Below s = 0.002 one ADA adjustment (4 / (4000 s)) exceeds p's range: p toggles b
 Results (CNN top-1 %, average incremental accuracy with task 0, official avg_inc_accuracy_0): none yet. Laptop
 protocol (run_all.sh --laptop; README "Genifer on the laptop": flags, reasons, CPU timings): Tiny-ImageNet, 50
 classes x 100 images at 32 px, B25 + 5 x 5, ResNet-32, half-width G, 312 / 98 GAN steps (8 / 14 epochs, s = 0.0012):
-about an hour a GAN arm on one idle core (the official length: ~240 CPU hours).
+about an hour a GAN arm on an AVX2 core, 20-22 min on an AVX512 Xeon core (official length: ~240 CPU hours).
 Usage: `python genifer.py --data-dir data --paired [PAIR ...]`; `--smoke [--paired]`: seconds on a CPU.
 
 Deviations:
