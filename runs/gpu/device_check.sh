@@ -1,9 +1,12 @@
 #!/bin/bash
-# The one prepared device call of 2026-12-04 (an NVIDIA H200 lent for 15 minutes): (1) every script's --smoke run on
+# A prepared device call (written 2026-12-04 for a session lent a GPU, 15 minutes of device time; that day's call
+# was refused, so it has not run yet): (1) every script's --smoke run on
 # CUDA, (2) the CUDA tests, (3) `python -m common.bench`, (4) laptop-protocol runs on the GPU until a deadline:
-# the seeds still missing on the CPU (TBBN seed 2, CIM seeds 1 and 2, Genifer seed 2) and a GPU twin of a CPU run
+# seeds missing on the CPU as of 2026-12-04 (TBBN seed 2, CIM seeds 1 and 2, Genifer seed 2: edit (4) to what is
+# still missing) and a GPU twin of a CPU run
 # (LUCIR's ladder, seed 1) to measure what the device changes. Everything runs fp32 (--no-amp; cuDNN's TF32
-# convolutions stay on, as common/device.py sets them). Needs the laptop subset in gpu_data/ (carried).
+# convolutions stay on, as common/device.py sets them). Needs the laptop subset in gpu_data/, carried:
+# `python runs/gpu/make_subset.py` here, then the device call with carry ["gpu_data"].
 # Usage there: DEADLINE=520 bash runs/gpu/device_check.sh   (results into $OUT: logs, bench, results tarball)
 set -u
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
